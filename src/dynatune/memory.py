@@ -1,0 +1,144 @@
+"""Byte counting from live storage.
+
+Everything here reads the tensors that really exist (CPU and CUDA alike), deduplicated by
+storage, so that a plan's savings are shown, not assumed:
+- weights: parameter storages resident on the training device;
+- gradients: `.grad` tensors that exist;
+- optimizer state: the optimizer's actual state tensors on the device (state offloaded to host
+  memory is reported apart as `offloaded_bytes`);
+- saved activations: tensors autograd saves for backward, caught with saved_tensors_hooks and
+  attributed to the block that was running when they were saved.
+
+`counted_step_bytes = weights + gradients + optimizer state + saved activations`; the run's
+`counted_peak_bytes` is the largest over its steps.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr())
+
+
+def unique_bytes(tensors, device: torch.device | None = None, exclude: set | None = None) -> int:
+    """Bytes of the distinct storages behind `tensors` (optionally only those on `device`)."""
+    seen = set(exclude or ())
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        if device is not None and t.device.type != device.type:
+            continue
+        key = storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def weight_bytes(params, device) -> int:
+    return unique_bytes(params, device)
+
+
+def grad_bytes(params, device) -> int:
+    return unique_bytes((p.grad for p in params), device)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer):
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer, device) -> int:
+    return unique_bytes(optimizer_state_tensors(optimizer), device)
+
+
+@dataclass
+class SavedTensorCounter:
+    """Counts tensors saved for backward during a forward pass, by block.
+
+    Storages that belong to parameters are not counted (saving a weight for backward costs
+    nothing extra), but a bf16 copy of a weight made under autocast is: it is new memory.
+    """
+
+    device: torch.device
+    block_of_module: dict = field(default_factory=dict)  # id(module) -> label
+    by_block: dict = field(default_factory=dict)
+    kernels: set = field(default_factory=set)
+    _seen: set = field(default_factory=set)
+    _stack: list = field(default_factory=list)
+    _param_keys: set = field(default_factory=set)
+    _handles: list = field(default_factory=list)
+
+    def attach(self, labelled_modules: dict[str, nn.Module], params) -> None:
+        """Track which labelled module (e.g. 'block.3') is running while tensors are saved."""
+        self._param_keys = {storage_key(p) for p in params}
+        for label, mod in labelled_modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._enter(label)))
+            self._handles.append(mod.register_forward_hook(self._leave))
+
+    def _enter(self, label):
+        def hook(mod, args):
+            self._stack.append(label)
+        return hook
+
+    def _leave(self, mod, args, out):
+        if self._stack:
+            self._stack.pop()
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self.by_block = {}
+        self._seen = set()
+        self._stack = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_block.values())
+
+    def _pack(self, t: torch.Tensor):
+        if t.device.type == self.device.type:
+            key = storage_key(t)
+            if key not in self._seen and key not in self._param_keys:
+                self._seen.add(key)
+                label = self._stack[-1] if self._stack else "outside"
+                self.by_block[label] = self.by_block.get(label, 0) + t.untyped_storage().nbytes()
+        return t
+
+    @contextmanager
+    def counting(self):
+        self.reset()
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+@dataclass
+class MemoryRecord:
+    """One step's counted bytes, by term."""
+
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    offloaded: int = 0
+
+    @property
+    def counted(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "activations": self.activations, "offloaded": self.offloaded, "counted": self.counted}

@@ -1,0 +1,124 @@
+"""Baselines on the engine: full, topk, bottomk, lisa, random units."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import Plan
+from .base import Method, MethodConfig, opt, register
+
+
+@register
+class Full(Method):
+    name = "full"
+    summary = "plain fine-tuning: every unit updates every step"
+    default_lr = 5e-5
+
+    def plan(self, step):
+        return Plan.of(u.name for u in self.units)
+
+
+@dataclass
+class TopKConfig(MethodConfig):
+    k: int = opt(2, "number of blocks that train (the last k for topk, the first k for bottomk)")
+
+
+@register
+class TopK(Method):
+    name = "topk"
+    Config = TopKConfig
+    summary = "the last k blocks + final norm + task head train; embeddings frozen"
+    default_lr = 1e-4
+
+    def candidates(self):
+        return sorted(self._plan().update)
+
+    def _plan(self):
+        n = self.units.n_blocks
+        k = self.check_k(self.config.k)
+        top = {u.name for u in self.units.of_kind("norm", "pooler")} | self.block_units(range(n - k, n))
+        return Plan.of(self.with_head(top))
+
+    def plan(self, step):
+        return self._plan()
+
+
+@register
+class BottomK(TopK):
+    name = "bottomk"
+    summary = "the first k blocks + task head train (backward runs through every block)"
+
+    def _plan(self):
+        return Plan.of(self.with_head(self.block_units(range(self.check_k(self.config.k)))))
+
+
+@dataclass
+class LisaConfig(MethodConfig):
+    k: int = opt(2, "blocks sampled uniformly at random to train in each period")
+    period: int = opt(50, "steps between re-draws of the sampled blocks (LISA's K)")
+    train_embedding: bool = opt(True, "embeddings always train, as LISA does")
+    state_policy: str = opt("drop", "optimizer state of blocks that leave: drop (default, frees it), keep, offload")
+
+
+@register
+class Lisa(Method):
+    name = "lisa"
+    Config = LisaConfig
+    summary = "k random blocks re-drawn every `period` steps, plus embeddings, final norm and head"
+    default_lr = 5e-5
+
+    def __init__(self, config=None, seed=0):
+        super().__init__(config, seed)
+        self.current: list[int] = []
+
+    def plan(self, step):
+        if step % self.config.period == 0 or not self.current:
+            k = self.check_k(self.config.k)
+            self.current = sorted(torch.randperm(self.units.n_blocks, generator=self.generator)[:k].tolist())
+        always = {u.name for u in self.units.of_kind("norm", "pooler")}
+        if self.config.train_embedding:
+            always |= {u.name for u in self.units.of_kind("embedding")}
+        return Plan.of(self.with_head(always | self.block_units(self.current)),
+                       note=f"blocks {self.current}")
+
+    def state_dict(self):
+        return {**super().state_dict(), "current": list(self.current)}
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.current = list(sd["current"])
+
+
+@dataclass
+class RandomConfig(MethodConfig):
+    fraction: float = opt(0.25, "fraction of the units (at the chosen granularity) trained at each draw")
+    period: int = opt(1, "steps between re-draws")
+    granularity: str = opt("module", "block or module")
+
+
+@register
+class RandomUnits(Method):
+    name = "random"
+    Config = RandomConfig
+    summary = "a random fraction of units (modules by default), re-drawn every `period` steps"
+
+    def __init__(self, config=None, seed=0):
+        super().__init__(config, seed)
+        self.granularity = self.config.granularity
+        self.current: list[str] = []
+
+    def plan(self, step):
+        pool = [u.name for u in self.units if u.kind in ("block", "module")]
+        if step % self.config.period == 0 or not self.current:
+            m = max(1, round(self.config.fraction * len(pool)))
+            idx = torch.randperm(len(pool), generator=self.generator)[:m].tolist()
+            self.current = sorted(pool[i] for i in idx)
+        return Plan.of(self.with_head(self.current))
+
+    def state_dict(self):
+        return {**super().state_dict(), "current": list(self.current)}
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        self.current = list(sd["current"])

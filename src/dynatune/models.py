@@ -1,0 +1,218 @@
+"""Build the model and tokenizer a run fine-tunes: a cached pretrained model, a local HF folder,
+or a randomly initialised model of a known architecture (`arch:NAME`).
+
+Random-init models of real architectures serve memory and speed measurements (weight values do
+not change either); the tiny ones serve tests.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dynatune import assets
+from dynatune.errors import DynatuneError
+
+KINDS = ("classification", "regression", "causal-lm")
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                 "xlm-roberta", "mpnet"}
+
+_TINY_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # inside a 1000-token vocab
+
+ARCHS: dict[str, dict] = {
+    # The two anchor architectures, exactly as in shared/anchors/anchors_gpu.py.
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True, max_position_embeddings=4096),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=True, max_position_embeddings=4096),
+    # Matches the config transformers reads out of the SmolLM2 GGUF.
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    # Matches all-MiniLM-L6-v2's config.json.
+    "minilm-l6": dict(model_type="bert", hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                      intermediate_size=1536, vocab_size=30522, max_position_embeddings=512,
+                      type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0),
+    # Tiny models for tests: seconds on a CPU, feed them token ids < 1000 directly.
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                       tie_word_embeddings=True, max_position_embeddings=256, **_TINY_IDS),
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                       tie_word_embeddings=True, max_position_embeddings=256, **_TINY_IDS),
+    "tiny-bert": dict(model_type="bert", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=128, vocab_size=1000, max_position_embeddings=256, pad_token_id=0),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, vocab_size=1000,
+                      n_positions=256, **_TINY_IDS),
+}
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    asset: str
+    subdir: str
+    description: str
+
+
+MODELS: dict[str, PretrainedModel] = {
+    "minilm-l6": PretrainedModel("minilm-l6", "", "all-MiniLM-L6-v2, BERT encoder, 22.7M params "
+                                 "(classification, regression)"),
+    "smollm2-135m": PretrainedModel("smollm2-135m", "hf", "SmolLM2-135M-Instruct, Llama decoder, "
+                                    "134.5M params (all kinds)"),
+}
+
+
+def model_names() -> list[str]:
+    return list(MODELS)
+
+
+def arch_names() -> list[str]:
+    return list(ARCHS)
+
+
+def arch_config(name: str):
+    """A transformers config for the built-in architecture `name` (attention: sdpa)."""
+    from transformers import AutoConfig
+
+    if name not in ARCHS:
+        raise DynatuneError(f"unknown architecture {name!r}; known archs are: {', '.join(ARCHS)}.")
+    kw = dict(ARCHS[name])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    return cfg
+
+
+def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.float32, seed: int = 0):
+    """Return (model, tokenizer) for `spec` set up for `kind`.
+
+    spec: a name from model_names(), a local Hugging Face model directory, or `arch:NAME`.
+    kind: "classification" (needs num_labels), "regression" (one output) or "causal-lm".
+    The tokenizer is None for arch models whose vocabulary is smaller than any real tokenizer
+    (tiny-*), or whose tokenizer asset is not cached; such models take token ids directly.
+    """
+    if kind not in KINDS:
+        raise DynatuneError(f"unknown model kind {kind!r}; use one of: {', '.join(KINDS)}.")
+    if kind == "classification" and (num_labels is None or num_labels < 2):
+        raise DynatuneError(f"a classification model needs num_labels >= 2 (got {num_labels}).")
+    if kind == "regression":
+        num_labels = 1
+    spec = str(spec)
+
+    if spec.startswith("arch:"):
+        config = arch_config(spec[len("arch:"):])
+        tokenizer = _borrowed_tokenizer(config)
+        source = None
+    else:
+        source = _resolve_dir(spec)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = _load_tokenizer(source)
+
+    if kind == "causal-lm" and config.model_type in ENCODER_TYPES:
+        raise DynatuneError(f"{spec} is an encoder-only ({config.model_type}) model and cannot be "
+                            "trained as a causal LM; use a decoder such as smollm2-135m.")
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:  # decoders often ship without one; eos is the usual stand-in
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+    _set_special_ids(config, tokenizer)
+    if kind != "causal-lm":
+        config.num_labels = num_labels
+        config.problem_type = "regression" if kind == "regression" else "single_label_classification"
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    # Fork the RNG so a seeded build neither depends on nor disturbs the caller's random state.
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(seed)
+        model = _build(auto, config, source, dtype)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = config.pad_token_id
+    return model, tokenizer
+
+
+def _build(auto, config, source, dtype):
+    last = None
+    for attn in ("sdpa", "eager"):  # eager only for architectures without an sdpa kernel
+        try:
+            if source is None:
+                return auto.from_config(config, dtype=dtype, attn_implementation=attn)
+            return auto.from_pretrained(source, config=config, dtype=dtype, attn_implementation=attn)
+        except ValueError as e:
+            if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
+                raise
+            last = e
+    raise last
+
+
+def _resolve_dir(spec: str) -> Path:
+    if spec in MODELS:
+        m = MODELS[spec]
+        path = assets.asset_path(m.asset)
+        return path / m.subdir if m.subdir else path
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DynatuneError(f"{path} has no config.json; a local model must be a Hugging Face "
+                                "model directory (written by save_pretrained).")
+        return path
+    raise DynatuneError(
+        f"unknown model {spec!r}; use one of {', '.join(MODELS)}, `arch:NAME` with NAME in "
+        f"{', '.join(ARCHS)}, or the path of a local Hugging Face model directory.")
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None  # a weights-only folder; tasks then say a tokenizer is needed
+
+
+def _borrowed_tokenizer(config):
+    """Real tokenizer for a random-init arch: MiniLM's for encoders, SmolLM2's for decoders."""
+    name = "minilm-l6" if config.model_type in ENCODER_TYPES else "smollm2-135m"
+    if not assets.is_cached(name):
+        return None
+    tok = _load_tokenizer(_resolve_dir(name))
+    # A tokenizer whose ids reach past the embedding table would index out of range.
+    if tok is None or len(tok) > config.vocab_size:
+        return None
+    return tok
+
+
+def _set_special_ids(config, tokenizer) -> None:
+    if tokenizer is not None:
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(config, key, value)
+    if getattr(config, "pad_token_id", None) is None:
+        # Decoder classification heads pick the last non-pad token: they need a pad id.
+        eos = getattr(config, "eos_token_id", None)
+        config.pad_token_id = eos if isinstance(eos, int) else 0
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide load reports and progress bars (e.g. 'newly initialized: classifier', which is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,125 @@
+"""Optimizer state that follows the plan.
+
+One optimizer holds every candidate parameter (AdamW skips parameters whose grad is None), so a
+unit selected late is already in it and really updates. When a unit leaves the plan its state is
+kept, dropped (LISA's memory fix: peers that never free it grow at every switch) or offloaded to
+host memory and restored, bit for bit, when the unit returns. State dicts are keyed by parameter
+names, never tensor ids.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import DynatuneError
+from .memory import unique_bytes
+
+STATE_POLICIES = ("keep", "drop", "offload")
+
+
+def ensure_in_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> list[str]:
+    """Add candidate parameters the optimizer was built without (e.g. frozen when a Trainer made it).
+
+    They join a new group that copies the first group's hyper-parameters. Returns the added names.
+    """
+    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [(n, p) for n, p in params.items() if id(p) not in have]
+    if missing:
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        group["params"] = [p for _, p in missing]
+        optimizer.add_param_group(group)
+    return [n for n, _ in missing]
+
+
+class OptimizerStates:
+    """Moves per-parameter optimizer state as units enter and leave the plan."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, named_params: dict[str, nn.Parameter],
+                 policy: str = "keep"):
+        if policy not in STATE_POLICIES:
+            raise DynatuneError(f"unknown optimizer-state policy '{policy}'; use one of {', '.join(STATE_POLICIES)}.")
+        self.optimizer = optimizer
+        self.params = named_params
+        self.name_of = {id(p): n for n, p in named_params.items()}
+        self.policy = policy
+        self.host: dict[str, dict] = {}  # name -> offloaded state (host memory)
+        self.bytes_moved = 0  # host<->device traffic since the last reset (logged per step)
+
+    # -- moving state -------------------------------------------------------------------------
+    def leave(self, names) -> None:
+        """Units whose parameters left the plan: apply the policy to their state."""
+        if self.policy == "keep":
+            return
+        for n in names:
+            p = self.params[n]
+            state = self.optimizer.state.pop(p, None)
+            if not state or self.policy == "drop":
+                continue
+            self.host[n] = {k: self._to_host(v) for k, v in state.items()}
+
+    def enter(self, names) -> None:
+        """Parameters that (re)join the plan get their offloaded state back before they step."""
+        for n in names:
+            state = self.host.pop(n, None)
+            if state is not None:
+                p = self.params[n]
+                self.optimizer.state[p] = {k: self._to_device(v, p.device) for k, v in state.items()}
+
+    def _to_host(self, v):
+        # AdamW's `step` counter is a CPU scalar already: leave such tensors where AdamW expects them.
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 and v.device.type == "cpu":
+            return v
+        pin = v.device.type == "cuda"
+        host = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=pin)
+        host.copy_(v, non_blocking=pin)
+        self.bytes_moved += v.numel() * v.element_size()
+        return host
+
+    def _to_device(self, v, device):
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 and v.device.type == "cpu":
+            return v
+        # On CPU this is still a real copy into fresh storage, so the same code path is tested in CI.
+        out = torch.empty(v.shape, dtype=v.dtype, device=device)
+        out.copy_(v, non_blocking=device.type == "cuda")
+        self.bytes_moved += v.numel() * v.element_size()
+        return out
+
+    # -- accounting ------------------------------------------------------------------------------
+    def resident_bytes(self, device: torch.device) -> int:
+        tensors = (v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+        return unique_bytes(tensors, device)
+
+    def offloaded_bytes(self) -> int:
+        return unique_bytes(v for s in self.host.values() for v in s.values() if isinstance(v, torch.Tensor))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Every parameter's state by name, resident and offloaded alike, plus the groups' settings."""
+        state = {}
+        for p, s in self.optimizer.state.items():
+            state[self.name_of[id(p)]] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+                                          for k, v in s.items()}
+        for n, s in self.host.items():
+            state[n] = {"__offloaded__": True, **{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                                   for k, v in s.items()}}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [self.name_of[id(p)] for p in g["params"]]} for g in self.optimizer.param_groups]
+        return {"state": state, "groups": groups, "policy": self.policy}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optimizer.state.clear()
+        self.host.clear()
+        for g, saved in zip(self.optimizer.param_groups, sd["groups"]):
+            names = [self.name_of[id(p)] for p in g["params"]]
+            if names != saved["params"]:
+                raise DynatuneError("the checkpoint's optimizer groups do not match this model's parameters; "
+                                    "resume with the same model, method and options.")
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        for n, s in sd["state"].items():
+            s = dict(s)
+            p = self.params[n]
+            if s.pop("__offloaded__", False):
+                self.host[n] = s
+            else:
+                self.optimizer.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                                           for k, v in s.items()}
