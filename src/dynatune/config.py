@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .data.tasks import DataConfig
+from .data.tasks import TASKS, DataConfig
 from .errors import DynatuneError
 from .methods import METHODS
 
@@ -110,6 +110,8 @@ def check(cfg) -> None:
     """Value checks that the schema's types cannot express; all raised before any training."""
     if cfg.method not in METHODS:
         raise DynatuneError(f"unknown method '{cfg.method}'; choose one of: {', '.join(sorted(METHODS))}.")
+    if cfg.task not in TASKS:
+        raise DynatuneError(f"unknown task '{cfg.task}'; choose one of: {', '.join(TASKS)}.")
     if cfg.precision not in PRECISIONS:
         raise DynatuneError(f"unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}.")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):

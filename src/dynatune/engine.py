@@ -79,6 +79,10 @@ class Tuner:
         self._plan_hooks: list = []
 
         self.plan: Plan | None = None
+        # probed units the method promoted after backward: they update this step too
+        self.promoted: frozenset[str] = frozenset()
+        # parameters that left the plan but are probed: their state leaves after backward unless promoted
+        self._leave_after_backward: set[str] = set()
         self.step = 0  # optimizer steps completed
         self.record = MemoryRecord()
         self.peak = MemoryRecord()
@@ -88,10 +92,10 @@ class Tuner:
     # -- the per-step contract ------------------------------------------------------------------
     def begin_step(self) -> Plan:
         plan = self.method.plan(self.step)
+        self.states.bytes_moved = 0  # before apply: the plan switch's own state traffic is this step's
         self.apply(plan)
         for s in self.signals.values():
             s.reset()
-        self.states.bytes_moved = 0
         self.record = MemoryRecord()
         self._t0 = self.clock()
         if self.count_memory:
@@ -105,17 +109,29 @@ class Tuner:
             self._count_ctx = None
         self.record.activations = self.counter.total if self.count_memory else 0
         promoted = self.method.after_backward(self.step, self.signal_values()) or frozenset()
+        stray = frozenset(promoted) - self.plan.probe_params - self.plan.update
+        if stray:
+            raise DynatuneError(f"{self.method.name} promoted units that were not probed: {sorted(stray)}.")
+        self.promoted = frozenset(promoted)
         # probed parameters lent their gradient to a signal; only promoted ones keep it
         for name in self.plan.probe_params - frozenset(promoted):
             for p in self.units[name].param_names:
                 self.params[p].grad = None
+        # promoted units step now: their (offloaded) state comes back before the optimizer step;
+        # probed units that stepped last step and were not promoted now leave (leave before enter)
+        promoted_params = set(self.units.param_names(self.promoted - self.plan.update))
+        self.states.leave(sorted(self._leave_after_backward - promoted_params))
+        self._leave_after_backward = set()
+        self.states.enter(sorted(promoted_params))
+        self.states.ready()
 
     def after_optimizer_step(self) -> None:
         """Count live bytes while gradients still exist (the step's high-water mark)."""
         if not self.count_memory:
             return
         r = self.record
-        r.weights = unique_bytes(self.model.parameters(), self.device)
+        # every parameter by name: blocks cut off by an exit are still resident (tied ones count once)
+        r.weights = unique_bytes(self.params.values(), self.device)
         r.gradients = grad_bytes(self.params.values(), self.device)
         r.optimizer = self.states.resident_bytes(self.device)
         r.offloaded = self.states.offloaded_bytes()
@@ -124,11 +140,18 @@ class Tuner:
 
     def end_step(self, loss: float | None = None) -> dict:
         self.method.end_step(self.step, loss)
-        entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update),
+        entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update | self.promoted),
                  "exit_depth": self.plan.exit_depth, "memory": self.record.to_dict(),
                  "bytes_moved": self.states.bytes_moved, "step_time_s": self.clock() - self._t0}
         if self.plan.note:
             entry["note"] = self.plan.note
+        if self.promoted:
+            entry["promoted"] = sorted(self.promoted)
+        method_log = getattr(self.method, "log_fields", None)  # optional: extra per-step fields
+        if method_log is not None:
+            fields = method_log(self.step)
+            if fields:
+                entry["method_log"] = fields
         self.history.append(entry)
         self.step += 1
         return entry
@@ -158,8 +181,13 @@ class Tuner:
             if n not in wanted:
                 p.grad = None  # units that left free their gradient now
         updated = set(self.units.param_names(plan.update))
-        before = set(self.units.param_names(old.update)) if old is not None else set(self.candidate_params)
-        self.states.leave(sorted(before - updated))
+        # what really updated last step: the plan's units and the ones promoted after backward
+        before = (set(self.units.param_names(old.update | self.promoted)) if old is not None
+                  else set(self.candidate_params)) | self._leave_after_backward
+        self.promoted = frozenset()
+        # a probed unit may be promoted after backward: its state waits there instead of a round trip
+        self._leave_after_backward = (before - updated) & set(self.units.param_names(plan.probe_params))
+        self.states.leave(sorted(before - updated - self._leave_after_backward))
         self.states.enter(sorted(updated))
         for h in self._plan_hooks:
             h.remove()
@@ -180,7 +208,9 @@ class Tuner:
             t = _first_tensor(out)
             if not t.requires_grad:
                 t.requires_grad_(True)
-        return self._all_blocks[unit.depth].register_forward_hook(hook)
+        # prepend: signal hooks on the same block (ActivationGradNorm) must see the output
+        # already requiring grad, or the probed block reports nothing
+        return self._all_blocks[unit.depth].register_forward_hook(hook, prepend=True)
 
     def _set_exit(self, exit_depth: int | None) -> None:
         n = len(self._all_blocks)
@@ -205,7 +235,8 @@ class Tuner:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "optimizer": self.states.state_dict(), "method": self.method.state_dict(),
-                "plan": self.plan.to_dict() if self.plan else None, "history": self.history,
+                "plan": self.plan.to_dict() if self.plan else None, "promoted": sorted(self.promoted),
+                "history": self.history,
                 "peak": self.peak.to_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -215,6 +246,7 @@ class Tuner:
         self.peak = MemoryRecord(**{k: v for k, v in sd["peak"].items() if k != "counted"})
         if sd["plan"] is not None:
             self.apply(Plan.from_dict(sd["plan"]))
+            self.promoted = frozenset(sd.get("promoted", ()))
         self.states.load_state_dict(sd["optimizer"])
 
     def close_hooks(self) -> None:
@@ -225,6 +257,9 @@ class Tuner:
         for s in self.signals.values():
             s.detach()
         self.counter.detach()
+        method_hooks = getattr(self.method, "close_hooks", None)  # a method's own hooks (gradselect's)
+        if method_hooks is not None:
+            method_hooks()
 
     def close(self) -> None:
         """Remove every hook and restore the full block list."""

@@ -164,15 +164,14 @@ def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
     from .config import method_config, to_dict
     from .data.metrics import evaluate
-    from .data.tasks import load_task, task_kind
+    from .data.tasks import TASKS, load_task
     from .models import load_model
 
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
     out_dir.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
-    kind = task_kind(cfg.task)
-    model, tokenizer = load_model(cfg.model, kind, num_labels=None, seed=cfg.seed, tokenizer_only=True)
+    _, tokenizer = load_model(cfg.model, TASKS[cfg.task].kind, seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
     device = _device(cfg.device)

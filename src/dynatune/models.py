@@ -52,6 +52,9 @@ ARCHS: dict[str, dict] = {
 }
 
 
+_TOKENIZER_VOCAB = {"minilm-l6": 30522, "smollm2-135m": 49152}
+
+
 @dataclass(frozen=True)
 class PretrainedModel:
     asset: str
@@ -86,17 +89,20 @@ def arch_config(name: str):
     return cfg
 
 
-def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.float32, seed: int = 0):
+def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.float32, seed: int = 0,
+               tokenizer_only: bool = False):
     """Return (model, tokenizer) for `spec` set up for `kind`.
 
     spec: a name from model_names(), a local Hugging Face model directory, or `arch:NAME`.
     kind: "classification" (needs num_labels), "regression" (one output) or "causal-lm".
     The tokenizer is None for arch models whose vocabulary is smaller than any real tokenizer
     (tiny-*), or whose tokenizer asset is not cached; such models take token ids directly.
+    tokenizer_only=True returns (None, tokenizer) without building the model (to load the task
+    first and learn num_labels).
     """
     if kind not in KINDS:
         raise DynatuneError(f"unknown model kind {kind!r}; use one of: {', '.join(KINDS)}.")
-    if kind == "classification" and (num_labels is None or num_labels < 2):
+    if kind == "classification" and not tokenizer_only and (num_labels is None or num_labels < 2):
         raise DynatuneError(f"a classification model needs num_labels >= 2 (got {num_labels}).")
     if kind == "regression":
         num_labels = 1
@@ -121,6 +127,8 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
     _set_special_ids(config, tokenizer)
+    if tokenizer_only:
+        return None, tokenizer
     if kind != "causal-lm":
         config.num_labels = num_labels
         config.problem_type = "regression" if kind == "regression" else "single_label_classification"
@@ -129,7 +137,7 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     # Fork the RNG so a seeded build neither depends on nor disturbs the caller's random state.
-    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
         model = _build(auto, config, source, dtype)
     if getattr(model, "generation_config", None) is not None:
@@ -157,7 +165,7 @@ def _resolve_dir(spec: str) -> Path:
         path = assets.asset_path(m.asset)
         return path / m.subdir if m.subdir else path
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if spec.strip() and path.is_dir():
         if not (path / "config.json").is_file():
             raise DynatuneError(f"{path} has no config.json; a local model must be a Hugging Face "
                                 "model directory (written by save_pretrained).")
@@ -171,7 +179,7 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         return None  # a weights-only folder; tasks then say a tokenizer is needed
@@ -180,7 +188,8 @@ def _load_tokenizer(path: Path):
 def _borrowed_tokenizer(config):
     """Real tokenizer for a random-init arch: MiniLM's for encoders, SmolLM2's for decoders."""
     name = "minilm-l6" if config.model_type in ENCODER_TYPES else "smollm2-135m"
-    if not assets.is_cached(name):
+    # Skip the load (~0.5 s) when the vocabulary is known to be too small (tiny-* test archs).
+    if config.vocab_size < _TOKENIZER_VOCAB[name] or not assets.is_cached(name):
         return None
     tok = _load_tokenizer(_resolve_dir(name))
     # A tokenizer whose ids reach past the embedding table would index out of range.
@@ -202,7 +211,7 @@ def _set_special_ids(config, tokenizer) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide load reports and progress bars (e.g. 'newly initialized: classifier', which is expected)."""
     from transformers.utils import logging as hf_logging
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import DynatuneError
 from .memory import unique_bytes
+from .offload import HostStateStore
 
 STATE_POLICIES = ("keep", "drop", "offload")
 
@@ -44,6 +45,9 @@ class OptimizerStates:
         self.policy = policy
         self.host: dict[str, dict] = {}  # name -> offloaded state (host memory)
         self.bytes_moved = 0  # host<->device traffic since the last reset (logged per step)
+        # offload: persistent per-parameter host copies (pinned on CUDA), updated on every eviction,
+        # and prefetch on a side stream (offload.py); `ready()` orders the optimizer step after it
+        self.store = HostStateStore() if policy == "offload" else None
 
     # -- moving state -------------------------------------------------------------------------
     def leave(self, names) -> None:
@@ -55,7 +59,8 @@ class OptimizerStates:
             state = self.optimizer.state.pop(p, None)
             if not state or self.policy == "drop":
                 continue
-            self.host[n] = {k: self._to_host(v) for k, v in state.items()}
+            self.host[n], moved = self.store.evict(n, state)
+            self.bytes_moved += moved
 
     def enter(self, names) -> None:
         """Parameters that (re)join the plan get their offloaded state back before they step."""
@@ -63,7 +68,16 @@ class OptimizerStates:
             state = self.host.pop(n, None)
             if state is not None:
                 p = self.params[n]
-                self.optimizer.state[p] = {k: self._to_device(v, p.device) for k, v in state.items()}
+                if self.store is not None:
+                    self.optimizer.state[p], moved = self.store.fetch(n, state, p.device)
+                    self.bytes_moved += moved
+                else:  # offloaded by a checkpoint, resumed under another policy
+                    self.optimizer.state[p] = {k: self._to_device(v, p.device) for k, v in state.items()}
+
+    def ready(self) -> None:
+        """Called before the optimizer step: it must see every prefetched state (no-op on CPU)."""
+        if self.store is not None:
+            self.store.wait()
 
     def _to_host(self, v):
         # AdamW's `step` counter is a CPU scalar already: leave such tensors where AdamW expects them.
@@ -95,6 +109,8 @@ class OptimizerStates:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Every parameter's state by name, resident and offloaded alike, plus the groups' settings."""
+        if self.store is not None:
+            self.store.synchronize()  # asynchronous evictions must have landed before the host reads
         state = {}
         for p, s in self.optimizer.state.items():
             state[self.name_of[id(p)]] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
@@ -119,7 +135,7 @@ class OptimizerStates:
             s = dict(s)
             p = self.params[n]
             if s.pop("__offloaded__", False):
-                self.host[n] = s
+                self.host[n] = self.store.adopt(n, s, p.device) if self.store is not None else s
             else:
                 self.optimizer.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
                                            for k, v in s.items()}

@@ -172,10 +172,15 @@ def partition(model: nn.Module, granularity: str = "block", layers: str | None =
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = head_mod is not None and in_emb is not None and head_mod.weight is in_emb.weight
 
+    # lookup tables are embeddings whatever their attribute is called (models passed with layers=)
+    embedding_params = {f"{m}.{p}" if m else p for m, mod in model.named_modules() if isinstance(mod, nn.Embedding)
+                        for p, _ in mod.named_parameters(recurse=False)}
     groups: dict[str, list[str]] = {"embedding": [], "norm": [], "pooler": [], "head": [], "adapter-head": []}
     fresh_head = False
     for name in outside:
         leaf = name.split(".")
+        if granularity == "adapter" and "original_module" in leaf:
+            continue  # peft modules_to_save: the frozen original is never used in forward, never trains
         if _is_adapter_param(name):
             groups["adapter-head"].append(name)
         elif any(part in FRESH_HEAD_NAMES for part in leaf):
@@ -185,7 +190,7 @@ def partition(model: nn.Module, granularity: str = "block", layers: str | None =
             groups["head"].append(name)
         elif "pooler" in leaf:
             groups["pooler"].append(name)
-        elif any(("embed" in part or part in ("wte", "wpe")) for part in leaf):
+        elif name in embedding_params or any(("embed" in part or part in ("wte", "wpe")) for part in leaf):
             groups["embedding"].append(name)
         elif "modules_to_save" in name:
             groups["head"].append(name)

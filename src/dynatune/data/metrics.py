@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynatune.data.tasks import column
 from dynatune.errors import DynatuneError
 
 # Metrics where smaller is better; every other metric is better when larger.
@@ -56,11 +57,10 @@ def _logits(out):
 
 def _batches(task_data, split: str, batch_size: int):
     """Length-sorted batches (less padding, same result): yields (row indices, collated batch)."""
-    ds = task_data.split(split).with_format(None)
-    lengths = np.asarray(ds["length"])
-    order = np.argsort(lengths, kind="stable")
+    ds = task_data.split(split)
+    order = np.argsort(np.asarray(column(ds, "length")), kind="stable")
     cols = ["input_ids", "attention_mask", "labels"]
-    data = {c: ds[c] for c in cols}
+    data = ds.with_format(None).select_columns(cols)[:]
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         rows = [{c: data[c][i] for c in cols} for i in idx]
@@ -138,8 +138,7 @@ def _answer_matches(generated: str, answer: str) -> bool:
 
 def exact_match(model, task_data, split: str, batch_size: int, device) -> float:
     """Share of examples whose greedy continuation of the prompt equals the answer."""
-    ds = task_data.split(split).with_format(None)
-    prompts, answers = ds["prompt_ids"], task_data.answers[split]
+    prompts, answers = column(task_data.split(split), "prompt_ids"), task_data.answers[split]
     tok = task_data.tokenizer
     pad = tok.pad_token_id
     order = np.argsort([len(p) for p in prompts], kind="stable")

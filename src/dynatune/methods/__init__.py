@@ -2,6 +2,8 @@
 from ..errors import DynatuneError
 from .base import METHODS, Method, MethodConfig, config_help, register  # noqa: F401
 from . import baselines, adapters  # noqa: F401  (registration)
+from . import adagradselect  # noqa: F401  (registration)
+from . import trims  # noqa: F401  (registration)
 
 
 def build_method(name: str, config=None, seed: int = 0) -> Method:

@@ -1,0 +1,240 @@
+"""dynatune inside a stock Hugging Face `Trainer`: a callback owns the engine's timing.
+
+    method = build_method("lisa", seed=0)
+    model = prepare(model, method)              # before the Trainer: adapters go in first
+    callback = DynatuneCallback(method, log_path="out/log.jsonl")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    callback.tuner.history, callback.tuner.peak   # plans and counted bytes, step by step
+
+The callback maps the engine's per-step contract (engine.py) onto the Trainer's events:
+
+    on_train_begin         Tuner(model, method, optimizer=<the Trainer's optimizer>)
+    on_step_begin          tuner.begin_step()       (before the first micro-batch)
+    on_pre_optimizer_step  tuner.after_backward()   (after the last backward)
+    on_optimizer_step      tuner.after_optimizer_step()
+    on_step_end            tuner.end_step(loss)     (one record, also written to `log_path`)
+
+Why `prepare` comes first: the Trainer builds its optimizer from the parameters that require a
+gradient when `train()` starts, before any callback runs. Adapter methods (lora, dora, vera)
+inject new parameters, and peft freezes the base model while doing so (a fresh task head too),
+so `prepare` injects them and marks every parameter trainable; the engine then freezes, per
+step, whatever the plan leaves out. A parameter the Trainer's optimizer still lacks (frozen by
+the user beforehand) is added by the engine, and the Trainer's scheduler is extended to it.
+
+The loss passed to `end_step` is the loss the Trainer optimizes for that step, read by a forward
+hook on the model (it only reads `output.loss`, so numerics do not change): when the Trainer
+passes `num_items_in_batch` (models that accept loss kwargs, e.g. causal LMs) each micro-batch
+loss is already normalized by the step's total count of target tokens and the micro-batch losses
+are summed; otherwise it is the mean of the micro-batch losses, as the Trainer divides each by the
+number of accumulation steps. With one process it equals the Trainer's logged loss at
+`logging_steps=1` (bit for bit without gradient accumulation), including the Trainer's own quirk:
+a model that accepts `num_items_in_batch` but ignores it (BERT classifiers in transformers 5) gets
+the sum of its micro-batch means. It is None when the model returns no loss (a `compute_loss_func`
+or label smoothing computes it outside the model).
+
+One ordering differs from the plain loop: the Trainer clips gradients *before*
+`on_pre_optimizer_step`, so a plan with `probe_params` (gradients read for a signal, then freed)
+would have those gradients counted in the clip norm. `DynatuneTrainer` frees them before it
+clips, which a callback cannot do; with such methods and `max_grad_norm > 0`, use it to match the
+plain loop exactly. Not handled here: resuming a Trainer checkpoint (the tuner's state is not
+saved with it). Out of memory: the Trainer lets the error through; with `auto_find_batch_size`
+it restarts with a smaller batch, and the callback first aborts the failed step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from ..engine import Tuner
+from ..errors import DynatuneError
+
+
+def prepare(model: nn.Module, method) -> nn.Module:
+    """Get `model` ready for a Trainer: inject the method's adapters, make every parameter trainable.
+
+    Call it before creating the Trainer and give the Trainer the model it returns (VeRA wraps the
+    model in a PeftModel). Idempotent: a model that already carries adapters is kept as it is.
+    """
+    model = method.prepare_model(model)
+    for p in model.parameters():
+        if p.is_floating_point() or p.is_complex():
+            p.requires_grad_(True)
+    return model
+
+
+class DynatuneCallback(TrainerCallback):
+    """Runs a dynatune method inside `transformers.Trainer`; no per-step call is left to the user.
+
+    Args:
+        method: a method instance (`dynatune.methods.build_method(name, config, seed)`).
+        log_path: optional file that receives one JSON record per optimizer step, the same records
+            the plain loop writes to log.jsonl (plus `lr` and `epoch`); appended to.
+        **tuner_kwargs: passed to `Tuner` (e.g. `layers="transformer.h"`, `count_memory=False`).
+
+    After training, `callback.tuner` holds the history (plans, losses, counted bytes) and the peak.
+    """
+
+    def __init__(self, method, log_path: str | Path | None = None, **tuner_kwargs):
+        self.method = method
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.tuner_kwargs = tuner_kwargs
+        self.tuner: Tuner | None = None
+        self._hook = None
+        self._losses: list[tuple[torch.Tensor, bool]] = []
+        self._in_step = False  # between begin_step and after_backward: forward losses are read
+        self._step_open = False  # between begin_step and end_step
+        self._backward_done = False
+        self._warned_clip = False
+
+    # -- the Trainer's events -------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                       train_dataloader=None, **kwargs):
+        if model is None or optimizer is None:
+            raise DynatuneError("DynatuneCallback needs the Trainer's model and optimizer at train begin; "
+                                "pass it to a transformers.Trainer through callbacks=[...].")
+        # what some methods learn from the training loop (gradselect, adagradselect): backward passes
+        # per optimizer step, and optimizer steps per epoch (unless their config sets it)
+        if hasattr(self.method, "micro_batches"):
+            self.method.micro_batches = args.gradient_accumulation_steps
+        if getattr(self.method, "steps_per_epoch", None) == 0 and train_dataloader is not None:
+            n = len(train_dataloader)
+            self.method.steps_per_epoch = max(1, math.ceil(n / args.gradient_accumulation_steps))
+        inner = optimizer  # accelerate's wrapper (maybe nested) shares state and groups with the torch one
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            inner = inner.optimizer
+        if self._step_open:  # a step raised (e.g. auto_find_batch_size retries after out of memory)
+            self.tuner.abort_step()
+            self._step_open = self._in_step = False
+        if self.tuner is None or self.tuner.model is not model or self.tuner.optimizer is not inner:
+            self._build(model, inner, lr_scheduler)
+        if self._hook is None:
+            self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.tuner.begin_step()
+        self._losses = []
+        self._backward_done = False
+        self._step_open = True
+        self._in_step = True  # set after begin_step: a method's own probe forward is not a training loss
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._backward_done:  # DynatuneTrainer ran it before clipping
+            return
+        clipped = bool(args.max_grad_norm and args.max_grad_norm > 0)
+        held = self._probes_holding_grads() if clipped and not self._warned_clip else set()
+        self.after_backward()
+        if held - getattr(self.tuner, "promoted", frozenset()) and not self._warned_clip:
+            warnings.warn("the Trainer clipped gradients before dynatune freed the probed ones, so they counted "
+                          "in the clip norm; use dynatune.integrations.hf.DynatuneTrainer to match the plain loop.",
+                          stacklevel=2)
+            self._warned_clip = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.tuner.after_optimizer_step()
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        self._in_step = self._step_open = False
+        entry = self.tuner.end_step(self._step_loss())
+        if lr_scheduler is not None and hasattr(lr_scheduler, "get_last_lr"):
+            entry["lr"] = lr_scheduler.get_last_lr()[0]
+        entry["epoch"] = max(0, math.ceil(state.epoch or 0) - 1)  # state.epoch is e + (batches done)/len
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        self._losses = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Remove the loss hook. The engine's hooks stay, as after `fit`; `callback.tuner.close_hooks()`
+        removes them (do it before saving a model that exited early, as `dynatune.loop.train` does)."""
+        self._in_step = False
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def after_backward(self) -> None:
+        """Signals read the step's gradients; probed gradients that were not promoted are freed."""
+        self._in_step = False
+        if not self._backward_done:
+            self.tuner.after_backward()
+            self._backward_done = True
+
+    def _probes_holding_grads(self) -> set[str]:
+        """Probed units that still hold a gradient (a method may free some during backward)."""
+        t = self.tuner
+        return {u for u in t.plan.probe_params if any(t.params[p].grad is not None for p in t.units[u].param_names)}
+
+    def _build(self, model, optimizer, lr_scheduler) -> None:
+        if self.tuner is not None:  # a new Trainer (or optimizer) for the same callback: start over
+            self.tuner.close()
+            self.tuner = None
+        names = {n for n, _ in model.named_parameters()}
+        n_groups = len(optimizer.param_groups)
+        tuner = Tuner(model, self.method, optimizer=optimizer, **self.tuner_kwargs)
+        if tuner.model is not model or set(tuner.params) != names:
+            tuner.close()
+            raise DynatuneError(f"method '{self.method.name}' changes the model (adapters) after the Trainer built "
+                                "its optimizer; call dynatune.integrations.hf.prepare(model, method) before creating "
+                                "the Trainer and give the Trainer the model it returns.")
+        added = len(optimizer.param_groups) - n_groups
+        if added and lr_scheduler is not None:
+            _extend_scheduler(lr_scheduler, optimizer, added)
+        self.tuner = tuner
+
+    def _read_loss(self, module, args, kwargs, output):
+        if not (self._in_step and module.training):
+            return None
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None))
+        else:
+            self._losses.append((None, False))
+        return None  # the output is left untouched
+
+    def _step_loss(self) -> float | None:
+        if not self._losses or any(l is None for l, _ in self._losses):
+            return None
+        total = sum(l.float().item() for l, _ in self._losses)
+        normalized = all(n for _, n in self._losses)  # each is already a share of the step's loss
+        return total if normalized else total / len(self._losses)
+
+
+def _extend_scheduler(scheduler, optimizer, added: int) -> None:
+    """Make a scheduler built before the engine added param groups drive those groups too."""
+    base_lrs = getattr(scheduler, "base_lrs", None)
+    if base_lrs is None:
+        raise DynatuneError(f"the learning-rate scheduler {type(scheduler).__name__} cannot follow the parameter "
+                            "groups dynatune added; call prepare(model, method) before creating the Trainer.")
+    for group in optimizer.param_groups[-added:]:
+        group.setdefault("initial_lr", group["lr"])
+        base_lrs.append(group["initial_lr"])
+        if hasattr(scheduler, "lr_lambdas"):  # LambdaLR / MultiplicativeLR: one function per group
+            scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr.append(group["lr"])
+
+
+class DynatuneTrainer(Trainer):
+    """A Trainer that frees probed gradients before it clips, as the plain loop does.
+
+    Only needed for methods whose plans carry `probe_params` when `max_grad_norm > 0`; with any
+    other method it behaves exactly like `Trainer` with a `DynatuneCallback`. It overrides the
+    Trainer's private `_clip_grad_norm` (transformers 5); tests/test_hf.py pins that it still runs.
+    """
+
+    def _clip_grad_norm(self, model):
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, DynatuneCallback) and cb.tuner is not None:
+                cb.after_backward()
+        return super()._clip_grad_norm(model)
+
+
+__all__ = ["DynatuneCallback", "DynatuneTrainer", "prepare"]

@@ -1,0 +1,83 @@
+"""Plots of a run, drawn from its log.jsonl: loss, counted memory by term, which units updated when."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import DynatuneError
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise DynatuneError(f"no log.jsonl in '{run_dir}'; pass the output_dir of a dynatune run.")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # a resumed run appends: keep the last record of each step
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _unit_sort_key(name: str):
+    order = {"embedding": (-1, 0), "norm": (10**6, 0), "pooler": (10**6, 1), "head": (10**6 + 1, 0)}
+    if name in order:
+        return order[name]
+    parts = name.split(".")
+    return (int(parts[1]), 0 if len(parts) == 2 else 1, name) if len(parts) > 1 and parts[1].isdigit() else (0, name)
+
+
+def plot_run(run_dir) -> list[Path]:
+    """Write loss.png, memory.png and units.png into run_dir; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    log = read_log(run_dir)
+    if not log:
+        raise DynatuneError(f"log.jsonl in '{run_dir}' has no records yet.")
+    steps = [r["step"] + 1 for r in log]
+    out = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in log], lw=1)
+    ax.set(xlabel="step", ylabel="training loss", title=f"loss — {run_dir.name}")
+    ax.grid(alpha=0.3)
+    out.append(_save(fig, run_dir / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    terms = ["weights", "gradients", "optimizer", "activations"]
+    ys = np.array([[r["memory"][t] / 2**20 for t in terms] for r in log]).T
+    ax.stackplot(steps, ys, labels=terms, alpha=0.8)
+    if any(r.get("predicted_bytes") for r in log):
+        ax.plot(steps, [r.get("predicted_bytes", 0) / 2**20 for r in log], "k--", lw=1, label="predicted")
+    if any(r.get("budget_bytes") for r in log):
+        ax.axhline(log[0]["budget_bytes"] / 2**20, color="red", lw=1, label="budget")
+    ax.set(xlabel="step", ylabel="counted MiB", title="counted memory by term")
+    ax.legend(loc="upper right", fontsize=8)
+    out.append(_save(fig, run_dir / "memory.png"))
+
+    units = sorted({u for r in log for u in r["update"]}, key=_unit_sort_key)
+    grid = np.zeros((len(units), len(log)))
+    index = {u: i for i, u in enumerate(units)}
+    for j, r in enumerate(log):
+        for u in r["update"]:
+            grid[index[u], j] = 1
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * len(units) + 1)))
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greens",
+              extent=(steps[0] - 0.5, steps[-1] + 0.5, len(units) - 0.5, -0.5))
+    ax.set_yticks(range(len(units)))
+    ax.set_yticklabels(units, fontsize=6 if len(units) > 30 else 8)
+    ax.set(xlabel="step", title="units updated at each step")
+    out.append(_save(fig, run_dir / "units.png"))
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
