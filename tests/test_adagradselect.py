@@ -386,6 +386,29 @@ def test_budget_derives_k_and_exploration_that_does_not_fit_falls_back():
     t4.abort_step()
 
 
+def test_exploration_priced_by_the_memory_model_holds_m_plus_1_gradients_at_the_end_of_backward():
+    """With the real memory model: the streaming step is the all-gradients plan with only m+1 blocks'
+    gradients at its `backward_end` phase; other phases are as predicted; k=null picks m by it."""
+    from dynatune.memory_model import MemoryModel
+    from dynatune.plan import Plan
+    t = Tuner(causal_lm("llama"), build_method("gradselect", GradSelectConfig(k=None)), lr=1e-3)
+    # a tiny batch: gradients, not activations, make the peak (the case streaming is for)
+    t.memory_model = mm = MemoryModel(t.model, units=t.units, device_type="cpu", batch_shape=(1, 2), params=t.params)
+    meth = t.method
+    sizes = meth._sizes()
+    order = sorted(meth.pool, key=lambda u: -sizes[u])
+    for m in (1, 2, 3):
+        full = mm.predict(Plan.of(order[:m], probe_params=order[m:]))
+        assert full.peak_phase == "backward_end"
+        freed = sum(sizes[u] for u in order[m + 1:])
+        want = max(v - (freed if k == "backward_end" else 0) for k, v in full.phases.items())
+        assert meth.exploration_peak(m) == want < full.predicted_peak_bytes
+    t.budget_bytes = int(meth.exploration_peak(2) / 0.97) + 1
+    t.begin_step()
+    assert meth.m == 2
+    t.abort_step()
+
+
 def test_explicit_k_over_budget_and_k_null_without_budget_are_refused():
     t = ada(causal_lm("llama"), k=0.5)
     t.memory_model = FakeMemoryModel(t)

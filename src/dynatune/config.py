@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .data.tasks import TASKS, DataConfig
+from .data.tasks import DataConfig, task_kind
 from .errors import DynatuneError
 from .methods import METHODS
 
@@ -35,6 +35,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data files and column names"})
     epochs: float = opt(2.0, "passes over the training set (ignored when max_steps > 0)")
     max_steps: int = opt(-1, "optimizer steps to run; -1 = as many as `epochs` needs")
+    stop_after: int = opt(-1, "stop after this many steps as if interrupted (the schedule still spans the "
+                                "whole run); resume later with --resume. -1 = run to the end")
     batch_size: int = opt(16, "examples per optimizer step (before gradient accumulation splits it)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (batch_size is split into this many)")
     eval_batch_size: int = opt(64, "examples per evaluation batch")
@@ -52,7 +54,10 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: Optional[str] = opt(None, "a run directory or checkpoint to resume from")
     save_model: bool = opt(True, "save the trained model (safetensors) in output_dir/model")
-    budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB') or a fraction of full fine-tuning (0.6)")
+    budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB', '500MB') or a fraction of full fine-tuning's "
+                                      "predicted peak (0.6)")
+    margin: float = opt(0.03, "fraction of the budget kept free: a plan runs only if its predicted peak is at most "
+                              "budget x (1 - margin)")
     layers: Optional[str] = opt(None, "dotted path of the block list for architectures dynatune does not know")
     device: str = opt("auto", "auto, cpu or cuda")
     progress: bool = opt(True, "show a progress bar")
@@ -110,8 +115,7 @@ def check(cfg) -> None:
     """Value checks that the schema's types cannot express; all raised before any training."""
     if cfg.method not in METHODS:
         raise DynatuneError(f"unknown method '{cfg.method}'; choose one of: {', '.join(sorted(METHODS))}.")
-    if cfg.task not in TASKS:
-        raise DynatuneError(f"unknown task '{cfg.task}'; choose one of: {', '.join(TASKS)}.")
+    task_kind(cfg.task)  # raises, listing the known tasks
     if cfg.precision not in PRECISIONS:
         raise DynatuneError(f"unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}.")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
@@ -120,8 +124,11 @@ def check(cfg) -> None:
     if cfg.batch_size % cfg.grad_accum:
         raise DynatuneError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}.")
     if cfg.budget is not None:
-        raise DynatuneError("budget= is not available yet: the memory model that prices plans is still to come; "
-                            "run without a budget or choose the plan size with the method's options.")
+        # the form only (bytes with a unit, or a fraction in (0, 1]); a fraction is resolved against the
+        # memory model's full fine-tuning peak, and the floor (smallest plan) is checked, before training
+        from .memory_model import check_margin, parse_budget
+        parse_budget(cfg.budget)
+        check_margin(cfg.margin)
 
 
 def method_config(cfg):

@@ -40,6 +40,10 @@ class Tuner:
                  lr: float = 1e-4, weight_decay: float = 0.0, layers: str | None = None,
                  count_memory: bool = True, clock=time.perf_counter):
         self.method = method
+        # budget (set_budget): methods read these; apply() refuses plans priced above the budget
+        self.memory_model = None
+        self.budget_bytes: int | None = None
+        self.budget_margin = 0.03
         self.model = method.prepare_model(model)
         self.units: Units = partition(self.model, method.granularity, layers)
         # Keep every parameter by name, including those of blocks an exit will cut off.
@@ -48,8 +52,8 @@ class Tuner:
         self.clock = clock
         method.setup(self)
 
-        candidates = self.units.param_names(method.candidates())
-        self.candidate_params = {n: self.params[n] for n in self.params if n in set(candidates)}
+        candidates = set(self.units.param_names(method.candidates()))
+        self.candidate_params = {n: p for n, p in self.params.items() if n in candidates}
         for n, p in self.params.items():  # never a candidate: frozen for the whole run
             if n not in self.candidate_params:
                 p.requires_grad_(False)
@@ -167,8 +171,20 @@ class Tuner:
         return {name: dict(s.values) for name, s in self.signals.items()}
 
     # -- applying a plan -------------------------------------------------------------------------
+    def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:
+        """Price plans with `memory_model` (memory_model.MemoryModel, its batch_shape set); from now
+        on `apply` refuses a plan predicted above budget_bytes x (1 - margin). Methods read
+        `tuner.memory_model`, `tuner.budget_bytes` and `tuner.budget_margin` to choose within it."""
+        from .memory_model import check_margin
+        self.memory_model = memory_model
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
+        self.budget_margin = check_margin(margin)
+
     def apply(self, plan: Plan) -> None:
         plan.validate(self.units)
+        if self.budget_bytes is not None and self.memory_model is not None:
+            # raises memory_model.BudgetError (a DynatuneError) before anything changes
+            self.memory_model.check_admitted(plan, self.budget_bytes, self.budget_margin)
         old = self.plan
         self._set_exit(plan.exit_depth)
         grad_units = plan.update | plan.probe_params

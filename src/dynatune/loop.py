@@ -81,6 +81,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         raise DynatuneError("the training set is empty; give data.train a file with at least one example.")
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
+    # methods that count backward passes or schedule by epoch learn the loop's shape here
+    if hasattr(method, "micro_batches"):
+        method.micro_batches = cfg.grad_accum
+    if getattr(method, "steps_per_epoch", None) == 0:
+        method.steps_per_epoch = steps_per_epoch
 
     if tuner is None:
         tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
@@ -90,15 +95,16 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     if getattr(cfg, "resume", None):
         state = checkpoint.load(cfg.resume, tuner, scheduler)
 
+    stop = min(total, cfg.stop_after) if getattr(cfg, "stop_after", -1) > 0 else total
     log = open(out_dir / "log.jsonl", "a") if out_dir else None
     bar = _progress(total, state.step, cfg.progress)
     model.train()
     try:
-        while state.step < total:
+        while state.step < stop:
             order = epoch_order(len(train_set), cfg.seed, state.epoch)
             starts = range(state.batch_in_epoch * cfg.batch_size, len(order), cfg.batch_size)
             for start in starts:
-                if state.step >= total:
+                if state.step >= stop:
                     break
                 idx = order[start:start + cfg.batch_size]
                 loss = train_step(tuner, model, [collate([train_set[i] for i in idx[j:j + micro]])
@@ -128,7 +134,7 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         bar.close()
         if log:
             log.close()
-    if out_dir and cfg.checkpoint_every:
+    if out_dir and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
         checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
     return tuner, state
 
@@ -164,14 +170,14 @@ def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
     from .config import method_config, to_dict
     from .data.metrics import evaluate
-    from .data.tasks import TASKS, load_task
+    from .data.tasks import load_task, task_kind
     from .models import load_model
 
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
     out_dir.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
-    _, tokenizer = load_model(cfg.model, TASKS[cfg.task].kind, seed=cfg.seed, tokenizer_only=True)
+    _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
     device = _device(cfg.device)
@@ -193,7 +199,7 @@ def train(cfg) -> dict:
         "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,
         "steps": state.step, "train_seconds": round(train_s, 2),
         "validation": state.evals[-1] if state.evals else eval_split(model, "validation"),
-        "test": eval_split(model, "test"),
+        "test": eval_split(model, "test") if task.test is not None else None,
         "trainable_params": max((tuner.params_in(h["update"]) for h in tuner.history), default=0),
         "total_params": sum(p.numel() for p in tuner.params.values()),
         "final_plan": tuner.plan.to_dict() if tuner.plan else None,

@@ -245,11 +245,14 @@ class GradSelect(Method):
         return len(self.pool)
 
     # -- the memory model (another module; reached only through here) ---------------------------
-    def predict_peak(self, plan: Plan) -> int | None:
+    def predict(self, plan: Plan):
+        """The memory model's prediction for `plan` (None without a memory model)."""
         mm = getattr(self.tuner, "memory_model", None)
-        if mm is None:
-            return None
-        return mm.predict(plan).predicted_peak_bytes
+        return None if mm is None else mm.predict(plan)
+
+    def predict_peak(self, plan: Plan) -> int | None:
+        pred = self.predict(plan)
+        return None if pred is None else pred.predicted_peak_bytes
 
     def _budget(self) -> int | None:
         """The bytes a plan may be predicted at: budget * (1 - margin), as TriMS reads it (margin from
@@ -270,14 +273,22 @@ class GradSelect(Method):
         state), probe_params = every other block (so all blocks' weights require grad: every block
         is on the backward path and saves its activations as a trainable block does). Streaming
         keeps only one more block's gradient than m, so the gradient bytes of all probed blocks but
-        the largest are subtracted (exact: a gradient is numel x element size of its parameter).
+        the largest are taken off where the memory model holds every path gradient: its
+        `backward_end` phase when the prediction has phases (memory_model.Prediction), else its
+        total (an additive model). Exact for gradients: numel x element size of the parameter.
+        With several micro-batches every probed gradient lives until the last one: nothing is
+        taken off.
         """
         sizes = self._sizes()
         order = sorted(self.pool, key=lambda n: (-sizes[n], self.pool.index(n)))
-        peak = self.predict_peak(Plan.of(self.with_head(order[:m]), probe_params=order[m:]))
-        if peak is None:
+        pred = self.predict(Plan.of(self.with_head(order[:m]), probe_params=order[m:]))
+        if pred is None:
             return None
-        return peak - sum(sizes[n] for n in order[m + 1:])
+        freed = sum(sizes[n] for n in order[m + 1:]) if self.micro_batches <= 1 else 0
+        phases = getattr(pred, "phases", None)
+        if phases:
+            return int(max(v - (freed if name == "backward_end" else 0) for name, v in phases.items()))
+        return pred.predicted_peak_bytes - freed
 
     def exploitation_peak(self, m: int) -> int | None:
         """Predicted peak of the worst m-block plan: for each lowest block (how far backward runs),

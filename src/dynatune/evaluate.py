@@ -1,0 +1,39 @@
+"""`dynatune eval RUN_DIR`: evaluate a finished run's saved model on its task (or another task)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import DynatuneError
+
+
+def evaluate_run(run_dir, overrides: list[str] | None = None) -> dict:
+    from .config import load_config
+    from .data.metrics import evaluate
+    from .data.tasks import load_task, task_kind
+    from .loop import _device, autocast_for
+    from .models import load_model
+
+    run = Path(run_dir)
+    saved = run / "config.json"
+    if not (run / "model").is_dir() or not saved.is_file():
+        raise DynatuneError(f"'{run_dir}' is not a finished dynatune run (it needs config.json and model/); "
+                            "pass the output_dir of a run trained with save_model=true.")
+    recorded = json.loads(saved.read_text())
+    keep = ("task", "max_length", "eval_batch_size", "precision", "device", "seed")
+    base = [f"{k}={recorded[k]}" for k in keep if recorded.get(k) is not None]
+    base += [f"data.{k}={v}" for k, v in recorded.get("data", {}).items() if v is not None]
+    cfg = load_config(None, base + list(overrides or []))
+    _, tokenizer = load_model(str(run / "model"), task_kind(cfg.task), tokenizer_only=True)
+    task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
+    model, _ = load_model(str(run / "model"), task.kind, num_labels=task.num_labels)
+    device = _device(cfg.device)
+    model.to(device)
+    out = {"run": str(run), "task": cfg.task}
+    with torch.no_grad(), autocast_for(cfg.precision, device):
+        for split in ("validation", "test"):
+            if getattr(task, split) is not None:
+                out[split] = evaluate(model, task, split, cfg.eval_batch_size, device)
+    return out
