@@ -345,6 +345,11 @@ class FakeMemoryModel:
         self.calls += 1
         return SimpleNamespace(predicted_peak_bytes=3 * self.size(plan.update) + self.size(plan.probe_params))
 
+    def check_admitted(self, plan, budget_bytes, margin):  # the engine's check of every applied plan
+        peak = self.predict(plan).predicted_peak_bytes
+        if peak > int(budget_bytes * (1 - margin)):
+            raise DynatuneError(f"fake: over budget ({peak} > {budget_bytes})")
+
 
 def test_budget_derives_k_and_exploration_that_does_not_fit_falls_back():
     model = causal_lm("llama")
@@ -404,9 +409,15 @@ def test_exploration_priced_by_the_memory_model_holds_m_plus_1_gradients_at_the_
         want = max(v - (freed if k == "backward_end" else 0) for k, v in full.phases.items())
         assert meth.exploration_peak(m) == want < full.predicted_peak_bytes
     t.budget_bytes = int(meth.exploration_peak(2) / 0.97) + 1
-    t.begin_step()
-    assert meth.m == 2
-    t.abort_step()
+    step(t, batches(1)[0])
+    assert meth.m == 2 and len(t.promoted) == 2
+    # the bare exploration plan (every block probed, nothing updated) misses the m winners' optimizer
+    # state and keeps every gradient; the engine admits it by the method's own price (plan_peak)
+    raw = mm.predict(Plan.of((), probe_params=meth.pool)).predicted_peak_bytes
+    assert raw != meth.exploration_peak(2)
+    t.budget_bytes = int((raw + meth.exploration_peak(2)) / 2 / 0.97)  # the raw plan fits, the real step not
+    with pytest.raises(DynatuneError, match="usable"):
+        t.begin_step()
 
 
 def test_explicit_k_over_budget_and_k_null_without_budget_are_refused():

@@ -183,8 +183,19 @@ class Tuner:
     def apply(self, plan: Plan) -> None:
         plan.validate(self.units)
         if self.budget_bytes is not None and self.memory_model is not None:
-            # raises memory_model.BudgetError (a DynatuneError) before anything changes
-            self.memory_model.check_admitted(plan, self.budget_bytes, self.budget_margin)
+            # a method may price its own plan where the plan's fields cannot say it all (gradselect's
+            # streaming top-m keeps m+1 of the probed gradients): `plan_peak(plan)`, None = the model's
+            own = getattr(self.method, "plan_peak", None)
+            peak = own(plan) if own is not None else None
+            if peak is None:  # the only memory-model call: any object with predict(plan).predicted_peak_bytes
+                peak = self.memory_model.predict(plan).predicted_peak_bytes
+            from .memory_model import BudgetError, usable_budget
+            limit = usable_budget(self.budget_bytes, self.budget_margin)
+            if peak > limit:  # refused before anything changes
+                raise BudgetError(f"{self.method.name}'s plan (update {', '.join(sorted(plan.update)[:4])}"
+                                  f"{', ...' if len(plan.update) > 4 else ''}) is predicted to peak at {peak} bytes, "
+                                  f"above the budget's usable {limit} bytes ({self.budget_bytes} x "
+                                  f"(1 - {self.budget_margin:g})).", predicted_bytes=peak, budget_bytes=self.budget_bytes)
         old = self.plan
         self._set_exit(plan.exit_depth)
         grad_units = plan.update | plan.probe_params

@@ -96,7 +96,8 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         state = checkpoint.load(cfg.resume, tuner, scheduler)
 
     stop = min(total, cfg.stop_after) if getattr(cfg, "stop_after", -1) > 0 else total
-    log = open(out_dir / "log.jsonl", "a") if out_dir else None
+    # a resumed run appends to its log; a fresh run in a reused directory starts a new one
+    log = open(out_dir / "log.jsonl", "a" if getattr(cfg, "resume", None) else "w") if out_dir else None
     bar = _progress(total, state.step, cfg.progress)
     model.train()
     try:

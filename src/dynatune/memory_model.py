@@ -477,7 +477,8 @@ def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
     """What each block does under `plan`, for pricing its saved activations.
 
     Returns (states by depth, embedding lookup on the backward path, non-block units with grads).
-    States: none (not on the backward path, or past the exit: saves nothing), first_update /
+    States: none (past the exit: does not run), idle (runs below the backward path: saves nothing,
+    except its input under gradient checkpointing), first_update /
     first_adapter (the lowest block backward reaches, which trains: its input needs no gradient),
     first_probe (the lowest block is only probed at its output: saves nothing), update / adapter
     (trains, input needs a gradient), frozen (on the backward path without training). Module-level
@@ -495,8 +496,11 @@ def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
     lowest = -1 if embed_on_path else (min(depths) if depths else None)
     states = []
     for i in range(n):
-        if i >= e or lowest is None or i < lowest:
+        if i >= e:
             states.append("none")
+            continue
+        if lowest is None or i < lowest:
+            states.append("idle")
             continue
         kind = "adapter" if i in adapter_depths else "update"
         if i == lowest:
@@ -544,10 +548,10 @@ class ActivationProbe:
     def __init__(self, build_small: Callable[[int], nn.Module], n_blocks: int, *, granularity="block",
                  layers=None, precision="fp32", device_type="cuda", loss="hf", chunk_tokens=1024,
                  gradient_checkpointing=False, seq_lens=PROBE_SEQ_LENS, n_layers=PROBE_LAYERS, seed=0,
-                 fast: bool = True):
+                 fast="auto"):
         self.build_small = build_small
         self.fast = fast
-        self.n_layers = max(1, min(n_blocks, n_layers))
+        self.n_layers = max(1, min(n_blocks, n_layers + (1 if gradient_checkpointing else 0)))
         self.granularity, self.layers = granularity, layers
         self.precision, self.device_type = precision, device_type
         self.loss, self.chunk_tokens = loss, chunk_tokens
@@ -565,6 +569,8 @@ class ActivationProbe:
         if self._model is not None:
             return
         m = self.build_small(self.n_layers)
+        if self.gradient_checkpointing:
+            _unwrap(m).gradient_checkpointing_enable()
         m.train()
         units = partition(m, self.granularity, self.layers)
         parent_path, _, attr = units.blocks_path.rpartition(".")
@@ -574,6 +580,9 @@ class ActivationProbe:
         counter.attach({f"block.{i}": b for i, b in enumerate(blocks)}, list(m.parameters()))
         self._model, self._units, self._parent, self._attr, self._blocks = m, units, parent, attr, blocks
         self._counter = counter
+        # skipping GEMMs pays off on real-size layers; on tiny models the Python dispatch costs more
+        n_params = sum(p.numel() for p in m.parameters())
+        self._fast = self.fast is True or (self.fast == "auto" and n_params >= 5_000_000)
         cfg0 = getattr(_unwrap(m), "config", None)
         types = getattr(cfg0, "layer_types", None)
         self._layer_types = list(types) if types is not None else None
@@ -609,24 +618,24 @@ class ActivationProbe:
 
     # -- small plans ---------------------------------------------------------------------------
     def small_plan(self, states: list[str], embed_on_path: bool, outside: frozenset, detach: bool) -> tuple:
-        """A plan on the small model whose blocks take each needed state, lowest first.
+        """A plan on the small model whose blocks take each needed state, lowest first: idle blocks
+        (only under gradient checkpointing, which saves every block's input), the lowest block on
+        the backward path (first_*), then each distinct mid state.
 
-        With a first_* state (backward stops inside the blocks) it sits at block 0 and each distinct
-        mid state follows once. Without one (the embedding lookup is on the path) the lowest block's
-        state takes blocks 0 and 1: tensors shared by all blocks (e.g. rotary cos/sin) are saved by
-        the lowest block only, so block 1 gives the per-block cost and block 0 - block 1 the shared
-        part, counted once."""
-        path = [s for s in states if s != "none"]
-        first = [s for s in path if s in FIRST_STATES]
+        Tensors all blocks share (rotary cos/sin) are saved once, by the lowest block that saves
+        anything. When the target has several blocks in that block's state, the state takes two
+        probe blocks: the second gives the per-block cost, the difference the shared part
+        (counted once)."""
+        idle = ["idle"] if (self.gradient_checkpointing and "idle" in states) else []
+        path = [s for s in states if s not in ("none", "idle")]
+        first = [s for s in path if s in FIRST_STATES][:1]
         mids = sorted({s for s in path if s in MID_STATES})
-        if not path or (first and first[0] != "first_probe") or len(path) < 2:
-            layout = first[:1] + mids
-        else:  # the lowest block that saves anything holds the shared tensors: repeat its state
-            lead = first[:1]
-            low = path[len(lead)]
-            layout = lead + [low, low] + [s for s in mids if s != low]
-            if len(layout) > self.n_layers:  # too few blocks to repeat: shared part stays per block
-                layout = lead + [low] + [s for s in mids if s != low]
+        layout = idle + first + mids
+        if layout:
+            h = 1 if (layout[0] == "first_probe" and len(layout) > 1) else 0
+            holder = layout[h]
+            if states.count(holder) > 1 and len(layout) < self.n_layers:
+                layout.insert(h + 1, holder)
         if len(layout) > self.n_layers:
             raise DynatuneError(f"the probe needs {len(layout)} blocks for states {layout}; build it with more layers.")
         return tuple(layout), embed_on_path, outside, detach
@@ -664,7 +673,7 @@ class ActivationProbe:
         return res
 
     def _run(self, plan: Plan, layout: tuple, emulate: bool) -> dict:
-        m, units = self._model, self._units
+        m = self._model
         hooks = self._apply(plan)
         seqs = self.seq_lens
         shapes = [(b, s) for s in seqs for b in (1, 2)]
@@ -680,7 +689,7 @@ class ActivationProbe:
                     st.enter_context(self._counter.counting())
                     st.enter_context(_attention_patch(kernels, emulate))
                     st.enter_context(self._precision_ctx())
-                    if self.fast:
+                    if self._fast:
                         st.enter_context(_ZeroMatmul())
                     loss = loss_fn(m, batch)
                 by = dict(self._counter.by_block)
@@ -755,6 +764,9 @@ class ActivationProbe:
         return val
 
 
+_SMALL_CACHE: dict = {}
+
+
 def build_small_like(target: nn.Module, precision: str, prepare: Callable | None = None,
                      layer_types=None, seed: int = 0) -> Callable[[int], nn.Module]:
     """A factory of small models like `target`: same class and config with n layers, uninitialised
@@ -768,7 +780,7 @@ def build_small_like(target: nn.Module, precision: str, prepare: Callable | None
             and base.get_output_embeddings().weight is base.get_input_embeddings().weight)
     prepare = prepare if prepare is not None else _default_prepare(target)
 
-    def build(n: int) -> nn.Module:
+    def fresh(n: int) -> nn.Module:
         from transformers.initialization import no_init_weights
         cfg = copy.deepcopy(cfg0)
         _set_num_layers(cfg, n)
@@ -786,6 +798,15 @@ def build_small_like(target: nn.Module, precision: str, prepare: Callable | None
                 p.uniform_(-0.02, 0.02, generator=g)
         if precision == "bf16":
             m.to(torch.bfloat16)
+        return m
+
+    def build(n: int) -> nn.Module:
+        # the un-adapted small model is cached (one entry): LoRA at several ranks re-uses it
+        key = (cls, cfg0.to_json_string(use_diff=False), precision, n, seed, tied)
+        if _SMALL_CACHE.get("key") != key:
+            _SMALL_CACHE.clear()
+            _SMALL_CACHE.update(key=key, model=fresh(n))
+        m = copy.deepcopy(_SMALL_CACHE["model"])
         if prepare is not None:
             m = prepare(m)
         m.train()
@@ -815,7 +836,7 @@ class MemoryModel:
                  grad_accum: int = 1, gradient_checkpointing: bool = False, hold_logits: bool = False,
                  offload_exited: bool = False, prepare: Callable | None = None, probe_layers: int = PROBE_LAYERS,
                  probe_seq_lens=PROBE_SEQ_LENS, workspace_bytes: int | None = None, layer_types=None,
-                 build_small: Callable | None = None, params: dict | None = None, fast_probe: bool = True):
+                 build_small: Callable | None = None, params: dict | None = None, fast_probe="auto"):
         if precision not in PRECISIONS:
             raise DynatuneError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
         if loss not in LOSSES:
@@ -979,22 +1000,25 @@ class MemoryModel:
         ws = self.workspace_bytes
         acts = self.alpha * blocks
         held = 0
+        loss_saved = 0  # what the loss saves (freed once backward leaves the loss)
         phase_extra: dict[str, float] = {}
         if self.causal_lm and V:
             N = B * S
             L = N * V
             if self.loss == "hf":
+                loss_saved = 4 * L
                 fp32_copy = 4 * L if lb != 4 else 0
                 held = lb * L if self.hold_logits else 0
-                phase_extra["forward_loss"] = lb * L + fp32_copy
+                phase_extra["forward_loss"] = (0 if self.hold_logits else lb * L) + fp32_copy  # held: in base
                 # nll_loss_backward's grad (fp32) + log_softmax_backward's output, with the saved log-softmax
-                phase_extra["backward_loss"] = 8 * L + held
+                phase_extra["backward_loss"] = 8 * L
                 # log-softmax freed; the logits' gradient in the logits' dtype, then the head's weight gradient
-                phase_extra["backward_head"] = -4 * L + held + max(lb * L + (4 * L if lb != 4 else 0),
+                phase_extra["backward_head"] = -4 * L + max(lb * L + (4 * L if lb != 4 else 0),
                                                                      lb * L + gw_lp + (gw32 if lb == 4 else 0),
                                                                      gw_lp + gw32)
             elif self.loss == "sliced":
                 L1 = B * (S - 1) * V
+                loss_saved = 4 * L1
                 held = 4 * L  # the caller's fp32 logits live through backward and the optimizer step
                 # (beyond the held logits) the low-precision logits during .float(); then the shifted
                 # copy with the saved log-softmax
@@ -1007,13 +1031,10 @@ class MemoryModel:
                 C = max(1, min(self.chunk_tokens, N1))
                 w_cast = V * H * cb if cb != pb else 0
                 hb = pb  # hidden states' dtype
+                loss_saved = N1 * (H * hb + 4 + 8)  # gathered hidden states, log-sum-exps, targets
                 phase_extra["forward_loss"] = w_cast + C * V * (lb + 4 + 4)
                 phase_extra["backward_loss"] = (w_cast + gw32 + (V * H * 2 if (head_trains and pb == 2) else 0)
                                                 + N1 * H * hb + C * V * (lb + 4 + (cb if cb != 4 else 0)))
-        persist = weights + opt + ws + self.offset + held
-        if self.grad_accum > 1:
-            largest = max((self.param_bytes([p]) for p in path), default=0)
-            persist += grads_path + largest  # earlier micro-batches' gradients, accumulated into
         phases: dict[str, float] = {}
         terms_at: dict[str, dict] = {}
 
@@ -1023,7 +1044,7 @@ class MemoryModel:
                               "activations": acts_term, "base": base_term}
 
         base_saved = outside + ws + self.offset + held
-        if self.grad_accum > 1:
+        if self.grad_accum > 1:  # earlier micro-batches' gradients, and one being accumulated into
             base_saved += max((self.param_bytes([p]) for p in path), default=0)
         g_acc = grads_path if self.grad_accum > 1 else 0
         any_saved = blocks + outside > 0
@@ -1044,7 +1065,8 @@ class MemoryModel:
         if self.gradient_checkpointing and any_saved:
             # backward recomputes one checkpointed block at a time: its full activations are live
             nock = self._recompute_bytes(plan, shape)
-            add("backward_recompute", g_acc + gw32, acts, outside + ws + self.offset + held + nock)
+            add("backward_recompute", g_acc + gw32, acts,
+                max(0, outside - loss_saved) + ws + self.offset + held + nock)
         peak_phase = max(phases, key=lambda k: phases[k])
         terms = {k: int(round(v)) for k, v in terms_at[peak_phase].items()}
         peak = int(sum(terms.values()))
@@ -1269,6 +1291,61 @@ def check_budget_floor(memory_model: MemoryModel, budget_bytes: int, plan: Plan,
     return pred
 
 
-__all__ = ["MemoryModel", "Prediction", "OptimizerSpec", "ActivationProbe", "BudgetError", "resolve_budget",
+def full_finetuning_peak(memory_model: MemoryModel, batch_shape=None) -> int:
+    """Predicted peak of full fine-tuning of the same model (without adapters, if it has any):
+    what a fractional budget ("0.6") is a fraction of."""
+    mm = memory_model
+    if mm.units.granularity == "block":
+        return mm.predict(Plan.of(u.name for u in mm.units), batch_shape).predicted_peak_bytes
+    inner = _unwrap(mm.model)
+    cfg = copy.deepcopy(inner.config)
+    cls = type(inner)
+    with torch.device("meta"):
+        base = cls._from_config(cfg)
+    if mm.precision == "bf16":
+        base.to(torch.bfloat16)
+    full = MemoryModel(base, precision=mm.precision, optimizer=mm.optimizer, device_type=mm.device_type,
+                       batch_shape=mm.batch_shape, loss=mm.loss, chunk_tokens=mm.chunk_tokens,
+                       grad_accum=mm.grad_accum, gradient_checkpointing=mm.gradient_checkpointing,
+                       hold_logits=mm.hold_logits, build_small=build_small_like(base, mm.precision, prepare=None))
+    return full.predict(Plan.of(u.name for u in full.units), batch_shape).predicted_peak_bytes
+
+
+def install_budget(tuner, budget, *, batch_shape: tuple[int, int], precision: str = "fp32",
+                   margin: float = DEFAULT_MARGIN, **kw) -> MemoryModel:
+    """What a training loop does before its first step when a budget is set.
+
+    Builds the memory model of the tuner's run (kw: loss, chunk_tokens, grad_accum, hold_logits,
+    device_type, gradient_checkpointing, ...), resolves the budget to bytes (a fraction is of full
+    fine-tuning's predicted peak), rejects a budget below the method's smallest plan (BudgetError
+    naming the minimum), and calls tuner.set_budget so that every plan applied is checked.
+    """
+    margin = check_margin(margin)
+    mm = MemoryModel.from_tuner(tuner, precision=precision, batch_shape=batch_shape, **kw)
+    kind, _ = parse_budget(budget)
+    full = full_finetuning_peak(mm) if kind == "fraction" else None
+    budget_bytes = resolve_budget(budget, full)
+    check_budget_floor(mm, budget_bytes, smallest_plan(tuner.method, tuner.units), margin,
+                       what=f"{tuner.method.name}'s smallest plan")
+    tuner.set_budget(mm, budget_bytes, margin)
+    return mm
+
+
+def largest_prediction(memory_model: MemoryModel, plans) -> dict:
+    """Of the plans a run applied, the one with the largest predicted peak (for metrics.json:
+    memory.predicted_peak_bytes and memory.predicted_counted_bytes)."""
+    best = None
+    for p in set(plans):
+        pred = memory_model.predict(p)
+        if best is None or pred.predicted_peak_bytes > best[1].predicted_peak_bytes:
+            best = (p, pred)
+    if best is None:
+        return {}
+    p, pred = best
+    return {"predicted_peak_bytes": pred.predicted_peak_bytes, "predicted_counted_bytes": pred.predicted_counted_bytes,
+            "predicted_peak_phase": pred.peak_phase, "predicted_terms": pred.terms, "predicted_for_plan": p.to_dict()}
+
+
+__all__ = ["install_budget", "full_finetuning_peak", "largest_prediction", "MemoryModel", "Prediction", "OptimizerSpec", "ActivationProbe", "BudgetError", "resolve_budget",
            "parse_budget", "usable_budget", "check_margin", "smallest_plan", "check_budget_floor", "block_states",
            "meta_model", "resolve_config", "build_small_like", "PRECISIONS", "LOSSES", "DEFAULT_MARGIN"]

@@ -310,6 +310,13 @@ class GradSelect(Method):
         """The peak that decides whether m blocks fit (gradselect: every step explores)."""
         return self.exploration_peak(m)
 
+    def plan_peak(self, plan: Plan) -> int | None:
+        """The engine's budget check asks this first: an exploration plan (every block probed) is
+        priced as a streaming step; any other plan is left to the memory model (None)."""
+        if self.m is not None and plan.probe_params and plan.probe_params == frozenset(self.pool):
+            return self.exploration_peak(self.m)
+        return None
+
     def _resolve(self) -> None:
         """Derive m from the budget (k=null) or check k against it; once, at the first plan."""
         if self._resolved:

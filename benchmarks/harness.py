@@ -1,0 +1,96 @@
+"""Shared benchmark harness: run dynatune configs in-process, collect figures, print and save tables.
+
+Every result file names the machine it ran on; tables quote the mean and spread over seeds of
+figures measured in the same invocation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def run_one(overrides: list[str]) -> dict:
+    """Train one config; return the figures a table needs."""
+    from dynatune.config import load_config
+    from dynatune.loop import train
+
+    cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
+    t0 = time.perf_counter()
+    metrics = train(cfg)
+    out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    step_times = [r["step_time_s"] for r in log[2:]] or [r["step_time_s"] for r in log]
+    test = metrics["test"] or metrics["validation"]
+    return {"overrides": overrides, "method": cfg.method, "task": cfg.task, "model": cfg.model, "seed": cfg.seed,
+            "test": test, "trainable_params": metrics["trainable_params"],
+            "counted_peak_bytes": metrics["memory"]["counted_peak_bytes"],
+            "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
+            "optimizer_bytes_at_peak": metrics["memory"]["counted_peak_terms"]["optimizer"],
+            "median_step_s": statistics.median(step_times), "wall_s": round(time.perf_counter() - t0, 1),
+            "final_plan": metrics.get("final_plan")}
+
+
+def mean_spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict], metric: str, group=("task", "label")) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[g] for g in group), []).append(r)
+    table = []
+    for key, rs in groups.items():
+        m, s = mean_spread([r["test"].get(metric) for r in rs])
+        table.append({**dict(zip(group, key)), "seeds": len(rs), metric: m, f"{metric}_std": s,
+                      "trainable_params": rs[0]["trainable_params"],
+                      "counted_peak_MiB": statistics.mean(r["counted_peak_bytes"] for r in rs) / 2**20,
+                      "median_step_s": statistics.median(r["median_step_s"] for r in rs)})
+    return table
+
+
+def print_table(table: list[dict], metric: str) -> None:
+    cols = [c for c in table[0] if not c.endswith("_std")]
+    print(" | ".join(cols))
+    for row in table:
+        cells = []
+        for c in cols:
+            v = row[c]
+            if c == metric and v is not None:
+                cells.append(f"{v:.4f} ± {row[metric + '_std']:.4f}")
+            elif isinstance(v, float):
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(str(v))
+        print(" | ".join(cells))
+    sys.stdout.flush()
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    return path
