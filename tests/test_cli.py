@@ -61,7 +61,9 @@ BAD = [
     (["epochz=3"], "unknown config key 'epochz'"),
     (["topk.kk=3"], "unknown config key 'topk.kk'"),
     (["task=classification", "data.train=/no/such/file.csv"], "/no/such/file.csv"),
-    (["budget=0.6"], "budget= is not available yet"),
+    (["budget=200%"], "budget"),
+    (["budget=12 GB"], "budget"),
+    (["budget=-1"], "budget"),
     (["lr"], "key=value"),
     (["batch_size=10", "grad_accum=3"], "not divisible"),
 ]

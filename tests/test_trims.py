@@ -41,7 +41,6 @@ class FakeMemoryModel:
 
     def __init__(self, n, base=40, w=5, g=10, x=2):
         self.n, self.base, self.w, self.g, self.x = n, base, w, g, x
-        self.calls = 0
 
     def price(self, plan):
         e = plan.exit_depth or self.n
@@ -49,8 +48,8 @@ class FakeMemoryModel:
         return self.base + self.w * (e - lo) + self.g * len(_blocks(plan.update)) - self.x * (self.n - e)
 
     def predict(self, plan):
-        self.calls += 1
-        return SimpleNamespace(predicted_peak_bytes=self.price(plan))
+        price = self.price(plan)  # one quantity: the fake prices counted and peak alike
+        return SimpleNamespace(predicted_peak_bytes=price, predicted_counted_bytes=price)
 
     def full(self):
         return self.base + (self.w + self.g) * self.n

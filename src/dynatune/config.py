@@ -58,6 +58,8 @@ class RunConfig:
                                       "predicted peak (0.6)")
     margin: float = opt(0.03, "fraction of the budget kept free: a plan runs only if its predicted peak is at most "
                               "budget x (1 - margin)")
+    chunked_loss: int = opt(0, "causal LM: compute the loss over this many tokens at a time without full fp32 "
+                                 "logits (0 = the model's own loss)")
     layers: Optional[str] = opt(None, "dotted path of the block list for architectures dynatune does not know")
     device: str = opt("auto", "auto, cpu or cuda")
     progress: bool = opt(True, "show a progress bar")

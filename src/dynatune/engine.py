@@ -83,6 +83,7 @@ class Tuner:
         self._plan_hooks: list = []
 
         self.plan: Plan | None = None
+        self.applied_plans: set[Plan] = set()
         # probed units the method promoted after backward: they update this step too
         self.promoted: frozenset[str] = frozenset()
         # parameters that left the plan but are probed: their state leaves after backward unless promoted
@@ -101,6 +102,8 @@ class Tuner:
         for s in self.signals.values():
             s.reset()
         self.record = MemoryRecord()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = self.clock()
         if self.count_memory:
             self._count_ctx = ExitStack()
@@ -139,6 +142,8 @@ class Tuner:
         r.gradients = grad_bytes(self.params.values(), self.device)
         r.optimizer = self.states.resident_bytes(self.device)
         r.offloaded = self.states.offloaded_bytes()
+        if self.device.type == "cuda":
+            r.measured = torch.cuda.max_memory_allocated(self.device)
         if r.counted >= self.peak.counted:
             self.peak = MemoryRecord(**vars(r))
 
@@ -225,6 +230,7 @@ class Tuner:
             emb = self.model.get_input_embeddings()
             self._plan_hooks.append(emb.register_forward_hook(lambda m, a, out: out.detach()))
         self.plan = plan
+        self.applied_plans.add(plan)
 
     def _probe_output(self, unit):
         """Make the unit's output require grad so backward reaches it (not its weights)."""

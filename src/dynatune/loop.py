@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint
 from .engine import Tuner
+from .losses import chunked_causal_lm_loss
+from .memory_model import MemoryModel, install_budget, largest_prediction
 from .errors import DynatuneError
 from .methods import METHODS, build_method
 
@@ -90,6 +92,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     if tuner is None:
         tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
     model = tuner.model
+    if getattr(cfg, "budget", None) is not None and tuner.memory_model is None:
+        install_budget(tuner, cfg.budget, batch_shape=(micro, cfg.max_length), precision=cfg.precision,
+                       margin=cfg.margin, **memory_model_options(cfg, device))
     scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
     state = state or LoopState()
     if getattr(cfg, "resume", None):
@@ -116,6 +121,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 entry = tuner.end_step(loss)
                 entry["lr"] = scheduler.get_last_lr()[0]
                 entry["epoch"] = state.epoch
+                if tuner.memory_model is not None:
+                    pred = tuner.memory_model.predict(tuner.plan)
+                    entry["predicted_bytes"] = pred.predicted_counted_bytes
+                    entry["predicted_peak_bytes"] = pred.predicted_peak_bytes
+                    entry["budget_bytes"] = tuner.budget_bytes
                 if log and state.step % cfg.log_every == 0:
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
@@ -148,11 +158,15 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device) -> f
     for batch in micro_batches:
         batch = move(batch, device)
         with autocast_for(cfg.precision, device):
-            out = model(**batch)
+            # keep only the loss: holding the output would keep the logits alive through backward
+            if getattr(cfg, "chunked_loss", 0):
+                loss = chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
+            else:
+                loss = model(**batch).loss
         # weight each micro-batch by its size so accumulation equals one big batch
         weight = len(batch["labels"]) / n_examples
-        (out.loss * weight).backward()
-        loss_sum += out.loss.item() * weight
+        (loss * weight).backward()
+        loss_sum += loss.item() * weight
     tuner.after_backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in tuner.params.values() if p.grad is not None], cfg.grad_clip)
@@ -160,6 +174,26 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device) -> f
     tuner.after_optimizer_step()
     tuner.optimizer.zero_grad(set_to_none=True)
     return loss_sum
+
+
+def memory_model_options(cfg, device) -> dict:
+    """How this loop runs, in the memory model's terms."""
+    opts = {"grad_accum": cfg.grad_accum, "device_type": device.type}
+    if getattr(cfg, "chunked_loss", 0):
+        opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
+    return opts
+
+
+def predicted_memory(tuner, cfg, device) -> dict:
+    """metrics.json's predicted bytes for the largest plan the run applied."""
+    mm = tuner.memory_model
+    if mm is None:
+        mm = MemoryModel.from_tuner(tuner, precision=cfg.precision, batch_shape=(cfg.batch_size // cfg.grad_accum,
+                                    cfg.max_length), **memory_model_options(cfg, device))
+    out = largest_prediction(mm, tuner.applied_plans)
+    if tuner.budget_bytes is not None:
+        out["budget_bytes"] = tuner.budget_bytes
+    return out
 
 
 def _progress(total, initial, enabled):
@@ -205,7 +239,7 @@ def train(cfg) -> dict:
         "total_params": sum(p.numel() for p in tuner.params.values()),
         "final_plan": tuner.plan.to_dict() if tuner.plan else None,
         "memory": {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
-                   "offloaded_bytes": tuner.peak.offloaded},
+                   "offloaded_bytes": tuner.peak.offloaded, **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

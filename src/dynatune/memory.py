@@ -134,6 +134,7 @@ class MemoryRecord:
     optimizer: int = 0
     activations: int = 0
     offloaded: int = 0
+    measured: int = 0  # CUDA only: torch.cuda.max_memory_allocated over the step
 
     @property
     def counted(self) -> int:
@@ -141,4 +142,5 @@ class MemoryRecord:
 
     def to_dict(self) -> dict:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-                "activations": self.activations, "offloaded": self.offloaded, "counted": self.counted}
+                "activations": self.activations, "offloaded": self.offloaded, "counted": self.counted,
+                **({"measured": self.measured} if self.measured else {})}

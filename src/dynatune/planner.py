@@ -64,11 +64,13 @@ def _parse_bool(v) -> bool:
 
 
 def parse_options(overrides) -> SimpleNamespace:
-    """key=value strings (or a dict / namespace) -> checked options; unknown keys and bad values raise."""
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    elif isinstance(overrides, SimpleNamespace) or hasattr(overrides, "__dict__") and not isinstance(overrides, (list, tuple)):
-        items = [(k, v) for k, v in vars(overrides).items() if not k.startswith("_")]
+    """key=value strings -> checked options (unknown keys and bad values raise). A dict or a
+    config object (e.g. a training RunConfig) gives the keys it shares with estimate's; the rest
+    of it (method, task, ...) is ignored."""
+    aliases = {"max_length": "seq_len", "seq": "seq_len", "batch": "batch_size"}
+    if isinstance(overrides, dict) or (hasattr(overrides, "__dict__") and not isinstance(overrides, (list, tuple))):
+        d = overrides if isinstance(overrides, dict) else vars(overrides)
+        items = [(k, v) for k, v in d.items() if aliases.get(k, k) in OPTIONS]
     else:
         items = []
         for item in overrides or []:
@@ -78,7 +80,6 @@ def parse_options(overrides) -> SimpleNamespace:
             k, v = item.split("=", 1)
             items.append((k.strip(), v))
     opts = {k: d for k, (d, _, _) in OPTIONS.items()}
-    aliases = {"max_length": "seq_len", "seq": "seq_len", "batch": "batch_size"}
     for k, v in items:
         k = aliases.get(k, k)
         if k not in OPTIONS:

@@ -50,8 +50,12 @@ def plot_run(run_dir) -> list[Path]:
     terms = ["weights", "gradients", "optimizer", "activations"]
     ys = np.array([[r["memory"][t] / 2**20 for t in terms] for r in log]).T
     ax.stackplot(steps, ys, labels=terms, alpha=0.8)
-    if any(r.get("predicted_bytes") for r in log):
-        ax.plot(steps, [r.get("predicted_bytes", 0) / 2**20 for r in log], "k--", lw=1, label="predicted")
+    lines = (("predicted_bytes", "k--", "predicted counted"), ("predicted_peak_bytes", "b:", "predicted peak"))
+    for key, style, label in lines:
+        if any(r.get(key) for r in log):
+            ax.plot(steps, [r.get(key, 0) / 2**20 for r in log], style, lw=1, label=label)
+    if any(r["memory"].get("measured") for r in log):
+        ax.plot(steps, [r["memory"].get("measured", 0) / 2**20 for r in log], "m-", lw=1, label="measured (CUDA)")
     if any(r.get("budget_bytes") for r in log):
         ax.axhline(log[0]["budget_bytes"] / 2**20, color="red", lw=1, label="budget")
     ax.set(xlabel="step", ylabel="counted MiB", title="counted memory by term")

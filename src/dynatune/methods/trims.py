@@ -175,10 +175,13 @@ class Trims(Method):
         return getattr(self.tuner, "budget_bytes", None)
 
     def observe_memory(self) -> float | None:
-        """This step's measured bytes: the engine's counted live bytes (None when not counted)."""
+        """This step's measured bytes: the CUDA allocator's peak when there is one, else the
+        engine's counted live bytes (None when not counted)."""
         t = self.tuner
         if not getattr(t, "count_memory", False):
             return None
+        if t.record.measured:
+            return float(t.record.measured)
         counted = t.record.counted
         return float(counted) if counted > 0 else None
 
