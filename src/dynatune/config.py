@@ -29,7 +29,7 @@ def opt(default, help: str):
 
 @dataclass
 class RunConfig:
-    method: str = opt("full", "method name (see `dynatune ls`)")
+    method: str = opt("trims", "method name (see `dynatune ls`)")
     model: str = opt("minilm-l6", "minilm-l6, smollm2-135m, a local Hugging Face directory, or arch:NAME")
     task: str = opt("trec", "task name (see `dynatune ls`)")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data files and column names"})
@@ -54,8 +54,8 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: Optional[str] = opt(None, "a run directory or checkpoint to resume from")
     save_model: bool = opt(True, "save the trained model (safetensors) in output_dir/model")
-    budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB', '500MB') or a fraction of full fine-tuning's "
-                                      "predicted peak (0.6)")
+    budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB', '500MB'), a fraction of full fine-tuning's "
+                                      "predicted peak (0.6), or none; unset = the method's default (trims: 0.6)")
     margin: float = opt(0.03, "fraction of the budget kept free: a plan runs only if its predicted peak is at most "
                               "budget x (1 - margin)")
     chunked_loss: int = opt(0, "causal LM: compute the loss over this many tokens at a time without full fp32 "
@@ -125,12 +125,20 @@ def check(cfg) -> None:
             raise DynatuneError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
     if cfg.batch_size % cfg.grad_accum:
         raise DynatuneError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}.")
-    if cfg.budget is not None:
+    if run_budget(cfg.budget, METHODS[cfg.method]) is not None:
         # the form only (bytes with a unit, or a fraction in (0, 1]); a fraction is resolved against the
         # memory model's full fine-tuning peak, and the floor (smallest plan) is checked, before training
         from .memory_model import check_margin, parse_budget
-        parse_budget(cfg.budget)
+        parse_budget(run_budget(cfg.budget, METHODS[cfg.method]))
         check_margin(cfg.margin)
+
+
+def run_budget(budget, method):
+    """The budget a run uses: the user's, else the method's default; 'none' turns it off."""
+    budget = budget if budget is not None else method.default_budget
+    if budget is not None and str(budget).strip().lower() in ("none", "off"):
+        return None
+    return budget
 
 
 def method_config(cfg):

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint
+from .config import run_budget
 from .engine import Tuner
 from .losses import chunked_causal_lm_loss
 from .memory_model import MemoryModel, install_budget, largest_prediction
@@ -212,6 +213,7 @@ def train(cfg) -> dict:
     out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
     out_dir.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
+    cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
@@ -238,6 +240,7 @@ def train(cfg) -> dict:
         "trainable_params": max((tuner.params_in(h["update"]) for h in tuner.history), default=0),
         "total_params": sum(p.numel() for p in tuner.params.values()),
         "final_plan": tuner.plan.to_dict() if tuner.plan else None,
+        "final_state": tuner.history[-1].get("method_log") if tuner.history else None,
         "memory": {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
                    "offloaded_bytes": tuner.peak.offloaded, **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,

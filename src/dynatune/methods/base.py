@@ -50,6 +50,7 @@ class Method:
     granularity = "block"
     signals: tuple[str, ...] = ()
     default_lr = 5e-5
+    default_budget: str | None = None  # used when the run sets no budget (a budgeted method's own)
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):

@@ -98,6 +98,7 @@ class Trims(Method):
     summary = ("TriMS: a contiguous window of trainable blocks and an early exit, moved every tau steps by the "
                "action with the best loss/memory/time utility that fits the budget")
     default_lr = 1e-4
+    default_budget = "0.6"  # TriMS schedules under a budget: 60% of full fine-tuning's predicted peak
 
     def __init__(self, config=None, seed=0):
         super().__init__(config, seed)
