@@ -75,7 +75,21 @@ def plot_run(run_dir) -> list[Path]:
     ax.set_yticklabels(units, fontsize=6 if len(units) > 30 else 8)
     ax.set(xlabel="step", title="units updated at each step")
     out.append(_save(fig, run_dir / "units.png"))
+    out.extend(method_plots(run_dir, log))
     return out
+
+
+def method_plots(run_dir: Path, log: list[dict]) -> list[Path]:
+    """A method's own figures (TriMS's state, AdaGradSelect's frequencies), by the run's method."""
+    config = run_dir / "config.json"
+    method = json.loads(config.read_text()).get("method") if config.is_file() else None
+    if method == "trims":
+        from .methods.trims import plot_trims
+        return [plot_trims(run_dir, log)]
+    if method in ("adagradselect", "gradselect"):
+        from .methods.adagradselect import plot_adagradselect
+        return [plot_adagradselect(run_dir)]
+    return []
 
 
 def _save(fig, path: Path) -> Path:

@@ -26,6 +26,7 @@ records every reading of the paper made here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 import torch
@@ -509,3 +510,35 @@ def move_block(block: torch.nn.Module, device: torch.device) -> None:
         for k, b in mod._buffers.items():
             if b is not None and b.device != device:
                 mod._buffers[k] = b.to(device)
+
+
+def plot_trims(run_dir, log: list[dict]) -> Path:
+    """TriMS's state over steps (figure 3b/c): the trainable window [l, r] shaded, the exit depth e,
+    and the action chosen at each period's end; written to run_dir/trims.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in log if (r.get("method_log") or {}).get("l") is not None]
+    if not recs:
+        raise DynatuneError(f"log.jsonl in '{run_dir}' holds no TriMS state; is it a trims run?")
+    steps = [r["step"] + 1 for r in recs]
+    l = [r["method_log"]["l"] for r in recs]
+    r_ = [r["method_log"]["r"] for r in recs]
+    e = [r["method_log"]["e"] for r in recs]
+    n = recs[0]["method_log"]["n"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.fill_between(steps, [x - 0.5 for x in l], [x + 0.5 for x in r_], step="mid", alpha=0.4, label="trainable [l, r]")
+    ax.step(steps, e, where="mid", color="black", lw=1.2, label="exit depth e")
+    for rec in recs:
+        action = rec["method_log"].get("action")
+        if action:
+            ax.annotate(action, (rec["step"] + 1, rec["method_log"]["e"] + 0.3), fontsize=6, rotation=90)
+    ax.set(xlabel="step", ylabel="block (1-based)", ylim=(0.3, n + 1.5), title="TriMS state over steps")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path = Path(run_dir) / "trims.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
