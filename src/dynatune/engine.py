@@ -7,6 +7,10 @@
     tuner.after_optimizer_step()   # live bytes are counted before gradients are freed
     tuner.end_step(loss)      # method bookkeeping, one log record
 
+A step that runs out of device memory in forward or backward is undone and run again with the
+same plan: `tuner.retry_step(micro_batches, batch_shape)` (the loop and DynatuneTrainer call it
+with the same examples split into smaller micro-batches; see docs/memory.md, "Out of memory").
+
 Applying a plan is what saves memory: parameters outside it get requires_grad=False (no
 gradient, and a frozen linear saves no input for backward), gradients of units that left are
 freed, their optimizer state is kept/dropped/offloaded, backward stops at the lowest unit that
@@ -31,6 +35,20 @@ from .units import Units, get_submodule, partition
 
 def _first_tensor(out):
     return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def capture_rng() -> dict:
+    """The global RNG state dropout draws from: torch's CPU generator and, once CUDA is in use, CUDA's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Tuner:
@@ -93,6 +111,12 @@ class Tuner:
         self.peak = MemoryRecord()
         self.history: list[dict] = []  # one entry per step: plan summary and counted bytes
         self._loss_sum = 0.0
+        # out-of-memory retries of the open step (retry_step), logged by end_step
+        self.oom_retries = 0
+        self.micro_batches: int | None = None
+        self._retry_shape = None
+        self._recalibration: dict | None = None
+        self._rng: dict | None = None
 
     # -- the per-step contract ------------------------------------------------------------------
     def begin_step(self) -> Plan:
@@ -105,6 +129,9 @@ class Tuner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = self.clock()
+        self.oom_retries, self.micro_batches, self._retry_shape, self._recalibration = 0, None, None, None
+        # after the plan: a retry replays the step's dropout masks, not a method's own draws
+        self._rng = capture_rng()
         if self.count_memory:
             self._count_ctx = ExitStack()
             self._count_ctx.enter_context(self.counter.counting())
@@ -144,6 +171,7 @@ class Tuner:
         r.offloaded = self.states.offloaded_bytes()
         if self.device.type == "cuda":
             r.measured = torch.cuda.max_memory_allocated(self.device)
+            self._recalibrate()
         if r.counted >= self.peak.counted:
             self.peak = MemoryRecord(**vars(r))
 
@@ -154,6 +182,11 @@ class Tuner:
                  "bytes_moved": self.states.bytes_moved, "step_time_s": self.clock() - self._t0}
         if self.plan.note:
             entry["note"] = self.plan.note
+        if self.oom_retries:
+            entry["oom_retries"] = self.oom_retries
+            entry["micro_batches"] = self.micro_batches
+            if self._recalibration is not None:
+                entry["recalibrated"] = self._recalibration
         if self.promoted:
             entry["promoted"] = sorted(self.promoted)
         method_log = getattr(self.method, "log_fields", None)  # optional: extra per-step fields
@@ -171,6 +204,55 @@ class Tuner:
             self._count_ctx.close()
             self._count_ctx = None
         self.optimizer.zero_grad(set_to_none=True)
+
+    def retry_step(self, micro_batches: int | None = None, batch_shape=None) -> Plan:
+        """Reopen the step that just failed (out of memory in forward or backward) with the same plan.
+
+        The method is not asked again: its state and generator advance once per step. Applying the
+        plan is not redone either (a failed forward/backward changes none of it). What the failed
+        attempt left goes back to the step's start: gradients (a step starts with none: the loop and
+        the Trainer zero them with set_to_none), the signals' values, the saved-tensor count, the
+        CUDA peak statistics, and the global RNG (CPU and CUDA), so dropout draws the same masks as a
+        run that split this batch from the start. A method that keeps per-backward state (e.g. how
+        many micro-batches to expect) gets `method.retry_step(step, micro_batches)` if it has one.
+
+        `micro_batches` (passes the retried step makes) and the count of retries go to the step's
+        log record. `batch_shape` = (examples, tokens) of the largest retried micro-batch: on CUDA,
+        the memory model (if one is installed) is calibrated with the step's measured peak at that
+        shape once the step is done; on the CPU nothing is measured and nothing is calibrated.
+        """
+        self.abort_step()
+        if self._rng is not None:
+            restore_rng(self._rng)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for s in self.signals.values():
+            s.reset()
+        self.record = MemoryRecord()
+        self.oom_retries += 1
+        self.micro_batches = micro_batches
+        self._retry_shape = tuple(batch_shape) if batch_shape is not None else None
+        hook = getattr(self.method, "retry_step", None)
+        if hook is not None:
+            hook(self.step, micro_batches)
+        if self.count_memory:
+            self._count_ctx = ExitStack()
+            self._count_ctx.enter_context(self.counter.counting())
+        return self.plan
+
+    def _recalibrate(self) -> None:
+        """After an out-of-memory retry: fold the step's measured peak (at the retried micro-batch
+        shape) into the memory model, so later predictions see what this device really needed."""
+        mm = self.memory_model
+        calibrate = getattr(mm, "calibrate", None)
+        if not (self.oom_retries and calibrate is not None and self._retry_shape is not None
+                and self.record.measured):
+            return
+        rec = calibrate(self.plan, self.record.measured, batch_shape=self._retry_shape)
+        self._recalibration = {"measured": int(self.record.measured), "batch_shape": list(self._retry_shape)}
+        if isinstance(rec, dict) and "predicted" in rec:
+            self._recalibration["predicted"] = rec["predicted"]
 
     def signal_values(self) -> dict[str, dict[str, float]]:
         return {name: dict(s.values) for name, s in self.signals.items()}
