@@ -7,6 +7,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices run fastest on one thread, and far faster on a busy machine (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _save_tiny(path, auto_name, tokenizer_dir, model_type, **cfg):
     import transformers
     from transformers import AutoConfig, AutoTokenizer

@@ -20,13 +20,7 @@ from dynatune.methods.trims import ACTIONS, Trims, TrimsConfig, move_block, tran
 from tiny import VOCAB, causal_lm, classifier, collate, loop_cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and most reproducibly) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- fakes ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ model.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -26,6 +27,8 @@ from .losses import chunked_causal_lm_loss
 from .memory_model import MemoryModel, install_budget, largest_prediction
 from .errors import DynatuneError
 from .methods import METHODS, build_method
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,9 +116,8 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
             for start in starts:
                 if state.step >= stop:
                     break
-                idx = order[start:start + cfg.batch_size]
-                loss = train_step(tuner, model, [collate([train_set[i] for i in idx[j:j + micro]])
-                                                 for j in range(0, len(idx), micro)], cfg, device)
+                batches = batcher(train_set, order[start:start + cfg.batch_size], collate)
+                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches)
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
@@ -151,9 +153,56 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     return tuner, state
 
 
-def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device) -> float:
-    """One optimizer step: plan, forward/backward over micro-batches, signals, update."""
+def batcher(train_set, idx: list[int], collate):
+    """The examples of one step, as `batches(size)`: micro-batches of at most `size`, collated afresh
+    (so an out-of-memory retry pads each smaller micro-batch as a run split from the start would)."""
+    examples = [train_set[i] for i in idx]
+    return lambda size: [collate(examples[j:j + size]) for j in range(0, len(examples), size)]
+
+
+def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None) -> float:
+    """One optimizer step: plan, forward/backward over micro-batches, signals, update.
+
+    Out of device memory (torch.OutOfMemoryError) in forward or backward does not end the run: the
+    step is undone (`tuner.retry_step`: gradients, signals and the global RNG go back to the step's
+    start; the plan stays, the method is not asked again) and the same examples run again as
+    micro-batches of half the size, each weighted by its share of the examples, so the update is
+    the one a run that split this batch from the start makes. Micro-batches of one example that
+    still do not fit raise DynatuneError. `rebatch(size)` returns the step's examples as
+    micro-batches of at most `size` (fit's collates them afresh); without it the given ones are sliced.
+    """
     tuner.begin_step()
+    size = max(len(b["labels"]) for b in micro_batches)
+    while True:
+        try:
+            loss_sum = _forward_backward(model, micro_batches, cfg, device)
+            break
+        except torch.OutOfMemoryError as err:
+            if size <= 1:
+                tuner.abort_step()
+                raise DynatuneError(
+                    f"out of device memory at step {tuner.step} even with micro-batches of one example "
+                    f"({tuner.oom_retries} retries): this plan does not fit the device at this sequence length. "
+                    "Lower max_length, lower the budget (or give one) so fewer units train, or use "
+                    "chunked_loss (causal LM) or precision=amp-bf16; batch_size and grad_accum no longer matter "
+                    "here.") from err
+        # outside the except clause: the failed attempt's graph (held by the traceback) is freed by now
+        size = (size + 1) // 2
+        micro_batches = rebatch(size) if rebatch is not None else split_micro_batches(micro_batches, size)
+        tuner.retry_step(len(micro_batches), _largest_shape(micro_batches))
+        logger.warning("step %d: out of device memory; retrying the same %d examples as %d micro-batches of at most %d "
+                    "(retry %d)", tuner.step, sum(len(b["labels"]) for b in micro_batches), len(micro_batches),
+                    size, tuner.oom_retries)
+    tuner.after_backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in tuner.params.values() if p.grad is not None], cfg.grad_clip)
+    tuner.optimizer.step()
+    tuner.after_optimizer_step()
+    tuner.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
     n_examples = sum(len(b["labels"]) for b in micro_batches)
     loss_sum = 0.0
     for batch in micro_batches:
@@ -168,13 +217,26 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device) -> f
         weight = len(batch["labels"]) / n_examples
         (loss * weight).backward()
         loss_sum += loss.item() * weight
-    tuner.after_backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in tuner.params.values() if p.grad is not None], cfg.grad_clip)
-    tuner.optimizer.step()
-    tuner.after_optimizer_step()
-    tuner.optimizer.zero_grad(set_to_none=True)
     return loss_sum
+
+
+def split_micro_batches(micro_batches: list[dict], size: int) -> list[dict]:
+    """Each micro-batch cut into pieces of at most `size` examples (tensors sliced on dim 0)."""
+    out = []
+    for b in micro_batches:
+        n = len(b["labels"])
+        for j in range(0, n, size):
+            out.append({k: v[j:j + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                        for k, v in b.items()})
+    return out
+
+
+def _largest_shape(micro_batches: list[dict]) -> tuple[int, int] | None:
+    """(examples, tokens) of the largest micro-batch, for calibrating the memory model; None without input_ids."""
+    ids = [b.get("input_ids") for b in micro_batches]
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 for t in ids):
+        return None
+    return max(t.shape[0] for t in ids), max(t.shape[1] for t in ids)
 
 
 def memory_model_options(cfg, device) -> dict:

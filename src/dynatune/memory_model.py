@@ -1249,30 +1249,8 @@ def meta_model(config, *, kind: str = "causal-lm", precision: str = "fp32", num_
 # The smallest plan a method can run (the floor a budget must clear)
 # ---------------------------------------------------------------------------------------------
 def smallest_plan(method, units: Units) -> Plan:
-    """The method's smallest admissible plan: its own `smallest_plan()` when it has one; for topk
-    the last block (+ norm, fresh head); bottomk the first block; lisa one block + embeddings;
-    adapters the adapters; full everything; otherwise the fresh head alone, or the last block."""
-    own = getattr(method, "smallest_plan", None)
-    if callable(own):
-        return own()
-    name = getattr(method, "name", "")
-    n = units.n_blocks
-    fresh = {u.name for u in units.fresh_heads} if getattr(method.config, "train_head", True) else set()
-    top = {u.name for u in units.of_kind("norm", "pooler")}
-    if name == "full":
-        return Plan.of(u.name for u in units)
-    if name == "topk":
-        return Plan.of(top | {f"block.{n - 1}"} | fresh)
-    if name == "bottomk":
-        return Plan.of({"block.0"} | fresh)
-    if name == "lisa":
-        emb = {u.name for u in units.of_kind("embedding")} if getattr(method.config, "train_embedding", True) else set()
-        return Plan.of(top | emb | {f"block.{n - 1}"} | fresh)
-    if units.granularity == "adapter" and hasattr(method, "plan"):
-        return Plan.of({u.name for u in units.of_kind("adapter")} | fresh)
-    if fresh:
-        return Plan.of(fresh)
-    return Plan.of(u.name for u in units.in_block(n - 1))
+    """The method's smallest admissible plan (each method knows its own; see Method.smallest_plan)."""
+    return method.smallest_plan(units)
 
 
 def check_budget_floor(memory_model: MemoryModel, budget_bytes: int, plan: Plan, margin: float = DEFAULT_MARGIN,

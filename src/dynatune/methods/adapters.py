@@ -65,7 +65,10 @@ class Lora(Method):
         return inject_adapter_in_model(self.peft_config(target_linears(model, self.config.targets)), model)
 
     def plan(self, step):
-        return Plan.of(self.with_head(u.name for u in self.units.of_kind("adapter")))
+        return self.smallest_plan(self.units)
+
+    def smallest_plan(self, units):
+        return Plan.of({u.name for u in units.of_kind("adapter")} | self.fresh_heads(units))
 
 
 @register

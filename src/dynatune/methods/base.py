@@ -74,6 +74,12 @@ class Method:
     def plan(self, step: int) -> Plan:
         raise NotImplementedError
 
+    def smallest_plan(self, units) -> Plan:
+        """The least memory this method can run with: budgets below its price are refused up front.
+        Default: the fresh task head alone, else the last block."""
+        fresh = self.fresh_heads(units)
+        return Plan.of(fresh) if fresh else Plan.of(u.name for u in units.in_block(units.n_blocks - 1))
+
     def after_backward(self, step: int, signals: dict) -> frozenset | None:
         return None
 
@@ -87,11 +93,11 @@ class Method:
         self.generator.set_state(sd["generator"])
 
     # -- helpers -----------------------------------------------------------------------------------
+    def fresh_heads(self, units) -> set[str]:
+        return {u.name for u in units.fresh_heads} if self.config.train_head else set()
+
     def with_head(self, names) -> set[str]:
-        names = set(names)
-        if self.config.train_head:
-            names |= {u.name for u in self.units.fresh_heads}
-        return names
+        return set(names) | self.fresh_heads(self.units)
 
     def block_units(self, indices) -> set[str]:
         return {f"block.{i}" for i in indices}

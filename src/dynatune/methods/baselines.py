@@ -18,6 +18,9 @@ class Full(Method):
     def plan(self, step):
         return Plan.of(u.name for u in self.units)
 
+    def smallest_plan(self, units):
+        return Plan.of(u.name for u in units)
+
 
 @dataclass
 class TopKConfig(MethodConfig):
@@ -34,14 +37,18 @@ class TopK(Method):
     def candidates(self):
         return sorted(self._plan().update)
 
-    def _plan(self):
-        n = self.units.n_blocks
-        k = self.check_k(self.config.k)
-        top = {u.name for u in self.units.of_kind("norm", "pooler")} | self.block_units(range(n - k, n))
-        return Plan.of(self.with_head(top))
+    def _plan(self, units=None, k=None):
+        units = units or self.units
+        n = units.n_blocks
+        k = k or self.check_k(self.config.k)
+        top = {u.name for u in units.of_kind("norm", "pooler")} | self.block_units(range(n - k, n))
+        return Plan.of(top | self.fresh_heads(units))
 
     def plan(self, step):
         return self._plan()
+
+    def smallest_plan(self, units):
+        return self._plan(units, k=1)
 
 
 @register
@@ -49,8 +56,9 @@ class BottomK(TopK):
     name = "bottomk"
     summary = "the first k blocks + task head train (backward runs through every block)"
 
-    def _plan(self):
-        return Plan.of(self.with_head(self.block_units(range(self.check_k(self.config.k)))))
+    def _plan(self, units=None, k=None):
+        units = units or self.units
+        return Plan.of(self.block_units(range(k or self.check_k(self.config.k))) | self.fresh_heads(units))
 
 
 @dataclass
@@ -76,11 +84,17 @@ class Lisa(Method):
         if step % self.config.period == 0 or not self.current:
             k = self.check_k(self.config.k)
             self.current = sorted(torch.randperm(self.units.n_blocks, generator=self.generator)[:k].tolist())
-        always = {u.name for u in self.units.of_kind("norm", "pooler")}
+        return Plan.of(self._always(self.units) | self.block_units(self.current), note=f"blocks {self.current}")
+
+    def _always(self, units) -> set[str]:
+        """Final norm, embeddings (as LISA trains them) and a fresh head: in every plan."""
+        always = {u.name for u in units.of_kind("norm", "pooler")} | self.fresh_heads(units)
         if self.config.train_embedding:
-            always |= {u.name for u in self.units.of_kind("embedding")}
-        return Plan.of(self.with_head(always | self.block_units(self.current)),
-                       note=f"blocks {self.current}")
+            always |= {u.name for u in units.of_kind("embedding")}
+        return always
+
+    def smallest_plan(self, units):
+        return Plan.of(self._always(units) | {f"block.{units.n_blocks - 1}"})
 
     def state_dict(self):
         return {**super().state_dict(), "current": list(self.current)}

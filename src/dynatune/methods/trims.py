@@ -129,9 +129,7 @@ class Trims(Method):
         counts = [sum(p.numel() for p in ps) for ps in block_params]
         mean = sum(counts) / n
         self.tw = [0.0] + [c / mean for c in counts]  # time shape: parameters relative to a mean block
-        top = {u.name for u in self.units if u.fresh or (self.config.train_norm and u.kind in ("norm", "pooler"))}
-        if not self.config.train_head:
-            top -= {u.name for u in self.units.fresh_heads}
+        top = self._top_units(self.units)
         outside = [p for u in self.units if not u.name.startswith("block.") for p in u.param_names]
         top_params = self.units.param_names(top)
         # eq. 4's M_B before the first measurement: the weights outside the blocks, plus gradient
@@ -194,6 +192,15 @@ class Trims(Method):
     def state_tuple(self) -> State:
         """(l, r, e, n), 1-based as in the paper."""
         return tuple(self.state)
+
+    def _top_units(self, units) -> set[str]:
+        """What trains with every window: the fresh head, and the final norm when train_norm."""
+        norm = {u.name for u in units.of_kind("norm", "pooler")} if self.config.train_norm else set()
+        return norm | self.fresh_heads(units)
+
+    def smallest_plan(self, units) -> Plan:
+        """The cheapest state: l = r = e = 1 (block 1 trains, every later block exited)."""
+        return Plan.of({"block.0"} | self._top_units(units), exit_depth=1 if units.n_blocks > 1 else None)
 
     def plan_for(self, state: State, note: str = "") -> Plan:
         l, r, e, n = state
