@@ -25,8 +25,9 @@ def _train(args) -> int:
     summary["test"] = metrics["test"]
     plan = metrics["final_plan"] or {}
     summary["final_plan"] = {"update": plan.get("update"), "exit_depth": plan.get("exit_depth")}
-    if metrics.get("final_state"):
-        summary["final_state"] = {k: v for k, v in metrics["final_state"].items() if k in ("l", "r", "e", "n")}
+    state = {k: v for k, v in (metrics.get("final_state") or {}).items() if k in ("l", "r", "e", "n")}
+    if state:
+        summary["final_state"] = state  # TriMS's (l, r, e, n)
     summary["memory"] = {k: v for k, v in metrics["memory"].items() if isinstance(v, (int, float))}
     print(json.dumps(summary, indent=2))
     print(f"run written to {Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))}")
