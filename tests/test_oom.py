@@ -7,14 +7,18 @@ above have accumulated gradients). Each test compares with a run that never ran 
 because it split the batch from the start, bit for bit: a retry that lost or doubled a batch, kept
 a partial gradient, replayed other dropout masks or asked the method for a second plan would fail.
 """
+import functools
 import json
 
 import pytest
 import torch
+from torch.utils.data import SequentialSampler
+from transformers import TrainingArguments
 
 import dynatune.loop as loop
 from dynatune.engine import Tuner
 from dynatune.errors import DynatuneError
+from dynatune.integrations.hf import DynatuneCallback, DynatuneTrainer, prepare
 from dynatune.loop import epoch_order, fit
 from dynatune.memory_model import MemoryModel
 from dynatune.methods import build_method
@@ -24,12 +28,7 @@ from tiny import causal_lm, classifier, cls_examples, collate, lm_examples, loop
 STEPS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DeviceLimit:
@@ -44,7 +43,7 @@ class DeviceLimit:
 
     def __init__(self, model, fails, where="forward"):
         self.model, self.fails, self.where = model, fails, where
-        self.tuner = None
+        self.tuner = None  # the run's Tuner, or an object holding one (the Trainer's callback)
         self.seen, self.failures = [], []
         self.grads_at_failure = []
         self._block_out = None
@@ -52,9 +51,10 @@ class DeviceLimit:
         (base.layers if hasattr(base, "layers") else base.encoder.layer)[1].register_forward_hook(self._keep)
         inner = model.forward
 
+        @functools.wraps(inner)  # the Trainer reads the signature to keep the model's input columns
         def forward(*args, **kw):
             out = inner(*args, **kw)
-            t = self.tuner
+            t = self.tuner if isinstance(self.tuner, Tuner) else self.tuner.tuner
             attempt = t.oom_retries
             call = sum(1 for s, a, _ in self.seen if (s, a) == (t.step, attempt))
             n = kw["input_ids"].shape[0]
@@ -230,3 +230,85 @@ def test_retry_recalibrates_the_memory_model_with_the_measured_peak():
     assert mm.calibrations[-1]["measured"] == measured
     assert entry["oom_retries"] == 1 and entry["micro_batches"] == 2
     assert entry["recalibrated"]["measured"] == measured and entry["recalibrated"]["batch_shape"] == [2, 12]
+
+
+# -- 5. the Trainer path: DynatuneTrainer retries in training_step -------------------------------------------------
+class OrderedDynatuneTrainer(DynatuneTrainer):
+    """Reads the dataset front to back: a batch of 4 is the two batches of 2 of a run with half the batch."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def run_trainer(tmp_path, make_model, make_method, data, batch, accum, fails=None, mean_loss=False):
+    model, method = make_model(), make_method()
+    model = prepare(model, method)
+    limit = DeviceLimit(model, fails or (lambda *a: False))
+    callback = DynatuneCallback(method, log_path=tmp_path / "log.jsonl")
+    limit.tuner = callback
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accum, learning_rate=1e-3, warmup_steps=1, weight_decay=0.0,
+                             max_grad_norm=1.0, logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0,
+                             save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_drop_last=True)
+    trainer = OrderedDynatuneTrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    if mean_loss:  # the Trainer divides a mean loss by the accumulation steps (no num_items_in_batch)
+        trainer.model_accepts_loss_kwargs = False
+    torch.manual_seed(5)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    return model, trainer, callback.tuner, limit, records
+
+
+@pytest.mark.parametrize("case,mean_loss", [("bert-cls-dropout-full", False), ("llama-lm-lisa", False),
+                                            ("llama-lm-lisa", True)],
+                         ids=["bert-cls-dropout-full", "llama-lm-lisa", "llama-lm-lisa-mean-loss"])
+def test_trainer_oom_equals_accumulation_from_the_start(tmp_path, case, mean_loss):
+    make_model, make_data, make_method = CASES[case]
+    data = make_data()
+    # batches of 4 on a device that fits 2: each step fails once, then runs as two pieces of 2
+    ours = run_trainer(tmp_path / "ours", make_model, make_method, data, 4, 1, lambda s, a, c, n: n > 2,
+                       mean_loss=mean_loss)
+    ref = run_trainer(tmp_path / "ref", make_model, make_method, data, 2, 2, mean_loss=mean_loss)
+    (model, trainer, tuner, limit, records), (ref_model, ref_trainer, ref_tuner, ref_limit, ref_records) = ours, ref
+
+    assert len(limit.failures) == STEPS and not ref_limit.failures
+    for (n, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert torch.equal(a, b), n
+    assert [h["loss"] for h in tuner.history] == [h["loss"] for h in ref_tuner.history]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == [h["loss"] for h in ref_trainer.state.log_history if "loss" in h] and len(losses) == STEPS
+    assert [h["update"] for h in tuner.history] == [h["update"] for h in ref_tuner.history]
+    sa, sb = tuner.method.state_dict(), ref_tuner.method.state_dict()
+    assert torch.equal(sa.pop("generator"), sb.pop("generator")) and sa == sb
+    assert trainer.state.global_step == ref_trainer.state.global_step == STEPS
+    assert limit.final_attempts(tuner.history) == ref_limit.final_attempts(ref_tuner.history)
+    assert limit.final_attempts(tuner.history) == [[tuple(e["input_ids"].tolist()) for e in data[4 * s:4 * s + 4]]
+                                                   for s in range(STEPS)]
+    assert [(r["oom_retries"], r["micro_batches"]) for r in records] == [(1, 2)] * STEPS
+    assert all("oom_retries" not in r for r in ref_records)
+
+
+def test_trainer_oom_replays_the_earlier_micro_batches(tmp_path):
+    """With accumulation, the second micro-batch's failure replays the first one (its gradient was lost)."""
+    make_model, make_data, make_method = CASES["bert-cls-dropout-full"]
+    data = make_data()
+    # micro-batches of 2 on a device that fits 1: both fail once; the second's retry replays the first's pieces
+    ours = run_trainer(tmp_path / "ours", make_model, make_method, data, 2, 2, lambda s, a, c, n: n > 1)
+    ref = run_trainer(tmp_path / "ref", make_model, make_method, data, 1, 4)
+    (model, trainer, tuner, limit, records), (ref_model, ref_trainer, ref_tuner, ref_limit, _) = ours, ref
+
+    assert [f[:2] for f in limit.failures] == [(s, a) for s in range(STEPS) for a in (0, 1)]
+    for (n, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert torch.equal(a, b), n
+    assert [h["loss"] for h in tuner.history] == [h["loss"] for h in ref_tuner.history]
+    # the Trainer adds each micro-batch's loss once (pieces summed first: equal up to rounding)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == pytest.approx([h["loss"] for h in ref_trainer.state.log_history if "loss" in h], rel=1e-6)
+    assert limit.final_attempts(tuner.history) == ref_limit.final_attempts(ref_tuner.history)
+    assert [(r["oom_retries"], r["micro_batches"]) for r in records] == [(2, 4)] * STEPS
+
+
+def test_trainer_oom_with_one_example_raises_a_clear_error(tmp_path):
+    make_model, make_data, make_method = CASES["llama-lm-lisa"]
+    with pytest.raises(DynatuneError, match="one example"):
+        run_trainer(tmp_path, make_model, make_method, make_data(), 4, 1, lambda *a: True)

@@ -38,12 +38,22 @@ One ordering differs from the plain loop: the Trainer clips gradients *before*
 would have those gradients counted in the clip norm. `DynatuneTrainer` frees them before it
 clips, which a callback cannot do; with such methods and `max_grad_norm > 0`, use it to match the
 plain loop exactly. Not handled here: resuming a Trainer checkpoint (the tuner's state is not
-saved with it). Out of memory: the Trainer lets the error through; with `auto_find_batch_size`
-it restarts with a smaller batch, and the callback first aborts the failed step.
+saved with it).
+
+Out of memory: `DynatuneTrainer` catches torch.OutOfMemoryError in a micro-batch's forward or
+backward and retries the step with the same plan (`tuner.retry_step`: gradients, signals and the
+global RNG back to the step's start), replaying the step's earlier micro-batches and running the
+failed one as pieces of half the size, until pieces of one example (then DynatuneError, or the
+OutOfMemoryError itself under `auto_find_batch_size`, which then restarts with a smaller batch;
+the callback first aborts the failed step). Each piece is scaled as the Trainer scales a micro-batch
+under gradient accumulation, so the step equals a Trainer run that split that micro-batch by
+accumulation from the start (single process; see `DynatuneTrainer`). A plain `Trainer` with the
+callback lets the error through.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -54,6 +64,8 @@ from transformers import Trainer, TrainerCallback
 
 from ..engine import Tuner
 from ..errors import DynatuneError
+
+logger = logging.getLogger(__name__)
 
 
 def prepare(model: nn.Module, method) -> nn.Module:
@@ -87,11 +99,13 @@ class DynatuneCallback(TrainerCallback):
         self.tuner_kwargs = tuner_kwargs
         self.tuner: Tuner | None = None
         self._hook = None
-        self._losses: list[tuple[torch.Tensor, bool]] = []
+        self._losses: list[tuple[torch.Tensor, bool, float]] = []  # (loss, normalized, weight)
         self._in_step = False  # between begin_step and after_backward: forward losses are read
         self._step_open = False  # between begin_step and end_step
         self._backward_done = False
         self._warned_clip = False
+        # this step's micro-batches so far, each as the pieces it ran as (DynatuneTrainer replays them)
+        self.step_inputs: list[list] = []
 
     # -- the Trainer's events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
@@ -120,6 +134,7 @@ class DynatuneCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.tuner.begin_step()
         self._losses = []
+        self.step_inputs = []
         self._backward_done = False
         self._step_open = True
         self._in_step = True  # set after begin_step: a method's own probe forward is not a training loss
@@ -194,17 +209,19 @@ class DynatuneCallback(TrainerCallback):
             return None
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
-            self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None))
+            self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None, 1.0))
         else:
-            self._losses.append((None, False))
+            self._losses.append((None, False, 1.0))
         return None  # the output is left untouched
 
     def _step_loss(self) -> float | None:
-        if not self._losses or any(l is None for l, _ in self._losses):
+        if not self._losses or any(l is None for l, _, _ in self._losses):
             return None
-        total = sum(l.float().item() for l, _ in self._losses)
-        normalized = all(n for _, n in self._losses)  # each is already a share of the step's loss
-        return total if normalized else total / len(self._losses)
+        normalized = all(n for _, n, _ in self._losses)  # each is already a share of the step's loss
+        if normalized:
+            return sum(l.float().item() for l, _, _ in self._losses)
+        # a mean over micro-batches; a micro-batch retried in pieces (DynatuneTrainer) weighs them by size
+        return sum(l.float().item() * w for l, _, w in self._losses) / sum(w for _, _, w in self._losses)
 
 
 def _extend_scheduler(scheduler, optimizer, added: int) -> None:
@@ -223,11 +240,27 @@ def _extend_scheduler(scheduler, optimizer, added: int) -> None:
 
 
 class DynatuneTrainer(Trainer):
-    """A Trainer that frees probed gradients before it clips, as the plain loop does.
+    """A Trainer that frees probed gradients before it clips, as the plain loop does, and survives
+    running out of device memory.
 
-    Only needed for methods whose plans carry `probe_params` when `max_grad_norm > 0`; with any
-    other method it behaves exactly like `Trainer` with a `DynatuneCallback`. It overrides the
-    Trainer's private `_clip_grad_norm` (transformers 5); tests/test_hf.py pins that it still runs.
+    Clipping: only needed for methods whose plans carry `probe_params` when `max_grad_norm > 0`. It
+    overrides the Trainer's private `_clip_grad_norm` (transformers 5); tests/test_hf.py pins that
+    it still runs.
+
+    Out of memory (torch.OutOfMemoryError, CUDA's included) in `training_step`: the tuner undoes the
+    step (`retry_step`: no gradients, signals reset, global RNG back to the step's start, the plan
+    kept and the method not asked again); the step's earlier micro-batches run again as they ran
+    (same dropout masks, so the same gradients) and the failed one runs as pieces of half its
+    examples, halving again on each failure down to one example. Each piece is the Trainer's own
+    `training_step` on a slice of the inputs: a loss normalized by `num_items_in_batch` is summed over
+    the pieces unchanged; a mean loss is weighted by the piece's share of the examples. This is how
+    the Trainer treats micro-batches under gradient accumulation, so the step equals a run that
+    split that micro-batch by accumulation from the start (a model that accepts `num_items_in_batch`
+    but ignores it, BERT classifiers, gets the Trainer's sum of piece means, as it would there).
+    Nothing is counted twice: the Trainer adds the returned loss, flops and tokens once per
+    micro-batch. Limits: one process (DDP/FSDP/DeepSpeed gradient syncs are not replayed); inputs are
+    split on their first dimension; out of memory in the optimizer step is not retried. On CUDA the
+    memory model, if the tuner has one, is recalibrated with the retried step's measured peak.
     """
 
     def _clip_grad_norm(self, model):
@@ -235,6 +268,86 @@ class DynatuneTrainer(Trainer):
             if isinstance(cb, DynatuneCallback) and cb.tuner is not None:
                 cb.after_backward()
         return super()._clip_grad_norm(model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, DynatuneCallback)), None)
+        if cb is None or cb.tuner is None or not cb._step_open:
+            return super().training_step(model, inputs, num_items_in_batch)
+        earlier = cb.step_inputs  # this step's micro-batches so far, as the pieces they ran as
+        pieces, size, retried = [inputs], _n_examples(inputs), False
+        while True:
+            try:
+                if retried:
+                    for done in earlier:
+                        self._run_pieces(cb, model, done, num_items_in_batch)
+                loss = self._run_pieces(cb, model, pieces, num_items_in_batch)
+                break
+            except torch.OutOfMemoryError as err:
+                if size is None or size <= 1:
+                    cb.tuner.abort_step()
+                    if self.args.auto_find_batch_size:
+                        raise  # the Trainer restarts with a smaller batch
+                    raise DynatuneError(
+                        f"out of device memory at step {cb.tuner.step} even with micro-batches of "
+                        f"{'one example' if size else 'the inputs as given (they cannot be split)'} "
+                        f"({cb.tuner.oom_retries} retries): lower max_length, the budget, or per_device_train_batch_size "
+                        "and raise gradient_accumulation_steps.") from err
+            # outside the except clause: the failed attempt's graph (held by the traceback) is freed by now
+            size, retried = (size + 1) // 2, True
+            pieces = _split_inputs(inputs, size)
+            cb._losses, cb._backward_done, cb._in_step = [], False, True
+            later = max(0, int(self.current_gradient_accumulation_steps) - len(earlier) - 1)  # still to come
+            cb.tuner.retry_step(sum(len(d) for d in earlier) + len(pieces) + later, _inputs_shape(pieces))
+            logger.warning("step %d: out of device memory; retrying with the micro-batch of %d examples as %d pieces "
+                           "(retry %d)", cb.tuner.step, _n_examples(inputs), len(pieces), cb.tuner.oom_retries)
+        earlier.append(pieces)
+        return loss
+
+    def _run_pieces(self, cb, model, pieces, num_items_in_batch):
+        """The Trainer's training_step on each piece of one micro-batch; the summed (scaled) loss."""
+        if len(pieces) == 1:
+            return super().training_step(model, pieces[0], num_items_in_batch)
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as Trainer.training_step decides it
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        n = sum(_n_examples(p) for p in pieces)
+        ga = self.current_gradient_accumulation_steps
+        first = len(cb._losses)
+        total = None
+        try:
+            for piece in pieces:
+                if not scaled:  # a mean loss: weight the piece by its share of the micro-batch's examples
+                    self.current_gradient_accumulation_steps = ga * n / _n_examples(piece)
+                loss = super().training_step(model, piece, num_items_in_batch)
+                total = loss if total is None else total + loss
+        finally:
+            self.current_gradient_accumulation_steps = ga
+        read = cb._losses[first:]
+        if not scaled and len(read) == len(pieces):
+            # the callback's step loss averages micro-batches: the pieces count as their micro-batch
+            cb._losses[first:] = [(l, nz, _n_examples(p) / n) for (l, nz, _), p in zip(read, pieces)]
+        return total
+
+
+def _n_examples(inputs) -> int | None:
+    t = inputs.get("input_ids", inputs.get("labels"))
+    if not isinstance(t, torch.Tensor):
+        t = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+    return None if t is None or not t.dim() else t.shape[0]
+
+
+def _split_inputs(inputs, size: int) -> list[dict]:
+    """The micro-batch as pieces of at most `size` examples (tensors sliced on their first dimension)."""
+    n = _n_examples(inputs)
+    return [{k: v[j:j + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+             for k, v in inputs.items()} for j in range(0, n, size)]
+
+
+def _inputs_shape(pieces) -> tuple[int, int] | None:
+    ids = [p.get("input_ids") for p in pieces]
+    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 for t in ids):
+        return None
+    return max(t.shape[0] for t in ids), max(t.shape[1] for t in ids)
 
 
 __all__ = ["DynatuneCallback", "DynatuneTrainer", "prepare"]

@@ -356,6 +356,11 @@ class GradSelect(Method):
     def _drop_tracker(self) -> None:
         self._tracker = None
 
+    def retry_step(self, step: int, micro_batches: int) -> None:
+        """An out-of-memory retry splits the step into more micro-batches: rank anew over all of them."""
+        if self._tracker is not None:
+            self._tracker = StreamingTopM(self.pool_params, self.m, micro_batches)
+
     def plan(self, step: int) -> Plan:
         self._resolve()
         self._selected = None
