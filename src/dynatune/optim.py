@@ -79,16 +79,6 @@ class OptimizerStates:
         if self.store is not None:
             self.store.wait()
 
-    def _to_host(self, v):
-        # AdamW's `step` counter is a CPU scalar already: leave such tensors where AdamW expects them.
-        if not isinstance(v, torch.Tensor) or v.dim() == 0 and v.device.type == "cpu":
-            return v
-        pin = v.device.type == "cuda"
-        host = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=pin)
-        host.copy_(v, non_blocking=pin)
-        self.bytes_moved += v.numel() * v.element_size()
-        return host
-
     def _to_device(self, v, device):
         if not isinstance(v, torch.Tensor) or v.dim() == 0 and v.device.type == "cpu":
             return v

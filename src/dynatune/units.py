@@ -232,16 +232,3 @@ def partition(model: nn.Module, granularity: str = "block", layers: str | None =
                                                               if granularity == "adapter" else "") + ".")
     return Units(units, blocks_path, n, granularity, tied_embedding=tied)
 
-
-def param_bytes(model: nn.Module, names: Iterable[str]) -> int:
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() * params[n].element_size() for n in names)
-
-
-def count_params(model: nn.Module, names: Iterable[str]) -> int:
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() for n in names)
-
-
-def trainable_dtype_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
