@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from .errors import DynatuneError
