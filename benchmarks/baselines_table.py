@@ -33,14 +33,16 @@ def main():
     ap.add_argument("--only", choices=["minilm", "smollm2"])
     ap.add_argument("--tasks", default="trec,sms-spam,movie-sentiment", help="MiniLM tasks (comma list)")
     ap.add_argument("--name", default="", help="suffix of the result file (to run parts in parallel)")
+    ap.add_argument("--methods", default="full,topk,lisa,lora", help="methods to run (comma list)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # two single-threaded runs side by side use 2 cores better than one
     seeds = [0] if args.quick else [0, 1, 2]
     n_train = 300 if args.quick else 1000
     rows = []
+    name = "baselines_table" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "") + args.name
     if args.only in (None, "minilm"):
         for task in args.tasks.split(","):
-            for label, opts in MINILM_METHODS.items():
+            for label, opts in ((k, v) for k, v in MINILM_METHODS.items() if k in args.methods.split(",")):
                 for seed in seeds:
                     r = run_one(["model=minilm-l6", f"task={task}", f"data.max_train={n_train}", "data.max_eval=300",
                                  "epochs=2", "batch_size=16", "max_length=48", f"seed={seed}",
@@ -48,7 +50,7 @@ def main():
                     rows.append({**r, "label": label})
                     print(task, label, seed, r["test"].get("accuracy"), r["median_step_s"], flush=True)
     if args.only in (None, "smollm2"):
-        for label, opts in SMOL_METHODS.items():
+        for label, opts in ((k, v) for k, v in SMOL_METHODS.items() if k in args.methods.split(",")):
             for seed in seeds:
                 r = run_one(["model=smollm2-135m", "task=trec-sft", "data.max_train=400", "data.max_eval=100",
                              "max_steps=24" if not args.quick else "max_steps=6", "batch_size=8",
@@ -56,6 +58,7 @@ def main():
                              f"output_dir=runs/bench/smol-{label}-{seed}", *opts])
                 rows.append({**r, "label": label})
                 print("trec-sft", label, seed, r["test"], r["median_step_s"], flush=True)
+                save(name + "_partial", {"rows": rows})  # a long run keeps what it measured so far
     table = summarise([r for r in rows if r["model"] == "minilm-l6"], "accuracy") if any(
         r["model"] == "minilm-l6" for r in rows) else []
     smol = summarise([r for r in rows if r["model"] == "smollm2-135m"], "exact_match") if any(
@@ -64,7 +67,6 @@ def main():
         print_table(table, "accuracy")
     if smol:
         print_table(smol, "exact_match")
-    name = "baselines_table" + ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "") + args.name
     print(save(name, {"rows": rows, "minilm_table": table, "smollm2_table": smol}))
 
 
