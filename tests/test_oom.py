@@ -93,6 +93,10 @@ def full():
     return build_method("full")
 
 
+def gradselect():  # counts backward passes: a retry must re-rank over the new micro-batches
+    return build_method("gradselect", build_method("gradselect").Config(k=0.5, state_policy="keep"), seed=0)
+
+
 def run(make_model, make_method, data, cfg, fails=None, where="forward", out_dir=None):
     model, method = make_model(), make_method()
     tuner = Tuner(model, method, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -130,7 +134,8 @@ def batches_in_order(data, cfg):
 
 
 CASES = {"bert-cls-dropout-full": (lambda: classifier(hidden_dropout_prob=0.1), cls_examples, full),
-         "llama-lm-lisa": (causal_lm, lm_examples, lisa)}
+         "llama-lm-lisa": (causal_lm, lm_examples, lisa),
+         "llama-lm-gradselect": (causal_lm, lm_examples, gradselect)}
 
 
 # -- 1. every batch runs out of memory once: the run equals one with micro-batches of half the size -----------------
