@@ -29,12 +29,8 @@ from .errors import DynatuneError
 from .memory import MemoryRecord, SavedTensorCounter, grad_bytes, unique_bytes
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
-from .signals import SIGNALS
+from .signals import SIGNALS, first_tensor
 from .units import Units, get_submodule, partition
-
-
-def _first_tensor(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def capture_rng() -> dict:
@@ -320,8 +316,8 @@ class Tuner:
             raise DynatuneError(f"only blocks can be probed at their output, not {unit.name}.")
 
         def hook(mod, args, out):
-            t = _first_tensor(out)
-            if not t.requires_grad:
+            t = first_tensor(out)
+            if t is not None and not t.requires_grad:
                 t.requires_grad_(True)
         # prepend: signal hooks on the same block (ActivationGradNorm) must see the output
         # already requiring grad, or the probed block reports nothing

@@ -13,7 +13,7 @@ from torch import nn
 from .units import Units, get_submodule
 
 
-def _first_tensor(out):
+def first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -58,7 +58,7 @@ class ActivationGradNorm(Signal):
 
     def _on_forward(self, label):
         def hook(mod, args, out):
-            t = _first_tensor(out)
+            t = first_tensor(out)
             if t is not None and t.requires_grad:
                 t.register_hook(lambda g: self._add(label, g))
         return hook
@@ -75,6 +75,7 @@ class ParamGradNorm(Signal):
 
     def attach(self, model, units, params):
         self._sq: dict[str, float] = {}
+        self._unit_sum: dict[str, float] = {}
         self._unit_of = units.unit_of_param()
         for n, p in params.items():
             if n in self._unit_of:
@@ -83,18 +84,25 @@ class ParamGradNorm(Signal):
     def reset(self):
         super().reset()
         self._sq = {}
+        self._unit_sum = {}
 
     def _on_grad(self, pname):
         def hook(p):
-            # .grad holds the sum over micro-batches so far: overwrite, do not add
-            self._sq[pname] = self.score(p)
+            # .grad holds the sum over micro-batches so far: replace this parameter's share, do not add
+            new = self.score(p)
             unit = self._unit_of[pname]
-            self.values[unit] = sum(v for k, v in self._sq.items() if self._unit_of[k] == unit) ** 0.5
+            total = self._unit_sum.get(unit, 0.0) + new - self._sq.get(pname, 0.0)
+            self._sq[pname], self._unit_sum[unit] = new, total
+            self.values[unit] = self.combine(total)
         return hook
 
     @staticmethod
     def score(p):
         return p.grad.detach().float().pow(2).sum().item()
+
+    @staticmethod
+    def combine(total):
+        return total ** 0.5
 
 
 class TaylorImportance(ParamGradNorm):
@@ -102,12 +110,13 @@ class TaylorImportance(ParamGradNorm):
 
     name = "taylor"
 
-    def _on_grad(self, pname):
-        def hook(p):
-            self._sq[pname] = (p.detach().float() * p.grad.detach().float()).abs().sum().item()
-            unit = self._unit_of[pname]
-            self.values[unit] = sum(v for k, v in self._sq.items() if self._unit_of[k] == unit)
-        return hook
+    @staticmethod
+    def score(p):
+        return (p.detach().float() * p.grad.detach().float()).abs().sum().item()
+
+    @staticmethod
+    def combine(total):
+        return total
 
 
 class WeightMagnitude(Signal):
@@ -142,7 +151,7 @@ class ActivationNorm(Signal):
 
     def _on_forward(self, label):
         def hook(mod, args, out):
-            t = _first_tensor(out)
+            t = first_tensor(out)
             if t is not None:
                 sq = t.detach().float().pow(2).sum().item()
                 self.values[label] = (self.values.get(label, 0.0) ** 2 + sq) ** 0.5
