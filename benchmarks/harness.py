@@ -48,7 +48,8 @@ def run_one(overrides: list[str]) -> dict:
             "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
             "optimizer_bytes_at_peak": metrics["memory"]["counted_peak_terms"]["optimizer"],
             "median_step_s": statistics.median(step_times), "wall_s": round(time.perf_counter() - t0, 1),
-            "final_plan": metrics.get("final_plan")}
+            "final_plan": metrics.get("final_plan"), "final_state": metrics.get("final_state"),
+            "budget_bytes": metrics["memory"].get("budget_bytes")}
 
 
 def mean_spread(values):

@@ -99,6 +99,8 @@ def test_registered_with_paper_defaults():
     assert c.kappa_init == "text" and c.state_policy == "drop"
     with pytest.raises(DynatuneError, match="kappa_init"):
         Trims(TrimsConfig(kappa_init="eq7"))
+    with pytest.raises(DynatuneError, match="trims.exits must be 'auto', 'on' or 'off'"):
+        Trims(TrimsConfig(exits="maybe"))
 
 
 def test_each_action_transition():
@@ -403,7 +405,7 @@ def test_resume_mid_run_gives_the_same_actions_and_weights(tmp_path):
 def test_end_to_end_window_and_exit_move_and_untrained_blocks_stay_put(arch, make_model, data):
     model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    m = trims()
+    m = trims(exits="on")  # on: a BERT classifier's default (auto) is no exits, tested below
     tuner, _ = fit(model, m, data, collate, loop_cfg(max_steps=60, lr=3e-3, warmup_ratio=0.0))
     # every step's log says which state ran (l, r, e, n); the step's plan is that state's
     ran = [tuple(h["method_log"][k] for k in "lren") for h in tuner.history]
@@ -427,6 +429,26 @@ def test_end_to_end_window_and_exit_move_and_untrained_blocks_stay_put(arch, mak
     tuner.close_hooks()
     with torch.no_grad():
         assert torch.isfinite(tuner.model(**collate(data[:4])).loss)
+
+
+@pytest.mark.parametrize("arch,exits,allowed", [("bert", "auto", False), ("llama", "auto", True),
+                                                  ("bert", "on", True), ("llama", "off", False)])
+def test_exits_auto_turns_exits_off_for_first_token_classifiers(arch, exits, allowed):
+    model = classifier(arch, seed=3)
+    m = trims(exits=exits)
+    tuner, _ = fit(model, m, cls_data(seed=4), collate, loop_cfg(max_steps=40, lr=3e-3, warmup_ratio=0.0))
+    assert m.exits_allowed is allowed
+    es = {h["method_log"]["e"] for h in tuner.history}
+    if allowed:
+        assert min(es) < 4  # the same run with exits allowed does exit (the filter is what stops it)
+    else:
+        assert es == {4}
+        assert all(d["filtered"].get("PO") in ("exits off", "structure") for d in m.decisions)
+        assert any(d["filtered"].get("PO") == "exits off" for d in m.decisions)
+    # the smallest plan (the budget floor) follows: without exits it is the starting state
+    small = m.smallest_plan(tuner.units)
+    assert (small.exit_depth is None) is (not allowed)
+    assert ("block.3" in small.update) is (not allowed) and ("block.0" in small.update) is allowed
 
 
 def test_untrained_bottom_blocks_are_bitwise_unchanged_under_a_budget():

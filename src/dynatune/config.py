@@ -29,7 +29,7 @@ def opt(default, help: str):
 
 @dataclass
 class RunConfig:
-    method: str = opt("full", "method name (see `dynatune ls`)")
+    method: str = opt("trims", "method name (see `dynatune ls`); default TriMS under its 60% budget")
     model: str = opt("minilm-l6", "minilm-l6, smollm2-135m, a local Hugging Face directory, or arch:NAME")
     task: str = opt("trec", "task name (see `dynatune ls`)")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data files and column names"})

@@ -89,6 +89,8 @@ class TrimsConfig(MethodConfig):
     activation_ratio: float = opt(0.5, "M_A = ratio * M_P per block, used only when no memory model prices plans")
     state_policy: str = opt("drop", "optimizer state of blocks that freeze: drop (paper: frozen blocks hold none), "
                                     "keep or offload")
+    exits: str = opt("auto", "exit actions PU/PO: 'on', 'off', or 'auto' (off when the task head reads the first "
+                             "token, as encoder classifiers do: see docs/methods/trims.md)")
 
 
 @register
@@ -106,6 +108,8 @@ class Trims(Method):
         c = self.config
         if c.tau < 1:
             raise DynatuneError(f"trims.tau must be at least 1, got {c.tau}.")
+        if c.exits not in ("auto", "on", "off"):
+            raise DynatuneError(f"trims.exits must be 'auto', 'on' or 'off', got '{c.exits}'.")
         if c.kappa_init not in ("text", "eq6"):
             raise DynatuneError(f"trims.kappa_init must be 'text' or 'eq6', got '{c.kappa_init}'.")
         for k in ("beta", "eta"):
@@ -137,6 +141,7 @@ class Trims(Method):
         self.m_base0 = float(sum(params[p].numel() * params[p].element_size() for p in outside)
                              + 3 * sum(params[p].numel() * params[p].element_size() for p in top_params))
         self._top = top
+        self.exits_allowed = exits_allowed(self.config.exits, tuner.model)
         self._reset()
 
     def _reset(self) -> None:
@@ -199,8 +204,12 @@ class Trims(Method):
         return norm | self.fresh_heads(units)
 
     def smallest_plan(self, units) -> Plan:
-        """The cheapest state: l = r = e = 1 (block 1 trains, every later block exited)."""
-        return Plan.of({"block.0"} | self._top_units(units), exit_depth=1 if units.n_blocks > 1 else None)
+        """The cheapest state: l = r = e = 1 (block 1 trains, every later block exited); without
+        exits, l = r = e = n (only the last block trains: the starting state)."""
+        n = units.n_blocks
+        if not getattr(self, "exits_allowed", self.config.exits != "off"):
+            return Plan.of({f"block.{n - 1}"} | self._top_units(units))
+        return Plan.of({"block.0"} | self._top_units(units), exit_depth=1 if n > 1 else None)
 
     def plan_for(self, state: State, note: str = "") -> Plan:
         l, r, e, n = state
@@ -438,6 +447,9 @@ class Trims(Method):
             if new is None:
                 filtered[act] = "structure"
                 continue
+            if act in ("PU", "PO") and not self.exits_allowed:
+                filtered[act] = "exits off"
+                continue
             ok, pred = self.admitted(new)
             m_hat, t_hat, v_hat = self.estimate(act)
             entry = {"U": self.utility(m_hat, t_hat, v_hat, L, m_i, t_i), "v": v_hat, "m": m_hat, "t": t_hat,
@@ -506,6 +518,23 @@ class Trims(Method):
                     "g_n": {int(k): v for k, v in acc["g_n"].items()}, "times": list(acc["times"])}
         self._t_start = None
         self.decisions = list(sd["decisions"])
+
+
+# Model types whose sequence-classification head reads the first token ([CLS] / <s>), pooled or not.
+FIRST_TOKEN_HEADS = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "mpnet",
+                     "deberta", "deberta-v2", "ernie", "megatron-bert", "nezha", "xlm", "funnel", "modernbert"}
+
+
+def exits_allowed(mode: str, model) -> bool:
+    """'auto' turns exits off for encoder classifiers whose head reads the first token: below the
+    last block that token may carry almost nothing (sentence encoders trained with mean pooling),
+    and an exit then starves the head (docs/methods/trims.md, "Exits and first-token heads")."""
+    if mode != "auto":
+        return mode == "on"
+    base = getattr(model, "get_base_model", lambda: model)()  # a peft model: look at what it wraps
+    cfg = getattr(base, "config", None)
+    is_classifier = type(base).__name__.endswith("ForSequenceClassification")
+    return not (is_classifier and getattr(cfg, "model_type", None) in FIRST_TOKEN_HEADS)
 
 
 def move_block(block: torch.nn.Module, device: torch.device) -> None:
