@@ -1,4 +1,9 @@
-"""Print the README's benchmark tables (markdown) from benchmarks/results/*.json."""
+"""Print the README's benchmark tables (markdown) from benchmarks/results/*.json.
+
+    python benchmarks/render_tables.py [baselines|adagradselect|trims]
+
+`trims` also draws benchmarks/results/trims_budgets.png (accuracy against budget per task).
+"""
 import json
 import statistics
 import sys
@@ -31,6 +36,78 @@ def table(rows, metric, keys=("task", "label")):
     return "\n".join(out)
 
 
+def mean_sd(values):
+    values = list(values)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def trims_groups(rows):
+    """{(task, budget): {family: [rows]}}: family is full, trims, top, lora or lisa."""
+    out: dict = {}
+    measured = {(r["task"], r["budget"]) for r in rows if r["label"] != "full"}
+    for r in rows:
+        label = r["label"].split("@")[0]
+        family = next(f for f in ("full", "trims", "top", "lora", "lisa") if label.startswith(f))
+        # full fine-tuning is the reference at every budget (it only fits at 100%)
+        budgets = sorted(b for t, b in measured if t == r["task"]) if family == "full" else [r["budget"]]
+        for b in budgets:
+            out.setdefault((r["task"], b), {}).setdefault(family, []).append(r)
+    return out
+
+
+def trims_table(rows):
+    """TriMS against the baselines that fit each budget: accuracy mean ± sd, counted peak, and the
+    gap to full fine-tuning and to the best fitting baseline."""
+    head = ("| task | budget | full | TriMS | top-k | LoRA | LISA | TriMS − full | TriMS − best fitting baseline |"
+            "\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        cells, means = [], {}
+        for f in ("full", "trims", "top", "lora", "lisa"):
+            rs = fam.get(f)
+            if not rs:
+                cells.append("does not fit")
+                continue
+            m, sd = mean_sd(r["test"]["accuracy"] for r in rs)
+            means[f] = m
+            peak = statistics.mean(r["counted_peak_bytes"] for r in rs) / 2**20
+            name = "" if f in ("full", "trims") else rs[0]["label"].split("@")[0] + " "
+            cells.append(f"{name}{m:.3f} ± {sd:.3f} ({peak:.0f} MiB)")
+        best = max((means[f] for f in ("top", "lora", "lisa") if f in means), default=None)
+        gap_full = f"{100 * (means['trims'] - means['full']):+.1f} pt"
+        gap_best = f"{100 * (means['trims'] - best):+.1f} pt" if best is not None else "—"
+        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {gap_full} | {gap_best} |")
+    return "\n".join(lines)
+
+
+def trims_plot(rows, path):
+    """Accuracy against budget, one panel per task: TriMS, the fitting baselines, full as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = trims_groups(rows)
+    tasks = sorted({t for t, _ in groups})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        budgets = sorted(b for t, b in groups if t == task)
+        for f, style in (("trims", "o-"), ("top", "s--"), ("lora", "^--"), ("lisa", "v--")):
+            pts = [(b, mean_sd(r["test"]["accuracy"] for r in groups[(task, b)][f])) for b in budgets
+                   if f in groups[(task, b)]]
+            if pts:
+                ax.errorbar([100 * b for b, _ in pts], [m for _, (m, _) in pts], yerr=[sd for _, (_, sd) in pts],
+                            fmt=style, capsize=3, label=f)
+        full, _ = mean_sd(r["test"]["accuracy"] for r in groups[(task, 1.0)]["full"])
+        ax.axhline(full, color="black", lw=1, label="full (100%)")
+        ax.set(title=task, xlabel="budget (% of full fine-tuning's predicted peak)", ylabel="test accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "baselines"
     if which == "baselines":
@@ -38,4 +115,10 @@ if __name__ == "__main__":
         print()
         print(table([r for r in rows_of("baselines_table_smollm2*.json")], "exact_match"))
     elif which == "adagradselect":
-        print(table(rows_of("adagradselect_table_*.json"), "accuracy", keys=("label",)))
+        print(table(rows_of("adagradselect_table_minilm.json"), "accuracy", keys=("label",)))
+        print()
+        print(table(rows_of("adagradselect_table_smollm2.json"), "exact_match", keys=("label",)))
+    elif which == "trims":
+        rows = rows_of("trims_budgets*.json")
+        print(trims_table(rows))
+        print(trims_plot(rows, RESULTS / "trims_budgets.png"))
