@@ -7,6 +7,10 @@ MiniLM: the same seeded 1,000 TREC questions for every method, 2 epochs, batch 1
 SmolLM2: trec-sft ("Question: ... Type:" -> label), 400 examples, 24 steps, batch 8, max_length 48.
 Reports accuracy (exact match for SFT), counted peak, device-resident optimizer bytes at the peak,
 median step time. Writes benchmarks/results/adagradselect_table_<part>.json.
+
+With --lr-sweep LR1,LR2,...: each method first trains seed 0 at every listed learning rate; the one
+with the best validation score is kept for all seeds (test figures are never used to choose).
+The part's file then ends in _lr_sweep and records every sweep run.
 """
 import argparse
 import sys
@@ -22,6 +26,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["minilm", "smollm2"], required=True)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--labels", default="", help="comma-separated subset of the methods (to split a run over processes)")
+    ap.add_argument("--name", default="", help="suffix of the results file")
+    ap.add_argument("--lr-sweep", default="", help="comma-separated learning rates to choose from on validation")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -39,11 +46,25 @@ def main():
                    **{f"adagradselect_{k}": ["method=adagradselect", f"adagradselect.k={k}",
                                              "adagradselect.steps_per_epoch=24", "lr=2e-5"] for k in (0.1, 0.2, 0.3)}}
         metric = "exact_match"
-    rows = []
+    if args.labels:
+        methods = {k: v for k, v in methods.items() if k in args.labels.split(",")}
+    rows, sweep, chosen_lr = [], [], {}
     for label, opts in methods.items():
+        done = {}
+        if args.lr_sweep:  # choose the learning rate on validation with seed 0, then run every seed
+            for lr in args.lr_sweep.split(","):
+                opts_lr = [o for o in opts if not o.startswith("lr=")] + [f"lr={lr}"]
+                r = run_one([*common, *opts_lr, "seed=0", "budget=none",
+                             f"output_dir=runs/ags-bench/{args.only}-{label}-lr{lr}-0"])
+                sweep.append({**r, "label": label, "lr": float(lr)})
+                print("sweep", label, lr, (r["validation"] or {}).get(metric), flush=True)
+            best = max((r for r in sweep if r["label"] == label), key=lambda r: (r["validation"] or {}).get(metric, 0))
+            chosen_lr[label] = best["lr"]
+            opts = [o for o in opts if not o.startswith("lr=")] + [f"lr={best['lr']}"]
+            done[0] = best
         for seed in seeds:
-            r = run_one([*common, *opts, f"seed={seed}", "budget=none",
-                         f"output_dir=runs/ags-bench/{args.only}-{label}-{seed}"])
+            r = done.get(seed) or run_one([*common, *opts, f"seed={seed}", "budget=none",
+                                           f"output_dir=runs/ags-bench/{args.only}-{label}-{seed}"])
             rows.append({**r, "label": label})
             print(label, seed, r["test"].get(metric), r["counted_peak_bytes"], r["optimizer_bytes_at_peak"],
                   r["median_step_s"], flush=True)
@@ -52,7 +73,9 @@ def main():
         row["optimizer_MiB_at_peak"] = sum(r["optimizer_bytes_at_peak"] for r in rows
                                            if r["label"] == row["label"]) / row["seeds"] / 2**20
     print_table(table, metric)
-    print(save(f"adagradselect_table_{args.only}", {"rows": rows, "table": table}))
+    name = f"adagradselect_table_{args.only}" + ("_lr_sweep" if args.lr_sweep else "") + args.name
+    extra = {"chosen_lr": chosen_lr, "sweep": sweep} if args.lr_sweep else {}
+    print(save(name, {"rows": rows, "table": table, **extra}))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def run_one(overrides: list[str]) -> dict:
     step_times = [r["step_time_s"] for r in log[2:]] or [r["step_time_s"] for r in log]
     test = metrics["test"] or metrics["validation"]
     return {"overrides": overrides, "method": cfg.method, "task": cfg.task, "model": cfg.model, "seed": cfg.seed,
-            "test": test, "trainable_params": metrics["trainable_params"],
+            "test": test, "validation": metrics.get("validation"), "trainable_params": metrics["trainable_params"],
             "counted_peak_bytes": metrics["memory"]["counted_peak_bytes"],
             "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
             "optimizer_bytes_at_peak": metrics["memory"]["counted_peak_terms"]["optimizer"],
