@@ -37,8 +37,17 @@ def run_one(overrides: list[str]) -> dict:
 
     cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
     t0 = time.perf_counter()
-    metrics = train(cfg)
+    train(cfg)
+    return {**collect(overrides), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def collect(overrides: list[str]) -> dict:
+    """The figures of a finished run, read back from its directory (metrics.json, log.jsonl)."""
+    from dynatune.config import load_config
+
+    cfg = load_config(None, overrides)
     out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     step_times = [r["step_time_s"] for r in log[2:]] or [r["step_time_s"] for r in log]
     test = metrics["test"] or metrics["validation"]
@@ -47,9 +56,8 @@ def run_one(overrides: list[str]) -> dict:
             "counted_peak_bytes": metrics["memory"]["counted_peak_bytes"],
             "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
             "optimizer_bytes_at_peak": metrics["memory"]["counted_peak_terms"]["optimizer"],
-            "median_step_s": statistics.median(step_times), "wall_s": round(time.perf_counter() - t0, 1),
-            "final_plan": metrics.get("final_plan"), "final_state": metrics.get("final_state"),
-            "budget_bytes": metrics["memory"].get("budget_bytes")}
+            "median_step_s": statistics.median(step_times), "final_plan": metrics.get("final_plan"),
+            "final_state": metrics.get("final_state"), "budget_bytes": metrics["memory"].get("budget_bytes")}
 
 
 def mean_spread(values):
