@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--labels", default="", help="comma-separated subset of the methods (to split a run over processes)")
     ap.add_argument("--name", default="", help="suffix of the results file")
+    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config instead of "
+                                                        "training them again")
     ap.add_argument("--lr-sweep", default="", help="comma-separated learning rates to choose from on validation")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -55,7 +57,7 @@ def main():
             for lr in args.lr_sweep.split(","):
                 opts_lr = [o for o in opts if not o.startswith("lr=")] + [f"lr={lr}"]
                 r = run_one([*common, *opts_lr, "seed=0", "budget=none",
-                             f"output_dir=runs/ags-bench/{args.only}-{label}-lr{lr}-0"])
+                             f"output_dir=runs/ags-bench/{args.only}-{label}-lr{lr}-0"], reuse=args.reuse)
                 sweep.append({**r, "label": label, "lr": float(lr)})
                 print("sweep", label, lr, (r["validation"] or {}).get(metric), flush=True)
             best = max((r for r in sweep if r["label"] == label), key=lambda r: (r["validation"] or {}).get(metric, 0))
@@ -64,7 +66,7 @@ def main():
             done[0] = best
         for seed in seeds:
             r = done.get(seed) or run_one([*common, *opts, f"seed={seed}", "budget=none",
-                                           f"output_dir=runs/ags-bench/{args.only}-{label}-{seed}"])
+                                           f"output_dir=runs/ags-bench/{args.only}-{label}-{seed}"], reuse=args.reuse)
             rows.append({**r, "label": label})
             print(label, seed, r["test"].get(metric), r["counted_peak_bytes"], r["optimizer_bytes_at_peak"],
                   r["median_step_s"], flush=True)

@@ -30,15 +30,32 @@ def machine() -> dict:
     return info
 
 
-def run_one(overrides: list[str]) -> dict:
-    """Train one config; return the figures a table needs."""
+def run_one(overrides: list[str], reuse: bool = False) -> dict:
+    """Train one config; return the figures a table needs. With reuse, a run directory that already
+    holds a finished run of the same config (output_dir aside) is read back instead of retrained."""
     from dynatune.config import load_config
     from dynatune.loop import train
 
     cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
+    if reuse and finished_same_run(cfg):
+        return collect(overrides)
     t0 = time.perf_counter()
     train(cfg)
     return {**collect(overrides), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def finished_same_run(cfg) -> bool:
+    from dynatune.config import run_budget, to_dict
+    from dynatune.methods import METHODS
+
+    out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    if not (out_dir / "metrics.json").exists():
+        return False
+    ignore = {"output_dir", "progress", "save_model", "budget"}
+    done = json.loads((out_dir / "config.json").read_text())
+    want = to_dict(cfg)
+    same_budget = done.get("budget") == run_budget(cfg.budget, METHODS[cfg.method])
+    return same_budget and all(done.get(k) == v for k, v in want.items() if k not in ignore)
 
 
 def collect(overrides: list[str]) -> dict:
