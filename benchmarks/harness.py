@@ -68,13 +68,17 @@ def collect(overrides: list[str]) -> dict:
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     step_times = [r["step_time_s"] for r in log[2:]] or [r["step_time_s"] for r in log]
     test = metrics["test"] or metrics["validation"]
+    predicted = [r["method_log"]["predicted_peak_bytes"] for r in log
+                 if (r.get("method_log") or {}).get("predicted_peak_bytes") is not None]
     return {"overrides": overrides, "method": cfg.method, "task": cfg.task, "model": cfg.model, "seed": cfg.seed,
             "test": test, "validation": metrics.get("validation"), "trainable_params": metrics["trainable_params"],
             "counted_peak_bytes": metrics["memory"]["counted_peak_bytes"],
             "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
             "optimizer_bytes_at_peak": metrics["memory"]["counted_peak_terms"]["optimizer"],
             "median_step_s": statistics.median(step_times), "final_plan": metrics.get("final_plan"),
-            "final_state": metrics.get("final_state"), "budget_bytes": metrics["memory"].get("budget_bytes")}
+            "final_state": metrics.get("final_state"), "budget_bytes": metrics["memory"].get("budget_bytes"),
+            # methods that log each step's predicted peak (TriMS): the largest, against the budget
+            "largest_step_predicted_peak_bytes": max(predicted) if predicted else None}
 
 
 def mean_spread(values):
