@@ -58,8 +58,8 @@ def trims_groups(rows):
 def trims_table(rows):
     """TriMS against the baselines that fit each budget: accuracy mean ± sd, counted peak, and the
     gap to full fine-tuning and to the best fitting baseline."""
-    head = ("| task | budget | full | TriMS | top-k | LoRA | LISA | TriMS − full | TriMS − best fitting baseline |"
-            "\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| task | budget | full | TriMS | top-k | LoRA | LISA | TriMS − full | TriMS − best fitting baseline "
+            "| TriMS budget use |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         cells, means = [], {}
@@ -76,7 +76,10 @@ def trims_table(rows):
         best = max((means[f] for f in ("top", "lora", "lisa") if f in means), default=None)
         gap_full = f"{100 * (means['trims'] - means['full']):+.1f} pt"
         gap_best = f"{100 * (means['trims'] - best):+.1f} pt" if best is not None else "—"
-        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {gap_full} | {gap_best} |")
+        use = [r["largest_step_predicted_peak_bytes"] / r["budget_bytes"] for r in fam["trims"]
+               if r.get("largest_step_predicted_peak_bytes") and r.get("budget_bytes")]
+        use_cell = f"{max(use):.0%}" if use else "—"
+        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {gap_full} | {gap_best} | {use_cell} |")
     return "\n".join(lines)
 
 
