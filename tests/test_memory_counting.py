@@ -168,3 +168,23 @@ def test_autocast_bf16_llama_counts_weight_copies_of_frozen_blocks_on_the_path()
     bf16_weights = sum(m.weight.numel() * 2 for m in linears)
     assert t.counter.by_block["block.3"] >= bf16_weights
     t.abort_step()
+
+
+def test_counting_a_forward_without_backward_frees_its_graph():
+    # the memory model's probes run forward only; a saved output kept with its grad_fn would be a
+    # reference cycle through C++ that no gc.collect() breaks
+    import gc
+    import weakref
+
+    from dynatune.memory import SavedTensorCounter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid())
+    counter = SavedTensorCounter(torch.device("cpu"))
+    with counter.counting():
+        out = net(torch.randn(4, 8))
+    assert counter.total > 0  # the forward did save activations
+    alive = weakref.ref(out)
+    del out
+    gc.collect()
+    assert alive() is None

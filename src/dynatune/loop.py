@@ -308,8 +308,10 @@ def train(cfg) -> dict:
         "evals": state.evals,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # Hooks on parameters are held from C++, out of the garbage collector's reach: left in place they
+    # would keep this model, its optimizer and the method alive after train() returns.
+    tuner.close_hooks()
     if cfg.save_model:
-        tuner.close_hooks()
         model.save_pretrained(out_dir / "model")
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / "model")

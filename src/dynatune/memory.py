@@ -116,7 +116,10 @@ class SavedTensorCounter:
                 self._seen.add(key)
                 label = self._stack[-1] if self._stack else "outside"
                 self.by_block[label] = self.by_block.get(label, 0) + t.untyped_storage().nbytes()
-        return t
+        # Detached: a saved output kept with its grad_fn would own the node that saves it, a cycle
+        # through C++ that gc cannot break when backward never runs (the memory model's probes, a
+        # forward that ran out of memory). Autograd puts the grad_fn back when it unpacks.
+        return t.detach()
 
     @contextmanager
     def counting(self):
