@@ -118,9 +118,17 @@ if __name__ == "__main__":
         print()
         print(table([r for r in rows_of("baselines_table_smollm2*.json")], "exact_match"))
     elif which == "adagradselect":
-        print(table(rows_of("adagradselect_table_minilm.json"), "accuracy", keys=("label",)))
-        print()
-        print(table(rows_of("adagradselect_table_smollm2.json"), "exact_match", keys=("label",)))
+        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
+            print(f"{part}, one learning rate per method family:")
+            print(table(rows_of(f"adagradselect_table_{part}.json"), metric, keys=("label",)))
+            swept = []  # each method's learning rate chosen on validation (seed 0)
+            for path in sorted(RESULTS.glob(f"adagradselect_table_{part}_lr_sweep*.json")):
+                d = json.loads(path.read_text())
+                swept += [{**r, "label": f"{r['label']} (lr {d['chosen_lr'][r['label']]:g})"} for r in d["rows"]]
+            if swept:
+                print(f"\n{part}, learning rate chosen on validation:")
+                print(table(sorted(swept, key=lambda r: r["label"]), metric, keys=("label",)))
+            print()
     elif which == "trims":
         rows = rows_of("trims_budgets*.json")
         print(trims_table(rows))
