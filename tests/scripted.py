@@ -43,11 +43,11 @@ def tuner(model, plans, lr=1e-3, **kw):
     return Tuner(model, Scripted(plans, **kw), lr=lr, layers=layers)
 
 
-def step(t, batch, inspect=None, loss_fn=None):
-    """One optimizer step through the engine's contract; `inspect(t)` runs before zero_grad."""
+def step(t, batch, inspect=None, compute_loss=None):
+    """One optimizer step through the engine's contract; `inspect(t)` runs before zero_grad.
+    compute_loss(model, batch) replaces the model's own loss (a chunked loss, autocast)."""
     t.begin_step()
-    out = t.model(**batch)
-    loss = loss_fn(out) if loss_fn else out.loss
+    loss = compute_loss(t.model, batch) if compute_loss else t.model(**batch).loss
     loss.backward()
     t.after_backward()
     t.optimizer.step()

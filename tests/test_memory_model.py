@@ -152,15 +152,7 @@ def test_chunked_loss_is_priced_and_counted():
     assert_matches(hf.predict(p), t.peak)
 
     t2 = tuner(causal_lm("llama", **big_vocab), p)
-    batch = collate(lm_examples(B, seq=S))
-    t2.begin_step()
-    loss = chunked_causal_lm_loss(t2.model, batch, chunk_tokens=32)
-    loss.backward()
-    t2.after_backward()
-    t2.optimizer.step()
-    t2.after_optimizer_step()
-    t2.optimizer.zero_grad(set_to_none=True)
-    t2.end_step(loss.item())
+    step(t2, collate(lm_examples(B, seq=S)), compute_loss=lambda m, b: chunked_causal_lm_loss(m, b, chunk_tokens=32))
     ch = MemoryModel.from_config(lm_cfg("llama", **big_vocab), device_type=CPU, batch_shape=(B, S),
                                  loss="chunked", chunk_tokens=32)
     assert_matches(ch.predict(p), t2.peak)
@@ -253,16 +245,12 @@ def test_cuda_peak_is_predicted_within_5_percent(which):
     ids = torch.randint(1, 32000, shape, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
-        t.begin_step()
+    def bf16_loss(m, batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = t.model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        t.after_backward()
-        t.optimizer.step()
-        t.after_optimizer_step()
-        t.optimizer.zero_grad(set_to_none=True)
-        t.end_step(loss.item())
+            return m(**batch).loss
+
+    for _ in range(3):
+        step(t, {"input_ids": ids, "labels": ids}, compute_loss=bf16_loss)
     measured = torch.cuda.max_memory_allocated()
     pred = mm.predict(p).predicted_peak_bytes
     assert abs(pred / measured - 1) <= 0.05, (pred, measured)
