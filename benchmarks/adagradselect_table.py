@@ -22,6 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import print_table, run_one, save, summarise  # noqa: E402
 
 
+def with_lr(opts: list[str], lr) -> list[str]:
+    """A method's overrides with its learning rate replaced."""
+    return [o for o in opts if not o.startswith("lr=")] + [f"lr={lr}"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["minilm", "smollm2"], required=True)
@@ -55,14 +60,13 @@ def main():
         done = {}
         if args.lr_sweep:  # choose the learning rate on validation with seed 0, then run every seed
             for lr in args.lr_sweep.split(","):
-                opts_lr = [o for o in opts if not o.startswith("lr=")] + [f"lr={lr}"]
-                r = run_one([*common, *opts_lr, "seed=0", "budget=none",
+                r = run_one([*common, *with_lr(opts, lr), "seed=0", "budget=none",
                              f"output_dir=runs/ags-bench/{args.only}-{label}-lr{lr}-0"], reuse=args.reuse)
                 sweep.append({**r, "label": label, "lr": float(lr)})
                 print("sweep", label, lr, (r["validation"] or {}).get(metric), flush=True)
             best = max((r for r in sweep if r["label"] == label), key=lambda r: (r["validation"] or {}).get(metric, 0))
             chosen_lr[label] = best["lr"]
-            opts = [o for o in opts if not o.startswith("lr=")] + [f"lr={best['lr']}"]
+            opts = with_lr(opts, best["lr"])
             done[0] = best
         for seed in seeds:
             r = done.get(seed) or run_one([*common, *opts, f"seed={seed}", "budget=none",

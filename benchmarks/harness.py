@@ -45,10 +45,10 @@ def run_one(overrides: list[str], reuse: bool = False) -> dict:
 
 
 def finished_same_run(cfg) -> bool:
-    from dynatune.config import run_budget, to_dict
+    from dynatune.config import run_budget, run_dir, to_dict
     from dynatune.methods import METHODS
 
-    out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    out_dir = run_dir(cfg)
     if not (out_dir / "metrics.json").exists():
         return False
     ignore = {"output_dir", "progress", "save_model", "budget"}
@@ -60,10 +60,10 @@ def finished_same_run(cfg) -> bool:
 
 def collect(overrides: list[str]) -> dict:
     """The figures of a finished run, read back from its directory (metrics.json, log.jsonl)."""
-    from dynatune.config import load_config
+    from dynatune.config import load_config, run_dir
 
     cfg = load_config(None, overrides)
-    out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    out_dir = run_dir(cfg)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     step_times = [r["step_time_s"] for r in log[2:]] or [r["step_time_s"] for r in log]

@@ -13,7 +13,7 @@ from .errors import DynatuneError
 
 
 def _train(args) -> int:
-    from .config import load_config
+    from .config import load_config, run_dir
     from .loop import train
 
     overrides = list(args.overrides)
@@ -30,7 +30,7 @@ def _train(args) -> int:
         summary["final_state"] = state  # TriMS's (l, r, e, n)
     summary["memory"] = {k: v for k, v in metrics["memory"].items() if isinstance(v, (int, float))}
     print(json.dumps(summary, indent=2))
-    print(f"run written to {Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))}")
+    print(f"run written to {run_dir(cfg)}")
     return 0
 
 

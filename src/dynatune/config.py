@@ -133,6 +133,11 @@ def check(cfg) -> None:
         check_margin(cfg.margin)
 
 
+def run_dir(cfg) -> Path:
+    """The directory a run writes to: output_dir with {method} and {task} filled in."""
+    return Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+
+
 def run_budget(budget, method):
     """The budget a run uses: the user's, else the method's default; 'none' turns it off."""
     budget = budget if budget is not None else method.default_budget

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoint
-from .config import run_budget
+from .config import run_budget, run_dir
 from .engine import Tuner
 from .losses import chunked_causal_lm_loss
 from .memory_model import MemoryModel, install_budget, largest_prediction
@@ -272,7 +272,7 @@ def train(cfg) -> dict:
     from .models import load_model
 
     seed_everything(cfg.seed)
-    out_dir = Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given

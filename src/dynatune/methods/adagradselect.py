@@ -424,7 +424,6 @@ class AdaGradSelect(GradSelect):
     Config = AdaGradSelectConfig
     summary = ("m blocks drawn from Dirichlet(update counts + delta); eps-greedy gradient top-m in epoch 1; "
                "optimizer state offloaded to host and prefetched")
-    default_lr = 3e-4
 
     def __init__(self, config=None, seed=0):
         super().__init__(config, seed)
