@@ -11,9 +11,10 @@ import torch
 
 from dynatune.engine import Tuner
 from dynatune.errors import DynatuneError
-from dynatune.methods import build_method
+from dynatune.methods import METHODS, build_method
+from dynatune.report import read_log
 from dynatune.methods.adagradselect import (AdaGradSelectConfig, GradSelectConfig, dirichlet, draw_blocks,
-                                            log_gamma, plot_adagradselect)
+                                            log_gamma)
 
 from scripted import step
 from tiny import causal_lm, classifier, cls_examples, collate, lm_examples
@@ -341,9 +342,10 @@ class FakeMemoryModel:
     def size(self, names):
         return sum(self.t.params[q].numel() * 4 for q in self.t.units.param_names(names))
 
-    def predict(self, plan):
+    def predict(self, plan, kept_state=()):  # offloaded state: nothing is kept on the device
         self.calls += 1
-        return SimpleNamespace(predicted_peak_bytes=3 * self.size(plan.update) + self.size(plan.probe_params))
+        peak = 3 * self.size(plan.update) + self.size(plan.probe_params)
+        return SimpleNamespace(predicted_peak_bytes=peak, predicted_counted_bytes=peak, phases={})
 
     def check_admitted(self, plan, budget_bytes, margin):  # the engine's check of every applied plan
         peak = self.predict(plan).predicted_peak_bytes
@@ -432,7 +434,7 @@ def test_explicit_k_over_budget_and_k_null_without_budget_are_refused():
     t = ada(causal_lm("llama"), k=0.5, steps_per_epoch=0)
     with pytest.raises(DynatuneError, match="steps_per_epoch"):
         t.begin_step()
-    t.method.steps_per_epoch = 3  # what the training loop does when the config says 0
+    t.method.configure_loop(1, 3)  # what the training loop does when the config says 0
     t.begin_step()
     t.abort_step()
 
@@ -447,5 +449,5 @@ def test_plot_reads_the_run_log(tmp_path):
     rec = t.history[-1]
     assert {"eps", "explore", "fallback", "selected"} <= set(rec["method_log"])
     assert "optimizer" in rec["memory"] and "bytes_moved" in rec
-    path = plot_adagradselect(tmp_path)
-    assert path.is_file() and path.stat().st_size > 10_000
+    paths = METHODS["adagradselect"].plots(tmp_path, read_log(tmp_path))  # how `dynatune report` draws it
+    assert paths == [tmp_path / "adagradselect.png"] and paths[0].stat().st_size > 10_000

@@ -41,7 +41,7 @@ class FakeMemoryModel:
         lo = min(_blocks(plan.update | plan.probe))
         return self.base + self.w * (e - lo) + self.g * len(_blocks(plan.update)) - self.x * (self.n - e)
 
-    def predict(self, plan):
+    def predict(self, plan, kept_state=()):  # TriMS drops state: nothing is kept
         price = self.price(plan)  # one quantity: the fake prices counted and peak alike
         return SimpleNamespace(predicted_peak_bytes=price, predicted_counted_bytes=price)
 

@@ -19,6 +19,7 @@ exited blocks neither run nor save anything.
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 
@@ -31,6 +32,8 @@ from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
 from .signals import SIGNALS, first_tensor
 from .units import Units, get_submodule, partition
+
+logger = logging.getLogger(__name__)
 
 
 def capture_rng() -> dict:
@@ -58,6 +61,7 @@ class Tuner:
         self.memory_model = None
         self.budget_bytes: int | None = None
         self.budget_margin = 0.03
+        self.policy_note: str | None = None  # set_budget's switch of state_policy, if any
         self.model = method.prepare_model(model)
         self.units: Units = partition(self.model, method.granularity, layers)
         # Keep every parameter by name, including those of blocks an exit will cut off.
@@ -77,6 +81,7 @@ class Tuner:
             ensure_in_optimizer(optimizer, self.candidate_params)
         self.optimizer = optimizer
         self.states = OptimizerStates(optimizer, self.candidate_params, method.config.state_policy)
+        self._unit_params = {u.name: frozenset(u.param_names) for u in self.units}
 
         self.signals = {name: SIGNALS[name]() for name in method.signals}
         for s in self.signals.values():
@@ -97,7 +102,8 @@ class Tuner:
         self._plan_hooks: list = []
 
         self.plan: Plan | None = None
-        self.applied_plans: set[Plan] = set()
+        # (plan, units whose optimizer state it kept) of every step: what the memory model prices
+        self.applied_plans: set[tuple[Plan, frozenset[str]]] = set()
         # probed units the method promoted after backward: they update this step too
         self.promoted: frozenset[str] = frozenset()
         # parameters that left the plan but are probed: their state leaves after backward unless promoted
@@ -185,11 +191,15 @@ class Tuner:
                 entry["recalibrated"] = self._recalibration
         if self.promoted:
             entry["promoted"] = sorted(self.promoted)
-        method_log = getattr(self.method, "log_fields", None)  # optional: extra per-step fields
-        if method_log is not None:
-            fields = method_log(self.step)
-            if fields:
-                entry["method_log"] = fields
+        if self.memory_model is not None:
+            pred = self.predict(self.plan)
+            entry["predicted_bytes"] = pred.predicted_counted_bytes
+            entry["predicted_peak_bytes"] = self.predict_peak(self.plan)
+            if self.budget_bytes is not None:
+                entry["budget_bytes"] = self.budget_bytes
+        fields = self.method.log_fields(self.step)
+        if fields:
+            entry["method_log"] = fields
         self.history.append(entry)
         self.step += 1
         return entry
@@ -229,9 +239,7 @@ class Tuner:
         self.oom_retries += 1
         self.micro_batches = micro_batches
         self._retry_shape = tuple(batch_shape) if batch_shape is not None else None
-        hook = getattr(self.method, "retry_step", None)
-        if hook is not None:
-            hook(self.step, micro_batches)
+        self.method.retry_step(self.step, micro_batches)
         if self.count_memory:
             self._count_ctx = ExitStack()
             self._count_ctx.enter_context(self.counter.counting())
@@ -241,11 +249,9 @@ class Tuner:
         """After an out-of-memory retry: fold the step's measured peak (at the retried micro-batch
         shape) into the memory model, so later predictions see what this device really needed."""
         mm = self.memory_model
-        calibrate = getattr(mm, "calibrate", None)
-        if not (self.oom_retries and calibrate is not None and self._retry_shape is not None
-                and self.record.measured):
+        if not (self.oom_retries and mm is not None and self._retry_shape is not None and self.record.measured):
             return
-        rec = calibrate(self.plan, self.record.measured, batch_shape=self._retry_shape)
+        rec = mm.calibrate(self.plan, self.record.measured, batch_shape=self._retry_shape)
         self._recalibration = {"measured": int(self.record.measured), "batch_shape": list(self._retry_shape)}
         if isinstance(rec, dict) and "predicted" in rec:
             self._recalibration["predicted"] = rec["predicted"]
@@ -256,27 +262,78 @@ class Tuner:
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:
         """Price plans with `memory_model` (memory_model.MemoryModel, its batch_shape set); from now
-        on `apply` refuses a plan predicted above budget_bytes x (1 - margin). Methods read
-        `tuner.memory_model`, `tuner.budget_bytes` and `tuner.budget_margin` to choose within it."""
+        on `apply` refuses a plan predicted above budget_bytes x (1 - margin), counting the optimizer
+        state the run keeps. Methods choose within it through `predict_peak` and `usable_budget`.
+
+        state_policy=keep piles up the state of every unit that ever updated. If that could outgrow
+        the budget (the method's largest plan with every candidate's state kept), the policy becomes
+        offload before the first step (the same updates, bit for bit; the state waits in host
+        memory), and a warning says so: a run never finds out mid-way that its state does not fit.
+        """
         from .memory_model import check_margin
         self.memory_model = memory_model
         self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.budget_margin = check_margin(margin)
+        self.policy_note = None
+        if self.budget_bytes is None or self.states.policy != "keep":
+            return
+        largest = self.method.largest_plan(self.units)
+        everything = frozenset(self.method.candidates()) - largest.update
+        worst = memory_model.predict(largest, kept_state=everything).predicted_peak_bytes
+        if worst > self.usable_budget:
+            self.states.set_policy("offload")
+            self.policy_note = (
+                f"{self.method.name}: state_policy=keep would hold the optimizer state of every unit that has "
+                f"trained, predicted at up to {worst} bytes, above the budget's usable {self.usable_budget} bytes; "
+                "using state_policy=offload instead (the same updates, the state of units that leave waits in "
+                "host memory); set state_policy=drop to free it instead.")
+            logger.warning(self.policy_note)
+
+    @property
+    def has_memory_model(self) -> bool:
+        return self.memory_model is not None
+
+    @property
+    def usable_budget(self) -> int | None:
+        """The bytes a plan may be predicted at: budget x (1 - margin); None without a budget."""
+        from .memory_model import usable_budget
+        return None if self.budget_bytes is None else usable_budget(self.budget_bytes, self.budget_margin)
+
+    def kept_state(self, plan: Plan) -> frozenset[str]:
+        """Units outside `plan.update` whose optimizer state stays on the device while it runs: under
+        state_policy=keep, every unit that holds state now (state piles up as units come and go)."""
+        if self.states.policy != "keep":
+            return frozenset()
+        with_state = {self.states.name_of[id(p)] for p in self.optimizer.state}
+        return frozenset(u for u, names in self._unit_params.items()
+                         if u not in plan.update and not with_state.isdisjoint(names))
+
+    def predict(self, plan: Plan):
+        """The memory model's prediction of `plan` as this run would hold it (kept optimizer state
+        included); None without a memory model."""
+        if self.memory_model is None:
+            return None
+        return self.memory_model.predict(plan, kept_state=self.kept_state(plan))
+
+    def predict_peak(self, plan: Plan) -> int | None:
+        """The predicted peak bytes the budget is checked against: the method's own price where it
+        has one (Method.plan_peak), else the memory model's; None without a memory model."""
+        if self.memory_model is None:
+            return None
+        own = self.method.plan_peak(plan)
+        return int(own) if own is not None else int(self.predict(plan).predicted_peak_bytes)
 
     def apply(self, plan: Plan) -> None:
         plan.validate(self.units)
         if self.budget_bytes is not None and self.memory_model is not None:
-            # a method may price its own plan where the plan's fields cannot say it all (gradselect's
-            # streaming top-m keeps m+1 of the probed gradients): `plan_peak(plan)`, None = the model's
-            own = getattr(self.method, "plan_peak", None)
-            peak = own(plan) if own is not None else None
-            if peak is None:  # the only memory-model call: any object with predict(plan).predicted_peak_bytes
-                peak = self.memory_model.predict(plan).predicted_peak_bytes
-            from .memory_model import BudgetError, usable_budget
-            limit = usable_budget(self.budget_bytes, self.budget_margin)
+            peak, limit = self.predict_peak(plan), self.usable_budget
             if peak > limit:  # refused before anything changes
+                from .memory_model import BudgetError
+                kept = self.kept_state(plan)
                 raise BudgetError(f"{self.method.name}'s plan (update {', '.join(sorted(plan.update)[:4])}"
-                                  f"{', ...' if len(plan.update) > 4 else ''}) is predicted to peak at {peak} bytes, "
+                                  f"{', ...' if len(plan.update) > 4 else ''}"
+                                  f"{f'; optimizer state kept for {len(kept)} units that left' if kept else ''}"
+                                  f") is predicted to peak at {peak} bytes, "
                                   f"above the budget's usable {limit} bytes ({self.budget_bytes} x "
                                   f"(1 - {self.budget_margin:g})).", predicted_bytes=peak, budget_bytes=self.budget_bytes)
         old = self.plan
@@ -308,7 +365,7 @@ class Tuner:
             emb = self.model.get_input_embeddings()
             self._plan_hooks.append(emb.register_forward_hook(lambda m, a, out: out.detach()))
         self.plan = plan
-        self.applied_plans.add(plan)
+        self.applied_plans.add((plan, self.kept_state(plan)))
 
     def _probe_output(self, unit):
         """Make the unit's output require grad so backward reaches it (not its weights)."""
@@ -368,9 +425,7 @@ class Tuner:
         for s in self.signals.values():
             s.detach()
         self.counter.detach()
-        method_hooks = getattr(self.method, "close_hooks", None)  # a method's own hooks (gradselect's)
-        if method_hooks is not None:
-            method_hooks()
+        self.method.close_hooks()
 
     def close(self) -> None:
         """Remove every hook and restore the full block list."""

@@ -88,10 +88,7 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     # methods that count backward passes or schedule by epoch learn the loop's shape here
-    if hasattr(method, "micro_batches"):
-        method.micro_batches = cfg.grad_accum
-    if getattr(method, "steps_per_epoch", None) == 0:
-        method.steps_per_epoch = steps_per_epoch
+    method.configure_loop(cfg.grad_accum, steps_per_epoch)
 
     if tuner is None:
         tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
@@ -124,11 +121,6 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 entry = tuner.end_step(loss)
                 entry["lr"] = scheduler.get_last_lr()[0]
                 entry["epoch"] = state.epoch
-                if tuner.memory_model is not None:
-                    pred = tuner.memory_model.predict(tuner.plan)
-                    entry["predicted_bytes"] = pred.predicted_counted_bytes
-                    entry["predicted_peak_bytes"] = pred.predicted_peak_bytes
-                    entry["budget_bytes"] = tuner.budget_bytes
                 if log and state.step % cfg.log_every == 0:
                     log.write(json.dumps(entry) + "\n")
                     log.flush()

@@ -1313,8 +1313,9 @@ def largest_prediction(memory_model: MemoryModel, plans) -> dict:
     """Of the plans a run applied, the one with the largest predicted peak (for metrics.json:
     memory.predicted_peak_bytes and memory.predicted_counted_bytes)."""
     best = None
-    for p in set(plans):
-        pred = memory_model.predict(p)
+    for item in set(plans):  # a plan, or (plan, units whose optimizer state it kept) as Tuner records them
+        p, kept = item if isinstance(item, tuple) else (item, frozenset())
+        pred = memory_model.predict(p, kept_state=kept)
         if best is None or pred.predicted_peak_bytes > best[1].predicted_peak_bytes:
             best = (p, pred)
     if best is None:

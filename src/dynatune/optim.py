@@ -49,6 +49,16 @@ class OptimizerStates:
         # and prefetch on a side stream (offload.py); `ready()` orders the optimizer step after it
         self.store = HostStateStore() if policy == "offload" else None
 
+    def set_policy(self, policy: str) -> None:
+        """Change the policy before any unit has left the plan (the engine does it under a budget
+        that keep could outgrow)."""
+        if policy not in STATE_POLICIES:
+            raise DynatuneError(f"unknown optimizer-state policy '{policy}'; use one of {', '.join(STATE_POLICIES)}.")
+        if self.host:
+            raise DynatuneError("the optimizer-state policy cannot change once state has been offloaded.")
+        self.policy = policy
+        self.store = HostStateStore() if policy == "offload" else None
+
     # -- moving state -------------------------------------------------------------------------
     def leave(self, names) -> None:
         """Units whose parameters left the plan: apply the policy to their state."""

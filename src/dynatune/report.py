@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .errors import DynatuneError
+from .units import unit_sort_key
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -15,14 +16,6 @@ def read_log(run_dir: Path) -> list[dict]:
     # a resumed run appends: keep the last record of each step
     by_step = {r["step"]: r for r in records}
     return [by_step[s] for s in sorted(by_step)]
-
-
-def _unit_sort_key(name: str):
-    order = {"embedding": (-1, 0), "norm": (10**6, 0), "pooler": (10**6, 1), "head": (10**6 + 1, 0)}
-    if name in order:
-        return order[name]
-    parts = name.split(".")
-    return (int(parts[1]), 0 if len(parts) == 2 else 1, name) if len(parts) > 1 and parts[1].isdigit() else (0, name)
 
 
 def plot_run(run_dir) -> list[Path]:
@@ -62,7 +55,7 @@ def plot_run(run_dir) -> list[Path]:
     ax.legend(loc="upper right", fontsize=8)
     out.append(_save(fig, run_dir / "memory.png"))
 
-    units = sorted({u for r in log for u in r["update"]}, key=_unit_sort_key)
+    units = sorted({u for r in log for u in r["update"]}, key=unit_sort_key)
     grid = np.zeros((len(units), len(log)))
     index = {u: i for i, u in enumerate(units)}
     for j, r in enumerate(log):
@@ -80,16 +73,12 @@ def plot_run(run_dir) -> list[Path]:
 
 
 def method_plots(run_dir: Path, log: list[dict]) -> list[Path]:
-    """A method's own figures (TriMS's state, AdaGradSelect's frequencies), by the run's method."""
+    """The run's method draws its own figures (Method.plots: TriMS's state, AdaGradSelect's frequencies)."""
+    from .methods import METHODS
+
     config = run_dir / "config.json"
     method = json.loads(config.read_text()).get("method") if config.is_file() else None
-    if method == "trims":
-        from .methods.trims import plot_trims
-        return [plot_trims(run_dir, log)]
-    if method in ("adagradselect", "gradselect"):
-        from .methods.adagradselect import plot_adagradselect
-        return [plot_adagradselect(run_dir)]
-    return []
+    return METHODS[method].plots(run_dir, log) if method in METHODS else []
 
 
 def _save(fig, path: Path) -> Path:

@@ -99,6 +99,15 @@ class Units:
         return {p: u.name for u in self.units for p in u.param_names}
 
 
+def unit_sort_key(name: str):
+    """Units in model order for plots and tables: embedding, block.0 (and its modules), ..., norm, head."""
+    order = {"embedding": (-1, 0), "norm": (10**6, 0), "pooler": (10**6, 1), "head": (10**6 + 1, 0)}
+    if name in order:
+        return order[name]
+    parts = name.split(".")
+    return (int(parts[1]), 0 if len(parts) == 2 else 1, name) if len(parts) > 1 and parts[1].isdigit() else (0, name)
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module | None:
     mod = model
     for part in path.split("."):

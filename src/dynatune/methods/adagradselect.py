@@ -36,7 +36,6 @@ exploration steps).
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch
 
 from ..errors import DynatuneError
 from ..plan import Plan
+from ..units import unit_sort_key
 from .base import Method, MethodConfig, opt, register
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class GradSelect(Method):
         self.last_tracker: StreamingTopM | None = None  # the last exploration's (scores, live bytes)
         self._tracker: StreamingTopM | None = None
         self._step_info: dict = {}
+        self._logged: dict = {}  # the last finished step's fields, for log_fields
         self._selected: list[str] | None = None
 
     # -- setup -------------------------------------------------------------------------------------
@@ -230,6 +231,9 @@ class GradSelect(Method):
             self.m = max(1, round(k * B))
         self._resolved = False
 
+    def configure_loop(self, micro_batches: int, steps_per_epoch: int) -> None:
+        self.micro_batches = micro_batches
+
     def _grad_hook(self, name):
         def hook(p):
             if self._tracker is not None:
@@ -246,24 +250,19 @@ class GradSelect(Method):
     def n_blocks(self) -> int:
         return len(self.pool)
 
-    # -- the memory model (another module; reached only through here) ---------------------------
+    # -- the memory model (reached only through the tuner's pricing API) -------------------------
     def predict(self, plan: Plan):
-        """The memory model's prediction for `plan` (None without a memory model)."""
-        mm = getattr(self.tuner, "memory_model", None)
-        return None if mm is None else mm.predict(plan)
+        """The memory model's prediction for `plan`, kept optimizer state included (None without a
+        memory model). Not tuner.predict_peak: that asks plan_peak, which asks this."""
+        return self.tuner.predict(plan)
 
     def predict_peak(self, plan: Plan) -> int | None:
         pred = self.predict(plan)
         return None if pred is None else pred.predicted_peak_bytes
 
     def _budget(self) -> int | None:
-        """The bytes a plan may be predicted at: budget * (1 - margin), as TriMS reads it (margin from
-        `tuner.budget_margin`, 0.03 when unset); None without a budget."""
-        budget = getattr(self.tuner, "budget_bytes", None)
-        if budget is None:
-            return None
-        margin = getattr(self.tuner, "budget_margin", None)
-        return int(budget * (1 - (0.03 if margin is None else margin)))
+        """The bytes a plan may be predicted at: budget * (1 - margin); None without a budget."""
+        return self.tuner.usable_budget
 
     def _sizes(self) -> dict[str, int]:
         return {n: sum(p.numel() * p.element_size() for p in ps) for n, ps in self.pool_params.items()}
@@ -287,7 +286,7 @@ class GradSelect(Method):
         if pred is None:
             return None
         freed = sum(sizes[n] for n in order[m + 1:]) if self.micro_batches <= 1 else 0
-        phases = getattr(pred, "phases", None)
+        phases = pred.phases
         if phases:
             return int(max(v - (freed if name == "backward_end" else 0) for name, v in phases.items()))
         return pred.predicted_peak_bytes - freed
@@ -325,7 +324,7 @@ class GradSelect(Method):
             return
         self._resolved = True
         budget = self._budget()
-        have_model = getattr(self.tuner, "memory_model", None) is not None
+        have_model = self.tuner.has_memory_model
         if self.m is None:
             if budget is None or not have_model:
                 raise DynatuneError(f"{self.name}.k=null derives k from the memory budget, but this run has "
@@ -378,7 +377,7 @@ class GradSelect(Method):
             raise DynatuneError(
                 f"{self.name}: a block received gradients from more backward passes than the "
                 f"{tr.micro_batches} announced, after its ranking freed some of them; set "
-                f"method.micro_batches to the number of micro-batches per optimizer step (grad_accum).")
+                f"method.configure_loop(micro_batches=grad_accum, ...) before training.")
         self._selected = tr.finish()
         self._step_info["scores"] = {n: round(s, 6) for n, s in tr.scores.items()}
         self.last_tracker = tr  # peak live gradient bytes of this step, for inspection
@@ -395,7 +394,11 @@ class GradSelect(Method):
         pass
 
     def log_fields(self, step) -> dict:
-        return dict(getattr(self, "_logged", {}) or {})
+        return dict(self._logged)
+
+    @classmethod
+    def plots(cls, run_dir, log):
+        return [plot_adagradselect(run_dir, log)]
 
     def state_dict(self):
         return {**super().state_dict(), "m": self.m}
@@ -445,6 +448,11 @@ class AdaGradSelect(GradSelect):
         super().setup(tuner)
         self.counts = {n: 0 for n in self.pool}
 
+    def configure_loop(self, micro_batches: int, steps_per_epoch: int) -> None:
+        super().configure_loop(micro_batches, steps_per_epoch)
+        if self.config.steps_per_epoch == 0:  # the config's value wins when it sets one
+            self.steps_per_epoch = steps_per_epoch
+
     def step_peak(self, m: int) -> int | None:
         return self.exploitation_peak(m)  # exploration steps that would not fit fall back
 
@@ -464,7 +472,7 @@ class AdaGradSelect(GradSelect):
         spe = self.steps_per_epoch
         if not spe or spe <= 0:
             raise DynatuneError("adagradselect needs the number of steps in an epoch: set "
-                                "adagradselect.steps_per_epoch, or let the training loop set method.steps_per_epoch.")
+                                "adagradselect.steps_per_epoch, or train through dynatune's loop or Trainer callback (they set it).")
         if step >= spe:
             return 0.0
         lam = self.config.decay if self.config.decay is not None else 5.0 / spe
@@ -510,33 +518,13 @@ class AdaGradSelect(GradSelect):
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def _read_log(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        raise DynatuneError(f"no log.jsonl in '{run_dir}'; pass the output_dir of a dynatune run.")
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            by_step[r["step"]] = r  # a resumed run appends: the last record of a step wins
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _block_key(name: str):
-    fixed = {"embedding": (-1, ""), "norm": (10**6, "norm"), "pooler": (10**6, "pooler"), "head": (10**6 + 1, "")}
-    if name in fixed:
-        return fixed[name]
-    tail = name.split(".", 1)[-1]
-    return (int(tail), "") if tail.isdigit() else (10**5, name)
-
-
-def plot_adagradselect(run_dir, out: str | Path | None = None) -> Path:
+def plot_adagradselect(run_dir, recs: list[dict], out: str | Path | None = None) -> Path:
     """Per-block update frequency, epsilon over steps (explored steps marked), and device-resident
-    optimizer bytes with host<->device traffic per step; one PNG (default run_dir/adagradselect.png)."""
+    optimizer bytes with host<->device traffic per step, from the run's log records (report.read_log);
+    one PNG (default run_dir/adagradselect.png)."""
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    recs = _read_log(run_dir)
     if not recs:
         raise DynatuneError(f"log.jsonl in '{run_dir}' has no records yet.")
     steps = [r["step"] for r in recs]
@@ -545,7 +533,7 @@ def plot_adagradselect(run_dir, out: str | Path | None = None) -> Path:
         sel = (r.get("method_log") or {}).get("selected")
         for n in (sel if sel is not None else r.get("update", ())):
             freq[n] = freq.get(n, 0) + 1
-    names = sorted(freq, key=_block_key)
+    names = sorted(freq, key=unit_sort_key)
 
     fig = Figure(figsize=(8, 9), layout="constrained")
     ax1, ax2, ax3 = fig.subplots(3, 1)

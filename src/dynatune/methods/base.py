@@ -42,7 +42,13 @@ def config_help(cfg_cls) -> list[tuple[str, object, str]]:
 class Method:
     """A policy: reads signals and (with a budget) the memory model, returns the next Plan.
 
-    Subclasses set `name`, `Config`, and override `plan`; most need nothing else.
+    Subclasses set `name`, `Config`, and override `plan`; most need nothing else. Every hook the
+    engine (engine.Tuner) and the training loops (loop.fit, integrations.hf) call is declared here,
+    in the order a run calls them, with a default that does nothing; nothing is looked up with
+    getattr. What a method may read from the tuner it is handed in `setup` is the tuner's public
+    API: `units`, `params`, `model`, `device`, `count_memory`, `record` (this step's counted bytes),
+    `predict(plan)` / `predict_peak(plan)` (priced with the optimizer state the run really holds;
+    None without a memory model), `has_memory_model`, `budget_bytes` and `usable_budget`.
     """
 
     name = "base"
@@ -58,34 +64,71 @@ class Method:
         # the method's own generator: selection never touches the global RNG (dropout's)
         self.generator = torch.Generator().manual_seed(seed)
 
-    # -- hooks the engine calls ---------------------------------------------------------------------
+    # -- before training ---------------------------------------------------------------------------
     def prepare_model(self, model):
-        """Wrap or modify the model before it is partitioned (adapters are injected here)."""
+        """Once, before the model is partitioned: wrap or modify it (adapters are injected here)."""
         return model
 
     def setup(self, tuner) -> None:
+        """Once, after partitioning, before the optimizer exists: read units and parameters."""
         self.tuner = tuner
         self.units = tuner.units
 
     def candidates(self) -> list[str]:
-        """Units that may ever update: the optimizer is built over all of them up front."""
+        """Once, in setup order: units that may ever update (the optimizer is built over all of them)."""
         return [u.name for u in self.units]
 
-    def plan(self, step: int) -> Plan:
-        raise NotImplementedError
+    def configure_loop(self, micro_batches: int, steps_per_epoch: int) -> None:
+        """Once, before the first step, by the loop or the Trainer callback: backward passes per
+        optimizer step (gradient accumulation) and optimizer steps per epoch."""
 
     def smallest_plan(self, units) -> Plan:
-        """The least memory this method can run with: budgets below its price are refused up front.
-        Default: the fresh task head alone, else the last block."""
+        """Before training under a budget: the least memory this method can run with (a budget below
+        its price is refused up front). Default: the fresh task head alone, else the last block."""
         fresh = self.fresh_heads(units)
         return Plan.of(fresh) if fresh else Plan.of(u.name for u in units.in_block(units.n_blocks - 1))
 
-    def after_backward(self, step: int, signals: dict) -> frozenset | None:
+    def largest_plan(self, units) -> Plan:
+        """Before training under a budget with state_policy=keep: the most memory one step of this
+        method can need, besides the optimizer state it keeps. Default: every candidate updates (an
+        upper bound); methods whose plans are smaller say so, so keep is not refused needlessly."""
+        return Plan.of(self.candidates())
+
+    # -- each step, in order -----------------------------------------------------------------------
+    def plan(self, step: int) -> Plan:
+        """At the start of each step: the plan the engine applies (and checks against the budget)."""
+        raise NotImplementedError
+
+    def plan_peak(self, plan: Plan) -> int | None:
+        """When the engine prices a plan under a budget: the method's own price where the plan's
+        fields cannot say it all (gradselect's streaming top-m); None = the memory model's."""
         return None
 
-    def end_step(self, step: int, loss: float | None) -> None:
-        pass
+    def after_backward(self, step: int, signals: dict) -> frozenset | None:
+        """After the step's last backward, before the optimizer step: `signals` maps each declared
+        signal to {unit or block name: float}. Returns probed units promoted to update this step."""
+        return None
 
+    def retry_step(self, step: int, micro_batches: int) -> None:
+        """When the open step ran out of memory and is retried as `micro_batches` passes, same plan."""
+
+    def end_step(self, step: int, loss: float | None) -> None:
+        """After the optimizer step: the step's loss (None when the model returned none)."""
+
+    def log_fields(self, step: int) -> dict:
+        """After end_step: extra fields for the step's log record (under `method_log`)."""
+        return {}
+
+    # -- after training ----------------------------------------------------------------------------
+    def close_hooks(self) -> None:
+        """When training ends: remove any hook the method registered itself."""
+
+    @classmethod
+    def plots(cls, run_dir, log: list[dict]) -> list:
+        """The method's own figures for a finished run directory (report.py draws the common ones)."""
+        return []
+
+    # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

@@ -96,6 +96,11 @@ class Lisa(Method):
     def smallest_plan(self, units):
         return Plan.of(self._always(units) | {f"block.{units.n_blocks - 1}"})
 
+    def largest_plan(self, units):
+        """k blocks from the bottom: with trainable embeddings every draw runs backward through every
+        block, and the bottom k are as large as any k (blocks share one shape)."""
+        return Plan.of(self._always(units) | self.block_units(range(self.check_k(self.config.k))))
+
     def state_dict(self):
         return {**super().state_dict(), "current": list(self.current)}
 
@@ -122,13 +127,29 @@ class RandomUnits(Method):
         self.granularity = self.config.granularity
         self.current: list[str] = []
 
+    def _pool(self, units) -> list[str]:
+        return [u.name for u in units if u.kind in ("block", "module")]
+
+    def _draw_size(self, pool) -> int:
+        return max(1, round(self.config.fraction * len(pool)))
+
     def plan(self, step):
-        pool = [u.name for u in self.units if u.kind in ("block", "module")]
+        pool = self._pool(self.units)
         if step % self.config.period == 0 or not self.current:
-            m = max(1, round(self.config.fraction * len(pool)))
-            idx = torch.randperm(len(pool), generator=self.generator)[:m].tolist()
+            idx = torch.randperm(len(pool), generator=self.generator)[:self._draw_size(pool)].tolist()
             self.current = sorted(pool[i] for i in idx)
         return Plan.of(self.with_head(self.current))
+
+    def largest_plan(self, units):
+        """The largest draw: the biggest units, with one of the lowest among them so backward runs
+        as deep as any draw can make it."""
+        pool = self._pool(units)
+        size = {n: sum(self.tuner.params[p].numel() for p in units[n].param_names) for n in pool}
+        biggest = sorted(pool, key=lambda n: -size[n])[:self._draw_size(pool)]
+        lowest = min(pool, key=lambda n: (units[n].depth, -size[n]))
+        if lowest not in biggest:
+            biggest[-1] = lowest
+        return Plan.of(set(biggest) | self.fresh_heads(units))
 
     def state_dict(self):
         return {**super().state_dict(), "current": list(self.current)}

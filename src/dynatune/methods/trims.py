@@ -118,6 +118,8 @@ class Trims(Method):
         # The clock the time estimator reads (None: the tuner's). Tests inject a fake one here.
         self.clock = None
         self.decisions: list[dict] = []
+        self.exits_allowed: bool | None = None  # decided in setup, from the model when exits='auto'
+        self._ran: dict | None = None  # the state this step runs, and the decision it ended with (log_fields)
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self, tuner) -> None:
@@ -170,20 +172,17 @@ class Trims(Method):
 
     # -- the memory-model interface (the only two ways in) ---------------------------------------
     def predict_peak(self, plan: Plan) -> int | None:
-        """The memory model's predicted peak bytes for a plan; None when there is no model."""
-        mm = getattr(self.tuner, "memory_model", None)
-        if mm is None:
-            return None
-        return int(mm.predict(plan).predicted_peak_bytes)
+        """The predicted peak bytes of a plan as this run holds it; None when there is no model."""
+        return self.tuner.predict_peak(plan)
 
     def budget_bytes(self) -> int | None:
-        return getattr(self.tuner, "budget_bytes", None)
+        return self.tuner.budget_bytes
 
     def observe_memory(self) -> float | None:
         """This step's measured bytes: the CUDA allocator's peak when there is one, else the
         engine's counted live bytes (None when not counted)."""
         t = self.tuner
-        if not getattr(t, "count_memory", False):
+        if not t.count_memory:
             return None
         if t.record.measured:
             return float(t.record.measured)
@@ -207,9 +206,13 @@ class Trims(Method):
         """The cheapest state: l = r = e = 1 (block 1 trains, every later block exited); without
         exits, l = r = e = n (only the last block trains: the starting state)."""
         n = units.n_blocks
-        if not getattr(self, "exits_allowed", self.config.exits != "off"):
+        if not self._exits_allowed(units):
             return Plan.of({f"block.{n - 1}"} | self._top_units(units))
         return Plan.of({"block.0"} | self._top_units(units), exit_depth=1 if n > 1 else None)
+
+    def _exits_allowed(self, units) -> bool:
+        """setup decides it from the model ('auto'); before setup only the option can say."""
+        return self.exits_allowed if self.exits_allowed is not None else self.config.exits != "off"
 
     def plan_for(self, state: State, note: str = "") -> Plan:
         l, r, e, n = state
@@ -229,7 +232,7 @@ class Trims(Method):
     def log_fields(self, step: int) -> dict:
         """Per-step log fields (the engine puts them under `method_log`): the state (l, r, e, n) that
         ran, the plan's predicted peak and the usable budget, and the action when a period ended."""
-        ran = getattr(self, "_ran", None)
+        ran = self._ran
         if ran is None:
             return {}
         l, r, e, n = ran["state"]
@@ -270,13 +273,13 @@ class Trims(Method):
                 f"above the budget's usable {int(limit)} bytes; raise the budget.")
 
     def _margin(self) -> float:
-        return float(getattr(self.tuner, "budget_margin", 0.03))
+        return float(self.tuner.budget_margin)
 
     # -- observations -----------------------------------------------------------------------------
     def after_backward(self, step, signals):
         a = self.acc
         for label, v in signals.get("act_grad_norm", {}).items():
-            j = int(label.split(".")[1]) + 1
+            j = self.units[label].depth + 1  # the paper's 1-based block number
             a["g_sum"][j] = a["g_sum"].get(j, 0.0) + float(v)
             a["g_n"][j] = a["g_n"].get(j, 0) + 1
         return None
@@ -324,7 +327,7 @@ class Trims(Method):
         return base + self.alpha_m * self.raw_memory(state)
 
     def predict_peak_available(self) -> bool:
-        return getattr(self.tuner, "memory_model", None) is not None
+        return self.tuner.has_memory_model
 
     def time_hat(self, state: State) -> float | None:
         """T^(s) = T_B + alpha_t * (eq. 5 sums); None before the first period sets the time scale."""
@@ -420,7 +423,7 @@ class Trims(Method):
         record.update(step=step, period=self.period, L=L, m=m, t=t, kappa=dict(self.kappa),
                       alpha_m=self.alpha_m, m_base=self.m_base, alpha_t=self.alpha_t, t_base=self.t_base)
         self.decisions.append(record)
-        if getattr(self, "_ran", None) is not None:
+        if self._ran is not None:
             self._ran["decided"] = record
         self.prev_state, self.last_action = self.state, action
         self.state = transition(self.state, action)
@@ -499,6 +502,10 @@ class Trims(Method):
                 "acc": {**self.acc, "g_sum": dict(self.acc["g_sum"]), "g_n": dict(self.acc["g_n"]),
                         "times": list(self.acc["times"])},
                 "decisions": list(self.decisions)}
+
+    @classmethod
+    def plots(cls, run_dir, log):
+        return [plot_trims(run_dir, log)]
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
