@@ -42,8 +42,8 @@ def test_fraction_budgets():
 
 
 @pytest.mark.parametrize("value,why", [
-    ("12 GB", "space"), (" 12GB", "space"), ("-1", "negative"), (-1, "positive"), ("200%", "percent"),
-    ("60%", "percent"), ("1.5", "above 1"), (1.5, "above 1"), ("12G", "unknown unit"), ("12gib", "unknown unit"),
+    ("12 GB", "space"), (" 12GB", "space"), ("-1", "negative"), (-1, "positive"), ("200%", "percentage in"),
+    ("0%", "percentage in"), ("60%%", "percent sign"), ("1.5", "above 1"), (1.5, "above 1"), ("12G", "unknown unit"), ("12gib", "unknown unit"),
     ("twelve", "not understood"), ("0", "positive"), (0, "positive"), ("", "not understood"), (None, "not a budget"),
 ])
 def test_bad_budgets_say_why_and_the_accepted_forms(value, why):

@@ -200,6 +200,9 @@ class LisaAskingTheLoop(type(lisa())):
     micro_batches = 1
     steps_per_epoch = 0
 
+    def configure_loop(self, micro_batches, steps_per_epoch):
+        self.micro_batches, self.steps_per_epoch = micro_batches, steps_per_epoch
+
 
 def test_grad_accum_one_record_per_step_and_trainer_loss(tmp_path):
     method = LisaAskingTheLoop(lisa().config, seed=0)

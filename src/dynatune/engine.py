@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+import weakref
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -50,6 +51,36 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_UNTUNED_GUARDS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def guard_until_tuned(model: nn.Module) -> None:
+    """Make a training forward of `model` fail until a Tuner takes it over.
+
+    integrations.hf.prepare marks every parameter trainable so that the Trainer's optimizer holds
+    them all; without the callback the Trainer would then silently run full fine-tuning. The
+    guard turns that into one clear error at the first training forward (evaluation under no_grad
+    is left alone); Tuner(model, ...) removes it.
+    """
+    if model in _UNTUNED_GUARDS:
+        return
+
+    def refuse(mod, args):
+        if mod.training and torch.is_grad_enabled():
+            raise DynatuneError(
+                "this model was prepared for dynatune (prepare(model, method)) but is training without it, which "
+                "would be full fine-tuning; add callbacks=[DynatuneCallback(method)] to the Trainer (or train it "
+                "with dynatune's own loop).")
+
+    _UNTUNED_GUARDS[model] = model.register_forward_pre_hook(refuse)
+
+
+def release_guard(model: nn.Module) -> None:
+    handle = _UNTUNED_GUARDS.pop(model, None)
+    if handle is not None:
+        handle.remove()
+
+
 class Tuner:
     """Owns the plan, the optimizer state policy, signals and byte counting for one model."""
 
@@ -63,6 +94,8 @@ class Tuner:
         self.budget_margin = 0.03
         self.policy_note: str | None = None  # set_budget's switch of state_policy, if any
         self.model = method.prepare_model(model)
+        release_guard(model)
+        release_guard(self.model)
         self.units: Units = partition(self.model, method.granularity, layers)
         # Keep every parameter by name, including those of blocks an exit will cut off.
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
@@ -379,6 +412,34 @@ class Tuner:
         # prepend: signal hooks on the same block (ActivationGradNorm) must see the output
         # already requiring grad, or the probed block reports nothing
         return self._all_blocks[unit.depth].register_forward_hook(hook, prepend=True)
+
+    @contextmanager
+    def all_blocks(self):
+        """Every block in place for a while (a checkpoint saves the whole model during an exit)."""
+        exit_depth = self.plan.exit_depth if self.plan is not None else None
+        self._set_exit(None)
+        try:
+            yield self.model
+        finally:
+            self._set_exit(exit_depth)
+
+    def eval_batch_that_fits(self, batch: int, seq: int, new_tokens: int = 0) -> int:
+        """The largest evaluation batch, at most `batch`, whose forward (and generate() with
+        `new_tokens`) the memory model prices within the budget, with the optimizer state the run
+        holds still resident; `batch` itself without a budget."""
+        if self.budget_bytes is None or self.memory_model is None or self.plan is None:
+            return batch
+        resident = Plan.of(self.plan.update | self.kept_state(self.plan), exit_depth=self.plan.exit_depth)
+        mm = self.memory_model
+
+        def peak(b):
+            p = mm.predict_eval(b, seq, resident)["predicted_peak_bytes"]
+            if new_tokens:
+                p = max(p, mm.predict_generate(b, seq, new_tokens, resident)["predicted_peak_bytes"])
+            return p
+        while batch > 1 and peak(batch) > self.usable_budget:
+            batch = (batch + 1) // 2 if batch > 2 else 1
+        return batch
 
     def _set_exit(self, exit_depth: int | None) -> None:
         n = len(self._all_blocks)

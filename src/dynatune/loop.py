@@ -86,16 +86,12 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     if steps_per_epoch == 0:
         raise DynatuneError("the training set is empty; give data.train a file with at least one example.")
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
-    lr = cfg.lr if cfg.lr is not None else method.default_lr
     # methods that count backward passes or schedule by epoch learn the loop's shape here
     method.configure_loop(cfg.grad_accum, steps_per_epoch)
 
     if tuner is None:
-        tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
+        tuner = make_tuner(model, method, cfg, device)
     model = tuner.model
-    if getattr(cfg, "budget", None) is not None and tuner.memory_model is None:
-        install_budget(tuner, cfg.budget, batch_shape=(micro, cfg.max_length), precision=cfg.precision,
-                       margin=cfg.margin, **memory_model_options(cfg, device))
     scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
     state = state or LoopState()
     if getattr(cfg, "resume", None):
@@ -143,6 +139,27 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     if out_dir and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
         checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
     return tuner, state
+
+
+def make_tuner(model, method, cfg, device) -> Tuner:
+    """The engine for a run: the optimizer over the method's candidates and, with a budget (the
+    config's or the method's), the memory model that checks every plan."""
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
+    budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
+    if budget is not None:
+        install_budget(tuner, budget, batch_shape=(cfg.batch_size // cfg.grad_accum, cfg.max_length),
+                       precision=cfg.precision, margin=cfg.margin, **memory_model_options(cfg, device))
+    return tuner
+
+
+def one_budget(run_budget, method, where: str):
+    """The budget a run uses: the one given with the method (build_method(..., budget=)) or the
+    one given at `where`; both is an error, since one of them would be silently ignored."""
+    if run_budget is not None and method.budget is not None:
+        raise DynatuneError(f"a budget was given both to build_method ({method.budget!r}) and to {where} "
+                            f"({run_budget!r}); give it in one place.")
+    return run_budget if run_budget is not None else method.budget
 
 
 def batcher(train_set, idx: list[int], collate):
@@ -277,12 +294,20 @@ def train(cfg) -> dict:
         model.to(torch.bfloat16)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
+    tuner = make_tuner(model, method, cfg, device)
+    # an evaluation (or generation) must fit the budget too: smaller batches when it would not
+    eval_batch = tuner.eval_batch_that_fits(cfg.eval_batch_size, cfg.max_length,
+                                            task.max_new_tokens if task.answers is not None else 0)
+    if eval_batch < cfg.eval_batch_size:
+        logger.warning("evaluating in batches of %d: eval_batch_size=%d is predicted above the budget.",
+                       eval_batch, cfg.eval_batch_size)
+
     def eval_split(m, split):
         with autocast_for(cfg.precision, device):
-            return evaluate(m, task, split, cfg.eval_batch_size, device)
+            return evaluate(m, task, split, eval_batch, device)
 
     t0 = time.perf_counter()
-    tuner, state = fit(model, method, task.train, task.collate, cfg, out_dir,
+    tuner, state = fit(model, method, task.train, task.collate, cfg, out_dir, tuner=tuner,
                        evaluate=lambda m, epoch: eval_split(m, "validation"))
     train_s = time.perf_counter() - t0
     model = tuner.model

@@ -172,7 +172,7 @@ class OptimizerSpec:
 BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 BUDGET_FORMS = ("give bytes with a unit and no space (e.g. 12GiB, 500MiB, 12GB, 1.5e9B; units B, KB, MB, GB, "
-                "TB, KiB, MiB, GiB, TiB) or a fraction of full fine-tuning's predicted peak in (0, 1] (e.g. 0.6)")
+                "TB, KiB, MiB, GiB, TiB) or a fraction of full fine-tuning's predicted peak in (0, 1] (e.g. 0.6 or 60%)")
 _BUDGET_RE = re.compile(r"^(?P<num>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)(?P<unit>[A-Za-z]*)$")
 
 
@@ -195,6 +195,12 @@ def parse_budget(value) -> tuple[str, float]:
     s = value
     if s != s.strip() or " " in s or "\t" in s:
         raise _budget_error(value, "has a space in it")
+    if s.endswith("%") and s.count("%") == 1:  # "60%": a percentage of full fine-tuning's peak
+        m = _BUDGET_RE.match(s[:-1])
+        pct = float(m.group("num")) if m and not m.group("unit") else float("nan")
+        if not 0 < pct <= 100:
+            raise _budget_error(value, "is not a percentage in (0, 100]")
+        return "fraction", pct / 100
     if "%" in s:
         raise _budget_error(value, "uses a percent sign")
     if s.startswith("-"):

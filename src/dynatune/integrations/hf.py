@@ -33,12 +33,27 @@ a model that accepts `num_items_in_batch` but ignores it (BERT classifiers in tr
 the sum of its micro-batch means. It is None when the model returns no loss (a `compute_loss_func`
 or label smoothing computes it outside the model).
 
+Budgets: `DynatuneCallback(method, budget="60%")` (or "12GiB", 0.6, a byte count) prices the run as
+the plain loop does, from the Trainer's per-device batch size, gradient accumulation, precision
+(bf16=True is autocast, "amp-bf16"; a model loaded in bf16 is "bf16"; fp16 is not priced yet and
+is refused) and `max_length` (default: the longest tokenised training example it can see; it says
+which it used). A budgeted method's own default (TriMS's 60%) applies here too. A budget below the
+method's smallest plan is refused at train begin; a plan above it is refused before its step runs.
+
+Checkpoints: on each Trainer save the callback writes the engine's state (`dynatune_state.pt`:
+method state and generator, plans, history, optimizer state by parameter name, offloaded state
+included) into the checkpoint folder, and the full model even while an exit is active; on
+`trainer.train(resume_from_checkpoint=...)` it reads that state back, so the resumed run takes the
+same plans and reaches the same weights as a straight one.
+
+`prepare` leaves a guard on the model: training it without the callback (which would be full
+fine-tuning, since every parameter is marked trainable) fails at the first training forward.
+
 One ordering differs from the plain loop: the Trainer clips gradients *before*
 `on_pre_optimizer_step`, so a plan with `probe_params` (gradients read for a signal, then freed)
 would have those gradients counted in the clip norm. `DynatuneTrainer` frees them before it
 clips, which a callback cannot do; with such methods and `max_grad_norm > 0`, use it to match the
-plain loop exactly. Not handled here: resuming a Trainer checkpoint (the tuner's state is not
-saved with it).
+plain loop exactly.
 
 Out of memory: `DynatuneTrainer` catches torch.OutOfMemoryError in a micro-batch's forward or
 backward and retries the step with the same plan (`tuner.retry_step`: gradients, signals and the
@@ -62,8 +77,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..engine import Tuner
+from ..engine import Tuner, guard_until_tuned
 from ..errors import DynatuneError
+from ..loop import one_budget
+from ..memory_model import install_budget
+
+STATE_FILE = "dynatune_state.pt"  # the engine's state, beside the Trainer's files in each checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +97,7 @@ def prepare(model: nn.Module, method) -> nn.Module:
     for p in model.parameters():
         if p.is_floating_point() or p.is_complex():
             p.requires_grad_(True)
+    guard_until_tuned(model)  # every parameter trains now: without the callback this would be full fine-tuning
     return model
 
 
@@ -85,16 +105,31 @@ class DynatuneCallback(TrainerCallback):
     """Runs a dynatune method inside `transformers.Trainer`; no per-step call is left to the user.
 
     Args:
-        method: a method instance (`dynatune.methods.build_method(name, config, seed)`).
+        method: a method instance (`dynatune.build_method(name, seed=0, **options)`).
+        budget: "60%", 0.6 (fractions of full fine-tuning's predicted peak), "12GiB", or a byte count
+            (int); default: the method's own (TriMS: 60%), or none. Given to build_method as well: an error.
+        max_length: the sequence length budgets are priced at; default: the longest tokenised
+            training example the callback can see.
+        margin: the share of the budget kept free (0.03).
         log_path: optional file that receives one JSON record per optimizer step, the same records
             the plain loop writes to log.jsonl (plus `lr` and `epoch`); appended to.
         **tuner_kwargs: passed to `Tuner` (e.g. `layers="transformer.h"`, `count_memory=False`).
 
-    After training, `callback.tuner` holds the history (plans, losses, counted bytes) and the peak.
+    After training, `callback.tuner` holds the history (plans, losses, counted bytes) and the peak;
+    `callback.budget_note` says how the budget was priced.
     """
 
-    def __init__(self, method, log_path: str | Path | None = None, **tuner_kwargs):
+    def __init__(self, method, budget=None, *, max_length: int | None = None, margin: float = 0.03,
+                 log_path: str | Path | None = None, **tuner_kwargs):
         self.method = method
+        # one budget: the callback's or build_method's (never both), else the method's default
+        given = one_budget(budget, method, "DynatuneCallback")
+        self.budget = given if given is not None else method.default_budget
+        if isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget > 1:
+            self.budget = f"{self.budget}B"  # a byte count, in the form budgets are parsed from
+        self.max_length = max_length
+        self.margin = margin
+        self.budget_note: str | None = None
         self.log_path = Path(log_path) if log_path is not None else None
         self.tuner_kwargs = tuner_kwargs
         self.tuner: Tuner | None = None
@@ -114,12 +149,10 @@ class DynatuneCallback(TrainerCallback):
             raise DynatuneError("DynatuneCallback needs the Trainer's model and optimizer at train begin; "
                                 "pass it to a transformers.Trainer through callbacks=[...].")
         # what some methods learn from the training loop (gradselect, adagradselect): backward passes
-        # per optimizer step, and optimizer steps per epoch (unless their config sets it)
-        if hasattr(self.method, "micro_batches"):
-            self.method.micro_batches = args.gradient_accumulation_steps
-        if getattr(self.method, "steps_per_epoch", None) == 0 and train_dataloader is not None:
-            n = len(train_dataloader)
-            self.method.steps_per_epoch = max(1, math.ceil(n / args.gradient_accumulation_steps))
+        # per optimizer step, and optimizer steps per epoch
+        n = len(train_dataloader) if train_dataloader is not None else 0
+        self.method.configure_loop(args.gradient_accumulation_steps,
+                                   max(1, math.ceil(n / args.gradient_accumulation_steps)) if n else 0)
         inner = optimizer  # accelerate's wrapper (maybe nested) shares state and groups with the torch one
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
@@ -128,6 +161,10 @@ class DynatuneCallback(TrainerCallback):
             self._step_open = self._in_step = False
         if self.tuner is None or self.tuner.model is not model or self.tuner.optimizer is not inner:
             self._build(model, inner, lr_scheduler)
+            if self.budget is not None:
+                self._install_budget(args, model, train_dataloader)
+            if state.global_step > 0:  # the Trainer resumed from a checkpoint: so does the engine
+                self._resume(args, state)
         if self._hook is None:
             self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
 
@@ -165,6 +202,22 @@ class DynatuneCallback(TrainerCallback):
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         self._losses = []
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """The Trainer has written checkpoint-N: add the engine's state, and the whole model when an
+        exit has cut blocks off (the Trainer saved only the blocks that run)."""
+        if self.tuner is None or not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            raise DynatuneError(f"the Trainer's checkpoint {folder} is not where dynatune expects it "
+                                "(output_dir/checkpoint-<step>); hyper-parameter search runs are not supported.")
+        if self.tuner.plan is not None and self.tuner.plan.exit_depth is not None:
+            with self.tuner.all_blocks() as full:
+                full.save_pretrained(folder)
+        tmp = folder / (STATE_FILE + ".tmp")
+        torch.save({"tuner": self.tuner.state_dict(), "global_step": state.global_step}, tmp)
+        tmp.replace(folder / STATE_FILE)  # atomic: a kill mid-write leaves no half file under the name
 
     def on_train_end(self, args, state, control, **kwargs):
         """Remove the loss hook. The engine's hooks stay, as after `fit`; `callback.tuner.close_hooks()`
@@ -204,6 +257,41 @@ class DynatuneCallback(TrainerCallback):
             _extend_scheduler(lr_scheduler, optimizer, added)
         self.tuner = tuner
 
+    def _install_budget(self, args, model, train_dataloader) -> None:
+        if args.fp16:
+            raise DynatuneError("the memory model cannot price fp16 training yet, so a budget cannot be held under "
+                                "fp16=True; use bf16=True (or fp32), or no budget.")
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        precision = ("bf16" if params and all(p.dtype == torch.bfloat16 for p in params)
+                     else "amp-bf16" if args.bf16 else "fp32")
+        if self.max_length is not None:
+            seq, where = int(self.max_length), "max_length"
+        else:
+            seq, n = _longest_example(train_dataloader)
+            where = f"the longest of the {n} training examples; pass max_length= to price another length"
+        batch = args.per_device_train_batch_size
+        mm = install_budget(self.tuner, self.budget, batch_shape=(batch, seq), precision=precision,
+                            margin=self.margin, grad_accum=args.gradient_accumulation_steps,
+                            device_type=self.tuner.device.type,
+                            gradient_checkpointing=bool(args.gradient_checkpointing))
+        self.budget_note = (f"budget {self.budget} = {self.tuner.budget_bytes} bytes, priced at batch {batch} x "
+                            f"{seq} tokens ({where}), {precision}, gradient accumulation "
+                            f"{args.gradient_accumulation_steps}")
+        logger.warning("dynatune: %s", self.budget_note)
+        return mm
+
+    def _resume(self, args, state) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise DynatuneError(f"the Trainer resumed at step {state.global_step}, but {path} does not exist, so "
+                                "dynatune cannot resume its plans and optimizer state exactly; resume from a "
+                                "checkpoint a DynatuneCallback run saved in this output_dir.")
+        saved = torch.load(path, weights_only=False)
+        if saved["global_step"] != state.global_step:
+            raise DynatuneError(f"{path} was saved at step {saved['global_step']}, not {state.global_step}.")
+        self.tuner.load_state_dict(saved["tuner"])
+
     def _read_loss(self, module, args, kwargs, output):
         if not (self._in_step and module.training):
             return None
@@ -222,6 +310,22 @@ class DynatuneCallback(TrainerCallback):
             return sum(l.float().item() for l, _, _ in self._losses)
         # a mean over micro-batches; a micro-batch retried in pieces (DynatuneTrainer) weighs them by size
         return sum(l.float().item() * w for l, _, w in self._losses) / sum(w for _, _, w in self._losses)
+
+
+def _longest_example(train_dataloader) -> tuple[int, int]:
+    """(longest input_ids, number of examples) of the Trainer's training set, to price a budget."""
+    data = getattr(train_dataloader, "dataset", None)
+    try:
+        if hasattr(data, "column_names"):  # a datasets.Dataset: read the column, not every row
+            lengths = [len(x) for x in data["input_ids"]]
+        else:
+            lengths = [int(torch.as_tensor(data[i]["input_ids"]).shape[-1]) for i in range(len(data))]
+    except (TypeError, KeyError, IndexError):
+        lengths = []
+    if not lengths:
+        raise DynatuneError("DynatuneCallback cannot see the training examples' input_ids to price the budget; "
+                            "pass DynatuneCallback(method, budget=..., max_length=<longest sequence>).")
+    return max(lengths), len(lengths)
 
 
 def _extend_scheduler(scheduler, optimizer, added: int) -> None:

@@ -61,6 +61,8 @@ class Method:
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):
         self.config = config if config is not None else self.Config()
+        # the budget given with the method (build_method(..., budget=)); the run's own applies otherwise
+        self.budget: str | float | int | None = None
         # the method's own generator: selection never touches the global RNG (dropout's)
         self.generator = torch.Generator().manual_seed(seed)
 
