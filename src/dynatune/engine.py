@@ -113,7 +113,7 @@ class Tuner:
         else:
             ensure_in_optimizer(optimizer, self.candidate_params)
         self.optimizer = optimizer
-        self.states = OptimizerStates(optimizer, self.candidate_params, method.config.state_policy)
+        self.states = OptimizerStates(optimizer, self.candidate_params, method.config.state_policy, self.params)
         self._unit_params = {u.name: frozenset(u.param_names) for u in self.units}
 
         self.signals = {name: SIGNALS[name]() for name in method.signals}

@@ -36,12 +36,14 @@ class OptimizerStates:
     """Moves per-parameter optimizer state as units enter and leave the plan."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, named_params: dict[str, nn.Parameter],
-                 policy: str = "keep"):
+                 policy: str = "keep", all_params: dict[str, nn.Parameter] | None = None):
+        """named_params: the candidates, whose state moves; all_params: every parameter the optimizer
+        may hold (a Trainer's optimizer also holds parameters no plan ever trains), for naming groups."""
         if policy not in STATE_POLICIES:
             raise DynatuneError(f"unknown optimizer-state policy '{policy}'; use one of {', '.join(STATE_POLICIES)}.")
         self.optimizer = optimizer
         self.params = named_params
-        self.name_of = {id(p): n for n, p in named_params.items()}
+        self.name_of = {id(p): n for n, p in (all_params or named_params).items()}
         self.policy = policy
         self.host: dict[str, dict] = {}  # name -> offloaded state (host memory)
         self.bytes_moved = 0  # host<->device traffic since the last reset (logged per step)
