@@ -195,3 +195,19 @@ def test_import_dynatune_gives_the_public_names():
         assert callable(getattr(dynatune, name)), name
     with pytest.raises(DynatuneError, match="has no option taux; its options are: .*tau"):
         dynatune.build_method("trims", taux=3)
+
+
+# -- evaluation under the budget ----------------------------------------------------------------------
+def test_evaluation_batches_shrink_to_fit_the_budget(tmp_path):
+    """A causal LM's evaluation holds batch x seq x vocab logits: at a large eval batch it would
+    peak above a budget that training fits; the callback lowers the eval batch to one that fits."""
+    args = args_for(tmp_path, save_strategy="no", max_steps=1, per_device_eval_batch_size=512)
+    cb = DynatuneCallback(build_method("topk", k=1), budget="60%", max_length=64)
+    Trainer(model=causal_lm(), args=args, train_dataset=lm_examples(), callbacks=[cb]).train()
+    t, mm = cb.tuner, cb.tuner.memory_model
+    resident = Plan.of(t.plan.update)
+    fitted = args.per_device_eval_batch_size
+    assert 1 <= fitted < 512
+    assert mm.predict_eval(fitted, 64, resident)["predicted_peak_bytes"] <= t.usable_budget
+    assert mm.predict_eval(fitted + 1, 64, resident)["predicted_peak_bytes"] > t.usable_budget  # the largest
+    assert mm.predict_eval(512, 64, resident)["predicted_peak_bytes"] > t.usable_budget

@@ -426,10 +426,15 @@ class Tuner:
     def eval_batch_that_fits(self, batch: int, seq: int, new_tokens: int = 0) -> int:
         """The largest evaluation batch, at most `batch`, whose forward (and generate() with
         `new_tokens`) the memory model prices within the budget, with the optimizer state the run
-        holds still resident; `batch` itself without a budget."""
-        if self.budget_bytes is None or self.memory_model is None or self.plan is None:
+        holds still resident (before the first step: the most it can hold); `batch` itself without
+        a budget."""
+        if self.budget_bytes is None or self.memory_model is None:
             return batch
-        resident = Plan.of(self.plan.update | self.kept_state(self.plan), exit_depth=self.plan.exit_depth)
+        # before training, the most state the run can hold: its largest plan's (every candidate's under keep)
+        plan = self.plan if self.plan is not None else self.method.largest_plan(self.units)
+        kept = (frozenset(self.method.candidates()) if self.plan is None and self.states.policy == "keep"
+                else self.kept_state(plan))
+        resident = Plan.of(plan.update | kept, exit_depth=plan.exit_depth)
         mm = self.memory_model
 
         def peak(b):
@@ -437,9 +442,13 @@ class Tuner:
             if new_tokens:
                 p = max(p, mm.predict_generate(b, seq, new_tokens, resident)["predicted_peak_bytes"])
             return p
-        while batch > 1 and peak(batch) > self.usable_budget:
-            batch = (batch + 1) // 2 if batch > 2 else 1
-        return batch
+        if peak(batch) <= self.usable_budget:
+            return batch
+        lo, hi = 1, batch  # peaks grow with the batch: the largest that fits, by bisection
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if peak(mid) <= self.usable_budget else (lo, mid - 1)
+        return lo
 
     def _set_exit(self, exit_depth: int | None) -> None:
         n = len(self._all_blocks)

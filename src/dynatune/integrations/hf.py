@@ -182,7 +182,7 @@ class DynatuneCallback(TrainerCallback):
         clipped = bool(args.max_grad_norm and args.max_grad_norm > 0)
         held = self._probes_holding_grads() if clipped and not self._warned_clip else set()
         self.after_backward()
-        if held - getattr(self.tuner, "promoted", frozenset()) and not self._warned_clip:
+        if held - self.tuner.promoted and not self._warned_clip:
             warnings.warn("the Trainer clipped gradients before dynatune freed the probed ones, so they counted "
                           "in the clip norm; use dynatune.integrations.hf.DynatuneTrainer to match the plain loop.",
                           stacklevel=2)
@@ -278,6 +278,12 @@ class DynatuneCallback(TrainerCallback):
                             f"{seq} tokens ({where}), {precision}, gradient accumulation "
                             f"{args.gradient_accumulation_steps}")
         logger.warning("dynatune: %s", self.budget_note)
+        # the Trainer's evaluation runs while the optimizer state is resident: it must fit as well
+        fits = self.tuner.eval_batch_that_fits(args.per_device_eval_batch_size, seq)
+        if fits < args.per_device_eval_batch_size:
+            logger.warning("dynatune: per_device_eval_batch_size=%d is predicted above the budget; evaluating in "
+                           "batches of %d.", args.per_device_eval_batch_size, fits)
+            args.per_device_eval_batch_size = fits
         return mm
 
     def _resume(self, args, state) -> None:
