@@ -55,7 +55,7 @@ class RunConfig:
     resume: Optional[str] = opt(None, "a run directory or checkpoint to resume from")
     save_model: bool = opt(True, "save the trained model (safetensors) in output_dir/model")
     budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB', '500MB'), a fraction of full fine-tuning's "
-                                      "predicted peak (0.6), or none; unset = the method's default (trims: 0.6)")
+                                      "predicted peak (0.6 or 60%), or none; unset = the method's default (trims: 0.6)")
     margin: float = opt(0.03, "fraction of the budget kept free: a plan runs only if its predicted peak is at most "
                               "budget x (1 - margin)")
     chunked_loss: int = opt(0, "causal LM: compute the loss over this many tokens at a time without full fp32 "
