@@ -6,12 +6,15 @@ a function of the state (read by decisions only under time=measured; the default
 time by eq. 5's sums), and a fake memory model that prices a plan as
 base + w * (blocks on the backward path) + g * (trainable blocks) - x * (exited blocks).
 """
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dynatune import checkpoint
+from dynatune.cli import main
 from dynatune.engine import Tuner
 from dynatune.errors import DynatuneError
 from dynatune.loop import fit
@@ -102,7 +105,9 @@ def test_registered_with_paper_defaults():
     assert METHODS["trims"] is Trims
     c = build_method("trims").config
     assert (c.tau, c.alpha, c.beta, c.eta, c.lambda_m, c.lambda_t) == (10, 0.1, 0.9, 0.99, 0.1, 0.1)
-    assert c.kappa_init == "text" and c.state_policy == "drop"
+    assert c.kappa_init == "text" and c.state_policy == "drop" and c.time == "model"
+    with pytest.raises(DynatuneError, match="trims.time must be 'model' or 'measured'"):
+        Trims(TrimsConfig(time="wall"))
     with pytest.raises(DynatuneError, match="kappa_init"):
         Trims(TrimsConfig(kappa_init="eq7"))
     with pytest.raises(DynatuneError, match="trims.exits must be 'auto', 'on' or 'off'"):
@@ -448,6 +453,45 @@ def test_resume_at_a_decision_step_on_a_faster_machine_takes_the_straight_runs_a
     # the scenario is one where time matters: under time=measured the faster clock changes an action
     (ta, ma), (tb, mb) = resume_on_another_machine(tmp_path / "measured", time="measured")
     assert [d["action"] for d in mb.decisions] != [d["action"] for d in ma.decisions]
+
+
+def test_cli_resume_at_a_decision_step_on_a_faster_machine_equals_the_straight_run(tiny_bert_dir, tmp_path,
+                                                                                    monkeypatch):
+    # a BERT classifier (dropout on) under TriMS's default budget: the memory model prices plans
+    # lazily, and the resumed run's fresh one must not shift the dropout masks either
+    common = [f"model={tiny_bert_dir}", "task=trec", "data.max_train=120", "data.max_eval=16", "batch_size=4",
+              "max_length=32", "max_steps=30", "progress=false", "save_model=false", "lr=3e-3",
+              "method=trims", "trims.tau=5", "trims.lambda_m=0.001", "trims.lambda_t=0.01"]
+    setup = Trims.setup
+
+    def on_clock(**clock):  # every TriMS the CLI builds from now on measures time with this clock
+        def timed_setup(self, tuner):
+            setup(self, tuner)
+            self.clock = FakeClock(self, **clock)
+        monkeypatch.setattr(Trims, "setup", timed_setup)
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    on_clock()
+    assert main(["train", *common, f"output_dir={straight}", "checkpoint_every=10"]) == 0
+    assert main(["train", *common, f"output_dir={split}", "stop_after=10"]) == 0
+    on_clock(**FASTER)  # the second half on another machine
+    assert main(["train", "--resume", str(split), *common, f"output_dir={split}", "checkpoint_every=10"]) == 0
+
+    def log(run):
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    a, b = log(straight), log(split)
+    assert [r["step"] for r in b] == list(range(30))
+    assert a[9]["method_log"]["action"]  # the checkpoint at step 10 comes right after a decision
+    assert {r["method_log"].get("action") for r in a[10:]} - {None, "CON"}  # and one after it moves the window
+    assert [r["method_log"] for r in b] == [r["method_log"] for r in a]  # states, actions, U, v, m, t terms
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["update"] for r in b] == [r["update"] for r in a]
+    wa = load_file(straight / "checkpoints" / "step-30" / "weights.safetensors")
+    wb = load_file(split / "checkpoints" / "step-30" / "weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (straight, split))
+    assert mb["test"] == ma["test"] and mb["final_state"] == ma["final_state"]
 
 
 # -- end to end ---------------------------------------------------------------------------------------
