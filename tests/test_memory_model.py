@@ -254,3 +254,18 @@ def test_cuda_peak_is_predicted_within_5_percent(which):
     measured = torch.cuda.max_memory_allocated()
     pred = mm.predict(p).predicted_peak_bytes
     assert abs(pred / measured - 1) <= 0.05, (pred, measured)
+
+
+def test_pricing_a_plan_leaves_the_global_rng_alone():
+    # the probe measures lazily, the first time a plan's shape is priced, with dropout on (BERT's
+    # 0.1): drawing from the global RNG would make a run's dropout masks depend on when pricing
+    # happened, and a resumed run (fresh memory model) would draw different masks than a straight one
+    mm = MemoryModel.from_config(config("bert"), kind="classification", num_labels=3, device_type=CPU,
+                                 batch_shape=(B, S))
+    lm = MemoryModel.from_config(lm_cfg("llama"), device_type=CPU, precision="fp32")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    assert mm.predict(plan("block.2", "block.3", "head", probe=["block.1"])).predicted_peak_bytes > 0
+    assert mm.predict(plan("block.0", "head", exit_depth=1)).predicted_peak_bytes > 0
+    assert lm.predict_generate(2, 6, 4)["terms"]["kv_cache"] > 0  # measures the KV cache lazily too
+    assert torch.equal(torch.get_rng_state(), before)

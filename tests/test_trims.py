@@ -2,15 +2,19 @@
 exact resume, and end-to-end fits on tiny models.
 
 Time and memory are injected so every decision is reproducible: a fake clock whose step time is
-a function of the state, and a fake memory model that prices a plan as
+a function of the state (read by decisions only under time=measured; the default time=model prices
+time by eq. 5's sums), and a fake memory model that prices a plan as
 base + w * (blocks on the backward path) + g * (trainable blocks) - x * (exited blocks).
 """
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dynatune import checkpoint
+from dynatune.cli import main
 from dynatune.engine import Tuner
 from dynatune.errors import DynatuneError
 from dynatune.loop import fit
@@ -50,16 +54,21 @@ class FakeMemoryModel:
 
 
 class FakeClock:
-    """A step lasts base + e + (e - l + 1) + (r - l + 1) (forward, backward, update): TriMS reads
-    the clock twice per step (plan and end_step), each read advances half of it."""
+    """A step lasts speed * (base + e + gp (e - l + 1) + up (r - l + 1)) (forward, backward, update):
+    TriMS reads the clock twice per step (plan and end_step), each read advances half of it."""
 
-    def __init__(self, method, base=4.0):
-        self.method, self.base, self.t = method, base, 0.0
+    def __init__(self, method, base=4.0, speed=1.0, gp=1.0, up=1.0):
+        self.method, self.base, self.speed, self.gp, self.up, self.t = method, base, speed, gp, up, 0.0
 
     def __call__(self):
         l, r, e, n = self.method.state_tuple()
-        self.t += 0.5 * (self.base + e + (e - l + 1) + (r - l + 1))
+        self.t += 0.5 * self.speed * (self.base + e + self.gp * (e - l + 1) + self.up * (r - l + 1))
         return self.t
+
+
+# Another machine: 20 times faster, and backward and updates weigh more against the forward pass,
+# so the step times of the plans compare differently too.
+FASTER = dict(speed=0.05, gp=2.0, up=4.0)
 
 
 def make(n=8, budget=None, memory_model=True, count_memory=False, **cfg):
@@ -96,7 +105,9 @@ def test_registered_with_paper_defaults():
     assert METHODS["trims"] is Trims
     c = build_method("trims").config
     assert (c.tau, c.alpha, c.beta, c.eta, c.lambda_m, c.lambda_t) == (10, 0.1, 0.9, 0.99, 0.1, 0.1)
-    assert c.kappa_init == "text" and c.state_policy == "drop"
+    assert c.kappa_init == "text" and c.state_policy == "drop" and c.time == "model"
+    with pytest.raises(DynatuneError, match="trims.time must be 'model' or 'measured'"):
+        Trims(TrimsConfig(time="wall"))
     with pytest.raises(DynatuneError, match="kappa_init"):
         Trims(TrimsConfig(kappa_init="eq7"))
     with pytest.raises(DynatuneError, match="trims.exits must be 'auto', 'on' or 'off'"):
@@ -181,12 +192,15 @@ def test_when_nothing_fits_the_smallest_plan_is_taken():
     assert action == "LS" and record["candidates"]["LS"]["pred"] == 75
 
 
-def test_time_comes_from_the_tuners_clock_unless_one_is_injected():
+@pytest.mark.parametrize("time", ["model", "measured"])
+def test_time_comes_from_the_tuners_clock_unless_one_is_injected(time):
     ticks = iter(range(0, 1000, 3))
-    m = Trims(TrimsConfig(tau=2))
+    m = Trims(TrimsConfig(tau=2, time=time))
     t = Tuner(causal_lm(), m, clock=lambda: float(next(ticks)), count_memory=False)
     drive(t, m, 2, steady_loss, lambda s, j: 1.0)
     assert m.decisions[0]["t"] == 3.0  # one read at plan, one at end_step: 3 apart
+    # eq. 8's t_i: the measured time, or under time=model the model's time of (4, 4, 4, 4), 4 + 1 + 1
+    assert m.decisions[0]["t_i"] == (3.0 if time == "measured" else 6.0)
 
 
 def test_start_plan_over_budget_is_a_clear_error():
@@ -206,7 +220,7 @@ def hand_made(m):
 
 
 def test_operation1_on_a_hand_made_state():
-    t, m = make()
+    t, m = make(time="measured")  # the calibrated time estimate: T_B + alpha_t * t_unit * units
     hand_made(m)
     # m^ = 5 + 2 * price(s');  t^ = 1 + 1.5 * 0.5 * (e + (e-l+1) + (r-l+1));  v^ from Operation 1
     expected = {
@@ -226,10 +240,15 @@ def test_operation1_on_a_hand_made_state():
     assert m.utility(m_hat, t_hat, v_hat, 1.8, 187.0, 10.75) == pytest.approx(want)
     with pytest.raises(DynatuneError):
         m.estimate("LE", (1, 5, 6, 8))
+    # time=model (the default): t^ is eq. 5's sums in block units, whatever calibration says
+    t, m = make()
+    hand_made(m)
+    for a, (m_hat, t_hat, v_hat) in expected.items():
+        assert m.estimate(a) == pytest.approx((m_hat, (t_hat - 1) / 0.75, v_hat)), a
 
 
 def test_operation2_updates_against_hand_computed_numbers():
-    t, m = make()
+    t, m = make(time="measured")  # time is calibrated only under time=measured (checked at the end)
     m.state, m.prev_state, m.last_action = (3, 5, 6, 8), (4, 5, 6, 8), "LE"
     m.g = [0.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
     m.kappa, m.kappa_ready = {"exp": 0.2, "shr": 0.22, "ext": 0.18}, True
@@ -256,6 +275,13 @@ def test_operation2_updates_against_hand_computed_numbers():
     m.last_action = "CON"
     m.update_estimators(L=2.0, m=None, t=None)
     assert m.kappa == pytest.approx({k: 0.99 * v for k, v in before.items()})
+
+    # time=model: a measured time calibrates nothing, the estimate stays the state's block units
+    t, m = make()
+    m.state, m.mem_ready = (3, 5, 6, 8), True
+    m.update_estimators(L=1.8, m=130.0, t=9.0)
+    assert (m.t_unit, m.alpha_t, m.t_base) == (None, 1.0, 0.0)
+    assert m.time_hat(m.state) == 13.0
 
 
 def test_gradient_strengths_ema_over_l_minus_1_to_e_and_decay_elsewhere():
@@ -300,10 +326,11 @@ TRACES = {
 }
 
 
-def test_recorded_traces_give_different_asserted_action_sequences():
+@pytest.mark.parametrize("time", ["model", "measured"])
+def test_recorded_traces_give_different_asserted_action_sequences(time):
     seen = {}
     for name, (loss_fn, grad_fn, want) in TRACES.items():
-        t, m = make(tau=2)
+        t, m = make(tau=2, time=time)
         actions, _ = drive(t, m, 30, loss_fn, grad_fn)
         assert actions == want, name
         seen[name] = tuple(actions)
@@ -394,6 +421,77 @@ def test_resume_mid_run_gives_the_same_actions_and_weights(tmp_path):
     for n, p in tuner_a.params.items():
         assert torch.equal(p, tuner_b.params[n]), n
     assert checkpoint.resolve(tmp_path / "b").name == f"step-{steps}"
+
+
+def resume_on_another_machine(tmp_path, steps=30, at=10, **cfg):
+    """A straight run under the FakeClock, and the same run resumed from its step-`at` checkpoint
+    (right after a decision: tau = 5) under the FASTER clock. Returns both (tuner, method)."""
+    cfg_a = loop_cfg(max_steps=steps, lr=3e-3, warmup_ratio=0.0, checkpoint_every=at, keep_checkpoints=10)
+    cfg_b = loop_cfg(**{**vars(cfg_a), "resume": str(tmp_path / "a" / "checkpoints" / f"step-{at}")})
+    runs = []
+    for name, c, clock, seed in (("a", cfg_a, {}, 0), ("b", cfg_b, FASTER, 1)):
+        (tmp_path / name).mkdir(parents=True)
+        m = trims(tau=5, **cfg)
+        m.clock = FakeClock(m, **clock)
+        tuner, _ = fit(classifier("llama", seed=seed), m, cls_data(), collate, c, out_dir=tmp_path / name)
+        runs.append((tuner, m))
+    return runs
+
+
+def test_resume_at_a_decision_step_on_a_faster_machine_takes_the_straight_runs_actions(tmp_path):
+    (ta, ma), (tb, mb) = resume_on_another_machine(tmp_path / "model")
+    assert ma.decisions[1]["step"] == 9  # the checkpoint at step 10 comes right after a decision
+    assert len({d["action"] for d in ma.decisions[2:]}) >= 2  # decisions after the resume, not just CON
+    # every decision's terms are the straight run's; only the measured step time ("t") differs
+    untimed = lambda ds: [{k: v for k, v in d.items() if k != "t"} for d in ds]  # noqa: E731
+    assert untimed(mb.decisions) == untimed(ma.decisions)
+    assert all(b["t"] < a["t"] / 4 for a, b in zip(ma.decisions[2:], mb.decisions[2:]))  # and it was faster
+    assert [h["method_log"] for h in tb.history] == [h["method_log"] for h in ta.history]
+    assert [h["loss"] for h in tb.history] == [h["loss"] for h in ta.history]
+    for n, p in ta.params.items():
+        assert torch.equal(p, tb.params[n]), n
+    # the scenario is one where time matters: under time=measured the faster clock changes an action
+    (ta, ma), (tb, mb) = resume_on_another_machine(tmp_path / "measured", time="measured")
+    assert [d["action"] for d in mb.decisions] != [d["action"] for d in ma.decisions]
+
+
+def test_cli_resume_at_a_decision_step_on_a_faster_machine_equals_the_straight_run(tiny_bert_dir, tmp_path,
+                                                                                    monkeypatch):
+    # a BERT classifier (dropout on) under TriMS's default budget: the memory model prices plans
+    # lazily, and the resumed run's fresh one must not shift the dropout masks either
+    common = [f"model={tiny_bert_dir}", "task=trec", "data.max_train=120", "data.max_eval=16", "batch_size=4",
+              "max_length=32", "max_steps=30", "progress=false", "save_model=false", "lr=3e-3",
+              "method=trims", "trims.tau=5", "trims.lambda_m=0.001", "trims.lambda_t=0.01"]
+    setup = Trims.setup
+
+    def on_clock(**clock):  # every TriMS the CLI builds from now on measures time with this clock
+        def timed_setup(self, tuner):
+            setup(self, tuner)
+            self.clock = FakeClock(self, **clock)
+        monkeypatch.setattr(Trims, "setup", timed_setup)
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    on_clock()
+    assert main(["train", *common, f"output_dir={straight}", "checkpoint_every=10"]) == 0
+    assert main(["train", *common, f"output_dir={split}", "stop_after=10"]) == 0
+    on_clock(**FASTER)  # the second half on another machine
+    assert main(["train", "--resume", str(split), *common, f"output_dir={split}", "checkpoint_every=10"]) == 0
+
+    def log(run):
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    a, b = log(straight), log(split)
+    assert [r["step"] for r in b] == list(range(30))
+    assert a[9]["method_log"]["action"]  # the checkpoint at step 10 comes right after a decision
+    assert {r["method_log"].get("action") for r in a[10:]} - {None, "CON"}  # and one after it moves the window
+    assert [r["method_log"] for r in b] == [r["method_log"] for r in a]  # states, actions, U, v, m, t terms
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["update"] for r in b] == [r["update"] for r in a]
+    wa = load_file(straight / "checkpoints" / "step-30" / "weights.safetensors")
+    wb = load_file(split / "checkpoints" / "step-30" / "weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (straight, split))
+    assert mb["test"] == ma["test"] and mb["final_state"] == ma["final_state"]
 
 
 # -- end to end ---------------------------------------------------------------------------------------

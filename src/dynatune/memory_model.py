@@ -649,6 +649,14 @@ class ActivationProbe:
     def measure(self, sig: tuple) -> ProbeResult:
         if sig in self._cache:
             return self._cache[sig]
+        # The probe runs lazily, the first time a plan's shape is priced, and its forward passes
+        # draw dropout masks: on the run's global RNG that would shift the run's own dropout by
+        # when pricing happened, which differs between a straight run and one resumed with a
+        # fresh memory model. The probe draws from a forked CPU RNG instead (it runs on the CPU).
+        with torch.random.fork_rng(devices=[]):
+            return self._measure(sig)
+
+    def _measure(self, sig: tuple) -> ProbeResult:
         self._setup()
         layout, _, outside, detach = sig
         units = self._units
@@ -753,6 +761,10 @@ class ActivationProbe:
         promote values to the keys' fp32 under autocast)."""
         if self.kv_bytes_per_token_layer is not None:
             return self.kv_bytes_per_token_layer
+        with torch.random.fork_rng(devices=[]):  # lazy like measure(): leave the run's RNG alone
+            return self._kv_cache_bytes()
+
+    def _kv_cache_bytes(self) -> int:
         self._setup()
         m = self._model
         ids = torch.randint(3, min(self._vocab, 100), (1, 4))

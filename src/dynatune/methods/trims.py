@@ -14,9 +14,12 @@ is scored by eq. 8,
 
     U(s, a) = -v/L_i - lambda_M (m - m_i)/m_i - lambda_T (t - t_i)/t_i,
 
-with the memory and time estimates (m, t) of eq. 4-5, calibrated against what the last period
-measured (Operation 2), and the predicted loss change v from activation-gradient strengths g(j)
-and sensitivities kappa (Operation 1). The best-scoring action is taken.
+with the memory and time estimates (m, t) of eq. 4-5, memory calibrated against what the last
+period measured (Operation 2), and the predicted loss change v from activation-gradient strengths
+g(j) and sensitivities kappa (Operation 1). The best-scoring action is taken. Time is priced by
+eq. 5's sums alone (option `time`, default 'model'), so no decision reads a clock and a resumed
+run takes the straight run's actions; `time=measured` calibrates it against measured step times
+as the paper does, at the price of reproducibility.
 
 Mapping to a dynatune Plan (0-based unit names): update = block.{l-1} .. block.{r-1} + the final
 norm/pooler (option `train_norm`) + a fresh task head; probe = block.{l-2} (the gradient at block
@@ -91,6 +94,11 @@ class TrimsConfig(MethodConfig):
                                     "keep or offload")
     exits: str = opt("auto", "exit actions PU/PO: 'on', 'off', or 'auto' (off when the task head reads the first "
                              "token, as encoder classifiers do: see docs/methods/trims.md)")
+    time: str = opt("model", "how eq. 8 prices time: 'model' (default): eq. 5's sums in mean-block units (forward "
+                             "1..e, gradient l..e, update l..r, by parameter count), a function of the state alone, "
+                             "so runs and resumes are reproducible; 'measured': the paper's calibration against "
+                             "measured step times (Operation 2), which makes decisions depend on wall-clock time: "
+                             "two runs with one seed, or a run and its resume, may then take different actions")
 
 
 @register
@@ -112,10 +120,13 @@ class Trims(Method):
             raise DynatuneError(f"trims.exits must be 'auto', 'on' or 'off', got '{c.exits}'.")
         if c.kappa_init not in ("text", "eq6"):
             raise DynatuneError(f"trims.kappa_init must be 'text' or 'eq6', got '{c.kappa_init}'.")
+        if c.time not in ("model", "measured"):
+            raise DynatuneError(f"trims.time must be 'model' or 'measured', got '{c.time}'.")
         for k in ("beta", "eta"):
             if not 0.0 <= getattr(c, k) <= 1.0:
                 raise DynatuneError(f"trims.{k} must lie in [0, 1], got {getattr(c, k)}.")
-        # The clock the time estimator reads (None: the tuner's). Tests inject a fake one here.
+        # The clock step times are measured with (None: the tuner's); tests inject a fake one here.
+        # Decisions read it only under time=measured; otherwise the times go to the records only.
         self.clock = None
         self.decisions: list[dict] = []
         self.exits_allowed: bool | None = None  # decided in setup, from the model when exits='auto'
@@ -330,7 +341,11 @@ class Trims(Method):
         return self.tuner.has_memory_model
 
     def time_hat(self, state: State) -> float | None:
-        """T^(s) = T_B + alpha_t * (eq. 5 sums); None before the first period sets the time scale."""
+        """T^(s). time=model: eq. 5's sums in mean-block units (T_B = 0, alpha_t = 1), a function of
+        the state alone. time=measured: T_B + alpha_t * t_unit * (eq. 5 sums) in seconds, None before
+        the first period sets the time scale."""
+        if self.config.time == "model":
+            return self.raw_time(state)
         if self.t_unit is None:
             return None
         return self.t_base + self.alpha_t * self.t_unit * self.raw_time(state)
@@ -359,8 +374,9 @@ class Trims(Method):
             elif raw > 0:
                 self.alpha_m = ema(self.alpha_m, (m - self.m_base) / raw, c.beta)
                 self.m_base = m - self.alpha_m * raw
-        # time: the first period sets the unit (T_B = 0, alpha_t = 1); later ones as for memory
-        if t is not None and t > 0:
+        # time (time=measured only): the first period sets the unit (T_B = 0, alpha_t = 1); later
+        # ones as for memory. time=model has nothing to calibrate: its estimate is the model itself.
+        if t is not None and t > 0 and c.time == "measured":
             raw = self.raw_time(s)
             if self.t_unit is None:
                 self.t_unit, self.t_base, self.alpha_t = t / raw, 0.0, 1.0
@@ -414,13 +430,16 @@ class Trims(Method):
         L = a["loss_sum"] / a["loss_n"] if a["loss_n"] else self.loss_last
         m = a["mem"]
         t = median(a["times"]) if a["times"] else None  # a step time robust to one-off stalls
+        # time=model: the measured time is recorded, never used (a resume on another machine, or
+        # the same run twice, would see other times); eq. 8's t_i is then the model's T^(s_i)
+        measured = self.config.time == "measured"
         self.update_gradients({j: a["g_sum"][j] / a["g_n"][j] for j in a["g_sum"]})
-        self.update_estimators(L, m, t)
+        self.update_estimators(L, m, t if measured else None)
         self.loss_prev, self.loss_last = self.loss_last, L
         m_i = m if m is not None else self.memory_hat(self.state)
-        t_i = t if t is not None else self.time_hat(self.state)
+        t_i = t if (measured and t is not None) else self.time_hat(self.state)
         action, record = self.choose(L, m_i, t_i)
-        record.update(step=step, period=self.period, L=L, m=m, t=t, kappa=dict(self.kappa),
+        record.update(step=step, period=self.period, L=L, m=m, t=t, t_i=t_i, kappa=dict(self.kappa),
                       alpha_m=self.alpha_m, m_base=self.m_base, alpha_t=self.alpha_t, t_base=self.t_base)
         self.decisions.append(record)
         if self._ran is not None:
