@@ -128,7 +128,7 @@ def check(cfg) -> None:
     if run_budget(cfg.budget, METHODS[cfg.method]) is not None:
         # the form only (bytes with a unit, or a fraction in (0, 1]); a fraction is resolved against the
         # memory model's full fine-tuning peak, and the floor (smallest plan) is checked, before training
-        from .memory_model import check_margin, parse_budget
+        from .memory import check_margin, parse_budget
         parse_budget(run_budget(cfg.budget, METHODS[cfg.method]))
         check_margin(cfg.margin)
 

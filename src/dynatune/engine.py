@@ -255,10 +255,10 @@ class Tuner:
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:
-        """Price plans with `memory_model` (memory_model.MemoryModel, its batch_shape set); from now
+        """Price plans with `memory_model` (memory.MemoryModel, its batch_shape set); from now
         on `apply` refuses a plan predicted above budget_bytes x (1 - margin). Methods read
         `tuner.memory_model`, `tuner.budget_bytes` and `tuner.budget_margin` to choose within it."""
-        from .memory_model import check_margin
+        from .memory import check_margin
         self.memory_model = memory_model
         self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.budget_margin = check_margin(margin)
@@ -272,7 +272,7 @@ class Tuner:
             peak = own(plan) if own is not None else None
             if peak is None:  # the only memory-model call: any object with predict(plan).predicted_peak_bytes
                 peak = self.memory_model.predict(plan).predicted_peak_bytes
-            from .memory_model import BudgetError, usable_budget
+            from .memory import BudgetError, usable_budget
             limit = usable_budget(self.budget_bytes, self.budget_margin)
             if peak > limit:  # refused before anything changes
                 raise BudgetError(f"{self.method.name}'s plan (update {', '.join(sorted(plan.update)[:4])}"

@@ -24,7 +24,7 @@ from . import checkpoint
 from .config import run_budget, run_dir
 from .engine import Tuner
 from .losses import chunked_causal_lm_loss
-from .memory_model import MemoryModel, install_budget, largest_prediction
+from .memory import MemoryModel, install_budget, largest_prediction
 from .errors import DynatuneError
 from .methods import METHODS, build_method
 

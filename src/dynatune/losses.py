@@ -8,7 +8,7 @@ gradients and the AdamW state together. Here the tokens are cut into chunks of `
 each chunk's logits live only while that chunk is processed, forward and backward alike (backward
 recomputes them), and only the per-token log-sum-exp (4 bytes a token) is kept in between.
 
-What it saves for backward (priced by memory_model.py): the hidden states of the tokens that have
+What it saves for backward (priced by memory/model.py): the hidden states of the tokens that have
 a label (a gathered copy), their targets and log-sum-exps. Transient, per chunk: the chunk's
 logits in the compute dtype and in fp32 (plus the exp inside logsumexp in forward), and, in
 backward, the fp32 gradient of the head weight (it becomes `.grad`) and a compute-dtype copy of

@@ -2,7 +2,7 @@
 
     dynatune estimate model=arch:qwen2-0.5b batch_size=16 seq_len=256 precision=amp-bf16 budget=0.6 [--json]
 
-For a model (or an architecture) and a batch shape, the memory model (memory_model.py) prices:
+For a model (or an architecture) and a batch shape, the memory model (memory/model.py) prices:
 full fine-tuning; top-k blocks (+ final norm) for each k; bottom-k; LISA with k blocks (+ embeddings
 and final norm); LoRA on all linear layers at each power-of-two rank; early exit at each depth e
 with the top k blocks below it training (k in 1, n/4, e/2, e). Each row has the predicted peak
@@ -21,8 +21,8 @@ import sys
 from types import SimpleNamespace
 
 from .errors import DynatuneError
-from .memory_model import (DEFAULT_MARGIN, LOSSES, PRECISIONS, MemoryModel, check_margin, fmt_bytes, resolve_budget,
-                           resolve_config, usable_budget)
+from .memory import (DEFAULT_MARGIN, LOSSES, PRECISIONS, MemoryModel, check_margin, fmt_bytes, resolve_budget,
+                     resolve_config, usable_budget)
 from .plan import Plan
 
 FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit")
@@ -127,7 +127,7 @@ def parse_options(overrides) -> SimpleNamespace:
     if any(r < 1 for r in o.lora_ranks):
         raise DynatuneError(f"LoRA ranks must be at least 1, got {o.lora_ranks}.")
     if o.budget is not None:
-        from .memory_model import parse_budget
+        from .memory import parse_budget
         parse_budget(o.budget)
     return o
 

@@ -99,6 +99,11 @@ class Units:
         return {p: u.name for u in self.units for p in u.param_names}
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model a peft wrapper (PeftModel) wraps; any other model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module | None:
     mod = model
     for part in path.split("."):
