@@ -29,8 +29,9 @@ from .errors import DynatuneError
 from .memory import MemoryRecord, SavedTensorCounter, grad_bytes, unique_bytes
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
-from .signals import SIGNALS, first_tensor
-from .units import Units, get_submodule, partition
+from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from .signals import SIGNALS
+from .units import Units, partition
 
 
 def capture_rng() -> dict:
@@ -82,17 +83,13 @@ class Tuner:
         for s in self.signals.values():
             s.attach(self.model, self.units, self.params)
 
-        # Early exit swaps the block list for a truncated one; keep the full list and config.
-        parent_path, _, self._blocks_attr = self.units.blocks_path.rpartition(".")
-        self._blocks_parent = get_submodule(self.model, parent_path) if parent_path else self.model
-        self._all_blocks: nn.ModuleList = getattr(self._blocks_parent, self._blocks_attr)
-        cfg = getattr(self.model, "config", None)
-        self._config_layers = (getattr(cfg, "num_hidden_layers", None), getattr(cfg, "layer_types", None))
+        # Early exit swaps the block list for a truncated one; the stack keeps the full list and config.
+        self.block_stack = BlockStack(self.model, self.units.blocks_path)
 
         self.count_memory = count_memory
         self.counter = SavedTensorCounter(self.device)
         if count_memory:
-            self.counter.attach({f"block.{i}": b for i, b in enumerate(self._all_blocks)}, self.params.values())
+            self.counter.attach({f"block.{i}": b for i, b in enumerate(self.block_stack.full)}, self.params.values())
         self._count_ctx: ExitStack | None = None
         self._plan_hooks: list = []
 
@@ -280,16 +277,12 @@ class Tuner:
                                   f"above the budget's usable {limit} bytes ({self.budget_bytes} x "
                                   f"(1 - {self.budget_margin:g})).", predicted_bytes=peak, budget_bytes=self.budget_bytes)
         old = self.plan
-        self._set_exit(plan.exit_depth)
-        grad_units = plan.update | plan.probe_params
-        wanted = set(self.units.param_names(grad_units))
+        self.block_stack.set_exit(plan.exit_depth)
+        wanted = grad_param_names(self.units, plan)
         stray = wanted - set(self.candidate_params)
         if stray:
             raise DynatuneError(f"the plan trains parameters outside the method's candidates ({sorted(stray)[:3]}...).")
-        for n, p in self.candidate_params.items():
-            p.requires_grad_(n in wanted)
-            if n not in wanted:
-                p.grad = None  # units that left free their gradient now
+        require_grad_only(self.candidate_params, wanted)
         updated = set(self.units.param_names(plan.update))
         # what really updated last step: the plan's units and the ones promoted after backward
         before = (set(self.units.param_names(old.update | self.promoted)) if old is not None
@@ -301,43 +294,9 @@ class Tuner:
         self.states.enter(sorted(updated))
         for h in self._plan_hooks:
             h.remove()
-        self._plan_hooks = []
-        for name in plan.probe:
-            self._plan_hooks.append(self._probe_output(self.units[name]))
-        if plan.detach_tied_input:
-            emb = self.model.get_input_embeddings()
-            self._plan_hooks.append(emb.register_forward_hook(lambda m, a, out: out.detach()))
+        self._plan_hooks = add_plan_hooks(self.model, self.units, self.block_stack.full, plan)
         self.plan = plan
         self.applied_plans.add(plan)
-
-    def _probe_output(self, unit):
-        """Make the unit's output require grad so backward reaches it (not its weights)."""
-        if unit.kind != "block":
-            raise DynatuneError(f"only blocks can be probed at their output, not {unit.name}.")
-
-        def hook(mod, args, out):
-            t = first_tensor(out)
-            if t is not None and not t.requires_grad:
-                t.requires_grad_(True)
-        # prepend: signal hooks on the same block (ActivationGradNorm) must see the output
-        # already requiring grad, or the probed block reports nothing
-        return self._all_blocks[unit.depth].register_forward_hook(hook, prepend=True)
-
-    def _set_exit(self, exit_depth: int | None) -> None:
-        n = len(self._all_blocks)
-        e = n if exit_depth is None else exit_depth
-        current = getattr(self._blocks_parent, self._blocks_attr)
-        if len(current) == e:
-            return
-        setattr(self._blocks_parent, self._blocks_attr,
-                self._all_blocks if e == n else nn.ModuleList(list(self._all_blocks)[:e]))
-        cfg = getattr(self.model, "config", None)
-        n_layers, layer_types = self._config_layers
-        if cfg is not None and n_layers is not None:
-            # the saved model must load with e blocks: its config says so
-            cfg.num_hidden_layers = e if e < n else n_layers
-            if layer_types is not None:
-                cfg.layer_types = list(layer_types)[:e] if e < n else layer_types
 
     # -- state ------------------------------------------------------------------------------------
     def params_in(self, unit_names) -> int:
@@ -375,4 +334,4 @@ class Tuner:
     def close(self) -> None:
         """Remove every hook and restore the full block list."""
         self.close_hooks()
-        self._set_exit(None)
+        self.block_stack.set_exit(None)

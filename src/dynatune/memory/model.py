@@ -270,7 +270,7 @@ class MemoryModel:
         """A memory model for the run a Tuner drives (its model, units, optimizer and device)."""
         kw.setdefault("optimizer", tuner.optimizer)
         kw.setdefault("device_type", tuner.device.type if tuner.device.type in ("cuda", "cpu") else "cuda")
-        layer_types = getattr(tuner, "_config_layers", (None, None))[1]
+        layer_types = tuner.block_stack.layer_types
         layers = tuner.units.blocks_path if tuner.units.blocks_path else None
         return cls(tuner.model, units=tuner.units, layers=layers, precision=precision, batch_shape=batch_shape,
                    prepare=tuner.method.prepare_model, layer_types=layer_types, params=tuner.params, **kw)

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import DynatuneError
 from ..plan import Plan
-from ..units import Units, get_submodule, partition, unwrap_peft
+from ..plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from ..units import Units, partition, unwrap_peft
 from .counting import SavedTensorCounter
 
 PROBE_SEQ_LENS = (16, 24, 32)
@@ -308,19 +309,13 @@ class ActivationProbe:
             unwrap_peft(m).gradient_checkpointing_enable()
         m.train()
         units = partition(m, self.granularity, self.layers)
-        parent_path, _, attr = units.blocks_path.rpartition(".")
-        parent = get_submodule(m, parent_path) if parent_path else m
-        blocks = getattr(parent, attr)
+        stack = BlockStack(m, units.blocks_path)
         counter = SavedTensorCounter(torch.device("cpu"))
-        counter.attach({f"block.{i}": b for i, b in enumerate(blocks)}, list(m.parameters()))
-        self._model, self._units, self._parent, self._attr, self._blocks = m, units, parent, attr, blocks
-        self._counter = counter
+        counter.attach({f"block.{i}": b for i, b in enumerate(stack.full)}, list(m.parameters()))
+        self._model, self._units, self._stack, self._counter = m, units, stack, counter
         # skipping GEMMs pays off on real-size layers; on tiny models the Python dispatch costs more
         n_params = sum(p.numel() for p in m.parameters())
         self._fast = self.fast is True or (self.fast == "auto" and n_params >= 5_000_000)
-        cfg0 = getattr(unwrap_peft(m), "config", None)
-        types = getattr(cfg0, "layer_types", None)
-        self._layer_types = list(types) if types is not None else None
         self._is_causal_lm = is_causal_lm(m)
         cfg = getattr(unwrap_peft(m), "config", None)
         self._vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
@@ -435,7 +430,7 @@ class ActivationProbe:
         finally:
             for h in hooks:
                 h.remove()
-            self._set_exit(None)
+            self._stack.set_exit(None)
             for p in m.parameters():
                 p.requires_grad_(False)
         states, shared = {}, _Fit()
@@ -449,33 +444,12 @@ class ActivationProbe:
         return {"states": states, "shared": shared, "outside": _Fit.from_points(outside, seqs), "kernels": kernels}
 
     def _apply(self, plan: Plan) -> list:
-        """The engine's plan mechanics on the small model: requires_grad, probes, exit, detach."""
+        """The engine's plan mechanics (plan_mechanics.py) on the small model; returns the hooks."""
         m, units = self._model, self._units
-        wanted = set(units.param_names(plan.update | plan.probe_params))
-        for n, p in m.named_parameters():
-            p.requires_grad_(n in wanted)
-        hooks = []
-        for name in plan.probe:
-            def hook(mod, args, out):
-                t = out if isinstance(out, torch.Tensor) else out[0]
-                if not t.requires_grad:
-                    t.requires_grad_(True)
-            hooks.append(self._blocks[units[name].depth].register_forward_hook(hook, prepend=True))
-        if plan.detach_tied_input:
-            emb = unwrap_peft(m).get_input_embeddings()
-            hooks.append(emb.register_forward_hook(lambda mod, a, out: out.detach()))
-        self._set_exit(plan.exit_depth)
+        require_grad_only(dict(m.named_parameters()), grad_param_names(units, plan))
+        hooks = add_plan_hooks(m, units, self._stack.full, plan)
+        self._stack.set_exit(plan.exit_depth)
         return hooks
-
-    def _set_exit(self, e: int | None) -> None:
-        n = len(self._blocks)
-        e = n if e is None else e
-        setattr(self._parent, self._attr, self._blocks if e == n else nn.ModuleList(list(self._blocks)[:e]))
-        cfg = getattr(unwrap_peft(self._model), "config", None)
-        if cfg is not None and hasattr(cfg, "num_hidden_layers"):
-            cfg.num_hidden_layers = e
-            if self._layer_types is not None:
-                cfg.layer_types = list(self._layer_types)[:e]
 
     def kv_cache_bytes(self) -> int:
         """Bytes of the KV cache per token per layer at this precision (measured: HF's cache may
