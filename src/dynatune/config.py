@@ -16,6 +16,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .data.tasks import DataConfig, task_kind
 from .errors import DynatuneError
+from .memory import check_margin, parse_budget
 from .methods import METHODS
 
 PRECISIONS = ("fp32", "amp-bf16", "bf16")
@@ -128,7 +129,6 @@ def check(cfg) -> None:
     if run_budget(cfg.budget, METHODS[cfg.method]) is not None:
         # the form only (bytes with a unit, or a fraction in (0, 1]); a fraction is resolved against the
         # memory model's full fine-tuning peak, and the floor (smallest plan) is checked, before training
-        from .memory import check_margin, parse_budget
         parse_budget(run_budget(cfg.budget, METHODS[cfg.method]))
         check_margin(cfg.margin)
 

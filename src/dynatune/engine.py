@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DynatuneError
-from .memory import MemoryRecord, SavedTensorCounter, grad_bytes, unique_bytes
+from .memory import BudgetError, MemoryRecord, SavedTensorCounter, check_margin, grad_bytes, unique_bytes, usable_budget
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
 from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
@@ -255,7 +255,6 @@ class Tuner:
         """Price plans with `memory_model` (memory.MemoryModel, its batch_shape set); from now
         on `apply` refuses a plan predicted above budget_bytes x (1 - margin). Methods read
         `tuner.memory_model`, `tuner.budget_bytes` and `tuner.budget_margin` to choose within it."""
-        from .memory import check_margin
         self.memory_model = memory_model
         self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.budget_margin = check_margin(margin)
@@ -269,7 +268,6 @@ class Tuner:
             peak = own(plan) if own is not None else None
             if peak is None:  # the only memory-model call: any object with predict(plan).predicted_peak_bytes
                 peak = self.memory_model.predict(plan).predicted_peak_bytes
-            from .memory import BudgetError, usable_budget
             limit = usable_budget(self.budget_bytes, self.budget_margin)
             if peak > limit:  # refused before anything changes
                 raise BudgetError(f"{self.method.name}'s plan (update {', '.join(sorted(plan.update)[:4])}"

@@ -13,7 +13,6 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +20,19 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoint
-from .config import run_budget, run_dir
+from .checkpoint import LoopState
+from .config import method_config, run_budget, run_dir, to_dict
+from .data.metrics import evaluate
+from .data.tasks import load_task, task_kind
 from .engine import Tuner
+from .errors import DynatuneError
 from .losses import chunked_causal_lm_loss
 from .memory import MemoryModel, install_budget, largest_prediction
-from .errors import DynatuneError
 from .methods import METHODS, build_method
+from .models import load_model
+from .report import plot_run
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: restored from a checkpoint so no batch is lost or repeated."""
-
-    step: int = 0          # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    evals: list = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -266,11 +260,6 @@ def _progress(total, initial, enabled):
 
 def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
-    from .config import method_config, to_dict
-    from .data.metrics import evaluate
-    from .data.tasks import load_task, task_kind
-    from .models import load_model
-
     seed_everything(cfg.seed)
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +268,7 @@ def train(cfg) -> dict:
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
@@ -316,14 +305,14 @@ def train(cfg) -> dict:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / "model")
     try:
-        from .report import plot_run
         plot_run(out_dir)
-    except ImportError:
+    except ImportError:  # no matplotlib: no plots
         pass
     return metrics
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The torch device for config's `device`: auto, cpu or cuda."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -6,7 +6,6 @@ not change either); the tiny ones serve tests.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     # Fork the RNG so a seeded build neither depends on nor disturbs the caller's random state.
-    with torch.random.fork_rng(devices=[]), quiet_transformers():
+    with torch.random.fork_rng(devices=[]), assets.quiet_transformers():
         torch.manual_seed(seed)
         model = _build(auto, config, source, dtype)
     if getattr(model, "generation_config", None) is not None:
@@ -179,7 +178,7 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        with quiet_transformers():
+        with assets.quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         return None  # a weights-only folder; tasks then say a tokenizer is needed
@@ -208,20 +207,3 @@ def _set_special_ids(config, tokenizer) -> None:
         # Decoder classification heads pick the last non-pad token: they need a pad id.
         eos = getattr(config, "eos_token_id", None)
         config.pad_token_id = eos if isinstance(eos, int) else 0
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Hide load reports and progress bars (e.g. 'newly initialized: classifier', which is expected)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()

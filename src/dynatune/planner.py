@@ -21,8 +21,10 @@ import sys
 from types import SimpleNamespace
 
 from .errors import DynatuneError
-from .memory import (DEFAULT_MARGIN, LOSSES, PRECISIONS, MemoryModel, check_margin, fmt_bytes, resolve_budget,
-                     resolve_config, usable_budget)
+from .memory import (DEFAULT_MARGIN, LOSSES, PRECISIONS, MemoryModel, check_margin, fmt_bytes, parse_budget,
+                     resolve_budget, resolve_config, usable_budget)
+from .methods import build_method
+from .methods.adapters import LoraConfig, target_linears
 from .plan import Plan
 
 FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit")
@@ -127,7 +129,6 @@ def parse_options(overrides) -> SimpleNamespace:
     if any(r < 1 for r in o.lora_ranks):
         raise DynatuneError(f"LoRA ranks must be at least 1, got {o.lora_ranks}.")
     if o.budget is not None:
-        from .memory import parse_budget
         parse_budget(o.budget)
     return o
 
@@ -142,14 +143,11 @@ def _kind(o, config) -> str:
 
 def _lora_prepare(r: int, cap: bool):
     """dynatune's lora method (per-module cap) or plain peft all-linear (no cap, as the anchors ran it)."""
-    from .methods import build_method
-    from .methods.adapters import LoraConfig
     if cap:
         return build_method("lora", LoraConfig(r=r, alpha=2.0 * r))
 
     def prepare(model):
         from peft import LoraConfig as PeftLora, inject_adapter_in_model
-        from .methods.adapters import target_linears
         return inject_adapter_in_model(PeftLora(r=r, lora_alpha=2 * r, target_modules=list(target_linears(
             model, "all-linear"))), model)
 
@@ -203,7 +201,6 @@ def estimate(cfg_like) -> list[dict]:
                 if k <= e:
                     add("exit", (e, k), f"exit{e}_top{k}", mm, Plan.of(blocks(e - k, e) | fresh, exit_depth=e))
     if "lora" in fams:
-        from .methods.adapters import target_linears
         cap = max(min(m.in_features, m.out_features) for m in target_linears(mm.model, "all-linear").values())
         ranks = o.lora_ranks or [2**i for i in range(cap.bit_length()) if 2**i <= cap]
         for r in ranks:

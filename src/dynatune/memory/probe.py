@@ -19,6 +19,7 @@ import torch.utils._python_dispatch
 from torch import nn
 
 from ..errors import DynatuneError
+from ..losses import chunked_causal_lm_loss
 from ..plan import Plan
 from ..plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
 from ..units import Units, partition, unwrap_peft
@@ -335,7 +336,6 @@ class ActivationProbe:
 
     def _loss_fn(self):
         if self.loss == "chunked":
-            from ..losses import chunked_causal_lm_loss
             return lambda m, b: chunked_causal_lm_loss(m, b, self.chunk_tokens)
         if self.loss == "sliced":
             return sliced_logits_loss
