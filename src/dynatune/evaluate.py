@@ -10,8 +10,9 @@ from .config import load_config
 from .data.metrics import evaluate
 from .data.tasks import load_task, task_kind
 from .errors import DynatuneError
-from .loop import autocast_for, resolve_device
+from .loop import resolve_device
 from .models import load_model
+from .precision import autocast_for
 
 
 def evaluate_run(run_dir, overrides: list[str] | None = None) -> dict:
@@ -31,7 +32,7 @@ def evaluate_run(run_dir, overrides: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
     model.to(device)
     out = {"run": str(run), "task": cfg.task}
-    with torch.no_grad(), autocast_for(cfg.precision, device):
+    with torch.no_grad(), autocast_for(cfg.precision, device.type):
         for split in ("validation", "test"):
             if getattr(task, split) is not None:
                 out[split] = evaluate(model, task, split, cfg.eval_batch_size, device)

@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from .losses import chunked_causal_lm_loss
 from .memory import MemoryModel, install_budget, largest_prediction
 from .methods import METHODS, build_method
 from .models import load_model
+from .precision import autocast_for
 from .report import plot_run
 
 logger = logging.getLogger(__name__)
@@ -54,12 +54,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of one epoch: a function of (seed, epoch) alone, so resume can replay it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "amp-bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def move(batch: dict, device) -> dict:
@@ -201,7 +195,7 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
     loss_sum = 0.0
     for batch in micro_batches:
         batch = move(batch, device)
-        with autocast_for(cfg.precision, device):
+        with autocast_for(cfg.precision, device.type):
             # keep only the loss: holding the output would keep the logits alive through backward
             if getattr(cfg, "chunked_loss", 0):
                 loss = chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
@@ -275,7 +269,7 @@ def train(cfg) -> dict:
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     def eval_split(m, split):
-        with autocast_for(cfg.precision, device):
+        with autocast_for(cfg.precision, device.type):
             return evaluate(m, task, split, cfg.eval_batch_size, device)
 
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ not change either); the tiny ones serve tests.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,52 @@ def arch_config(name: str):
     kw = dict(ARCHS[name])
     cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
     return cfg
+
+
+def resolve_config(config):
+    """A transformers config from a config object, 'arch:NAME' / NAME of ARCHS, a known
+    pretrained model name, or a local Hugging Face directory."""
+    if not isinstance(config, str):
+        return copy.deepcopy(config)
+    name = config[len("arch:"):] if config.startswith("arch:") else config
+    if name in ARCHS:
+        return arch_config(name)
+    from transformers import AutoConfig
+
+    if config in MODELS:
+        return AutoConfig.from_pretrained(_resolve_dir(config))
+    p = Path(config).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return AutoConfig.from_pretrained(p)
+    raise DynatuneError(f"unknown model {config!r}; use arch:NAME with NAME in {', '.join(ARCHS)}, "
+                        f"one of {', '.join(MODELS)}, or a local Hugging Face model directory.")
+
+
+def meta_model(config, *, kind: str = "causal-lm", precision: str = "fp32", num_labels: int | None = None):
+    """The full-size model on the meta device: exact shapes and dtypes, no memory, no init time."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = resolve_config(config)
+    if kind != "causal-lm":
+        cfg.num_labels = 1 if kind == "regression" else (num_labels or getattr(cfg, "num_labels", 2) or 2)
+        if kind == "regression":
+            cfg.problem_type = "regression"
+    _set_special_ids(cfg, None)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    last = None
+    for attn in ("sdpa", "eager"):
+        try:
+            with torch.device("meta"):
+                m = auto.from_config(cfg, attn_implementation=attn)
+            break
+        except ValueError as e:
+            last = e
+    else:
+        raise last
+    if precision == "bf16":
+        m.to(torch.bfloat16)
+    m.train()
+    return m
 
 
 def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.float32, seed: int = 0,

@@ -21,15 +21,15 @@ import sys
 from types import SimpleNamespace
 
 from .errors import DynatuneError
-from .memory import (DEFAULT_MARGIN, LOSSES, PRECISIONS, MemoryModel, check_margin, fmt_bytes, parse_budget,
-                     resolve_budget, resolve_config, usable_budget)
+from .memory import (DEFAULT_MARGIN, DEVICE_TYPES, LOSSES, MemoryModel, check_margin, fmt_bytes, parse_budget,
+                     resolve_budget, usable_budget)
 from .methods import build_method
 from .methods.adapters import LoraConfig, target_linears
+from .models import ENCODER_TYPES, resolve_config
 from .plan import Plan
+from .precision import check_precision
 
 FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit")
-ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
-                 "mpnet"}
 
 # key: (default, parser, help)
 OPTIONS = {
@@ -106,9 +106,8 @@ def parse_options(overrides) -> SimpleNamespace:
         raise DynatuneError(f"seq_len must be at least 2, got {o.seq_len}.")
     if o.batch_size % o.grad_accum:
         raise DynatuneError(f"batch_size={o.batch_size} is not divisible by grad_accum={o.grad_accum}.")
-    if o.precision not in PRECISIONS:
-        raise DynatuneError(f"unknown precision '{o.precision}'; use one of {', '.join(PRECISIONS)}.")
-    if o.device_type not in ("cuda", "cpu"):
+    check_precision(o.precision)
+    if o.device_type not in DEVICE_TYPES:
         raise DynatuneError(f"device_type must be cuda or cpu, got '{o.device_type}'.")
     if o.chunked_loss < 0:
         raise DynatuneError(f"chunked_loss must be 0 (off) or a number of tokens per chunk, got {o.chunked_loss}.")

@@ -11,8 +11,7 @@ from .budget import (BUDGET_FORMS, BYTE_UNITS, DEFAULT_MARGIN, BudgetError, chec
 from .counting import (MemoryRecord, SavedTensorCounter, grad_bytes, optimizer_bytes, optimizer_state_tensors,
                        storage_key, unique_bytes, weight_bytes)
 from .install import check_budget_floor, full_finetuning_peak, install_budget, largest_prediction, smallest_plan
-from .model import (CUDA_WORKSPACE_BYTES, LOSSES, PRECISIONS, MemoryModel, OptimizerSpec, Prediction, meta_model,
-                    resolve_config)
+from .model import CUDA_WORKSPACE_BYTES, DEVICE_TYPES, LOSSES, MemoryModel, OptimizerSpec, Prediction
 from .probe import PROBE_LAYERS, PROBE_SEQ_LENS, ActivationProbe, ProbeResult, block_states, build_small_like
 
 __all__ = [
@@ -21,7 +20,6 @@ __all__ = [
     "MemoryRecord", "SavedTensorCounter", "grad_bytes", "optimizer_bytes", "optimizer_state_tensors", "storage_key",
     "unique_bytes", "weight_bytes",
     "check_budget_floor", "full_finetuning_peak", "install_budget", "largest_prediction", "smallest_plan",
-    "CUDA_WORKSPACE_BYTES", "LOSSES", "PRECISIONS", "MemoryModel", "OptimizerSpec", "Prediction", "meta_model",
-    "resolve_config",
+    "CUDA_WORKSPACE_BYTES", "DEVICE_TYPES", "LOSSES", "MemoryModel", "OptimizerSpec", "Prediction",
     "PROBE_LAYERS", "PROBE_SEQ_LENS", "ActivationProbe", "ProbeResult", "block_states", "build_small_like",
 ]

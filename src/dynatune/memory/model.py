@@ -35,7 +35,6 @@ exactly what the fused CUDA kernels save, so a CPU estimates a GPU.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -44,14 +43,16 @@ import torch
 from torch import nn
 
 from ..errors import DynatuneError
+from ..models import meta_model
 from ..plan import Plan
+from ..precision import check_precision
 from ..units import Units, partition, unwrap_peft
 from .budget import DEFAULT_MARGIN, BudgetError, fmt_bytes, usable_budget
 from .probe import (PROBE_LAYERS, PROBE_SEQ_LENS, ActivationProbe, ProbeResult, block_states, build_small_like,
                     is_causal_lm)
 
-PRECISIONS = ("fp32", "amp-bf16", "bf16")
 LOSSES = ("hf", "chunked", "sliced")
+DEVICE_TYPES = ("cuda", "cpu")  # the targets whose peak is predicted
 # cuBLAS workspaces on Hopper: 32 MiB per (handle, stream); forward runs on the main thread's
 # handle and backward on the autograd device thread's, so two are live at the peak.
 CUDA_WORKSPACE_BYTES = 2 * 32 * 2**20
@@ -208,11 +209,10 @@ class MemoryModel:
                  offload_exited: bool = False, prepare: Callable | None = None, probe_layers: int = PROBE_LAYERS,
                  probe_seq_lens=PROBE_SEQ_LENS, workspace_bytes: int | None = None, layer_types=None,
                  build_small: Callable | None = None, params: dict | None = None, fast_probe="auto"):
-        if precision not in PRECISIONS:
-            raise DynatuneError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
+        check_precision(precision)
         if loss not in LOSSES:
             raise DynatuneError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}.")
-        if device_type not in ("cuda", "cpu"):
+        if device_type not in DEVICE_TYPES:
             raise DynatuneError(f"device_type must be cuda or cpu, got {device_type!r}.")
         if grad_accum < 1:
             raise DynatuneError(f"grad_accum must be at least 1, got {grad_accum}.")
@@ -269,7 +269,7 @@ class MemoryModel:
     def from_tuner(cls, tuner, *, precision: str = "fp32", batch_shape=None, **kw) -> "MemoryModel":
         """A memory model for the run a Tuner drives (its model, units, optimizer and device)."""
         kw.setdefault("optimizer", tuner.optimizer)
-        kw.setdefault("device_type", tuner.device.type if tuner.device.type in ("cuda", "cpu") else "cuda")
+        kw.setdefault("device_type", tuner.device.type if tuner.device.type in DEVICE_TYPES else "cuda")
         layer_types = tuner.block_stack.layer_types
         layers = tuner.units.blocks_path if tuner.units.blocks_path else None
         return cls(tuner.model, units=tuner.units, layers=layers, precision=precision, batch_shape=batch_shape,
@@ -450,11 +450,7 @@ class MemoryModel:
     def _recompute_bytes(self, plan, shape) -> int:
         """A checkpointed block's activations when backward recomputes it (probed without checkpointing)."""
         if not hasattr(self, "_nockpt_probe"):
-            p = copy.copy(self.probe)
-            p.gradient_checkpointing = False
-            p._cache = {}
-            p._model = None
-            self._nockpt_probe = p
+            self._nockpt_probe = self.probe.without_checkpointing()
         states, embed_on_path, outside = block_states(self.units, plan)
         sig = self._nockpt_probe.small_plan(states, embed_on_path, outside, plan.detach_tied_input)
         res = self._nockpt_probe.measure(sig)
@@ -560,57 +556,3 @@ class MemoryModel:
 def _short(names) -> str:
     names = sorted(names)
     return ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])}, ... ({len(names)} units)"
-
-
-# ---------------------------------------------------------------------------------------------
-# Models on the meta device
-# ---------------------------------------------------------------------------------------------
-def resolve_config(config):
-    """A transformers config from a config object, 'arch:NAME' / NAME of models.ARCHS, a known
-    pretrained model name, or a local Hugging Face directory."""
-    if not isinstance(config, str):
-        return copy.deepcopy(config)
-    from ..models import ARCHS, MODELS, arch_config
-    name = config[len("arch:"):] if config.startswith("arch:") else config
-    if name in ARCHS:
-        return arch_config(name)
-    from pathlib import Path
-
-    from transformers import AutoConfig
-    if config in MODELS:
-        from ..models import _resolve_dir
-        return AutoConfig.from_pretrained(_resolve_dir(config))
-    p = Path(config).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
-        return AutoConfig.from_pretrained(p)
-    raise DynatuneError(f"unknown model {config!r}; use arch:NAME with NAME in {', '.join(ARCHS)}, "
-                        f"one of {', '.join(MODELS)}, or a local Hugging Face model directory.")
-
-
-def meta_model(config, *, kind: str = "causal-lm", precision: str = "fp32", num_labels: int | None = None):
-    """The full-size model on the meta device: exact shapes and dtypes, no memory, no init time."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cfg = resolve_config(config)
-    if kind != "causal-lm":
-        cfg.num_labels = 1 if kind == "regression" else (num_labels or getattr(cfg, "num_labels", 2) or 2)
-        if kind == "regression":
-            cfg.problem_type = "regression"
-    if getattr(cfg, "pad_token_id", None) is None:
-        eos = getattr(cfg, "eos_token_id", None)
-        cfg.pad_token_id = eos if isinstance(eos, int) else 0
-    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
-    last = None
-    for attn in ("sdpa", "eager"):
-        try:
-            with torch.device("meta"):
-                m = auto.from_config(cfg, attn_implementation=attn)
-            break
-        except ValueError as e:
-            last = e
-    else:
-        raise last
-    if precision == "bf16":
-        m.to(torch.bfloat16)
-    m.train()
-    return m

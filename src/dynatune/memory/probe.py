@@ -9,7 +9,7 @@ is CUDA, the probe is rerun with an attention that saves exactly what the fused 
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +22,7 @@ from ..errors import DynatuneError
 from ..losses import chunked_causal_lm_loss
 from ..plan import Plan
 from ..plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from ..precision import autocast_for
 from ..units import Units, partition, unwrap_peft
 from .counting import SavedTensorCounter
 
@@ -301,6 +302,14 @@ class ActivationProbe:
         self._cache: dict = {}
         self.kv_bytes_per_token_layer: int | None = None
 
+    def without_checkpointing(self) -> "ActivationProbe":
+        """A probe like this one whose blocks are not checkpointed (what backward recomputes), built afresh."""
+        p = copy.copy(self)
+        p.gradient_checkpointing = False
+        p._cache = {}
+        p._model = None
+        return p
+
     # -- the small model -----------------------------------------------------------------------
     def _setup(self):
         if self._model is not None:
@@ -340,11 +349,6 @@ class ActivationProbe:
         if self.loss == "sliced":
             return sliced_logits_loss
         return hf_loss
-
-    def _precision_ctx(self):
-        if self.precision == "amp-bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return nullcontext()
 
     # -- small plans ---------------------------------------------------------------------------
     def small_plan(self, states: list[str], embed_on_path: bool, outside: frozenset, detach: bool) -> tuple:
@@ -418,7 +422,7 @@ class ActivationProbe:
                 with ExitStack() as st:
                     st.enter_context(self._counter.counting())
                     st.enter_context(_attention_patch(kernels, emulate))
-                    st.enter_context(self._precision_ctx())
+                    st.enter_context(autocast_for(self.precision, "cpu"))
                     if self._fast:
                         st.enter_context(_ZeroMatmul())
                     loss = loss_fn(m, batch)
@@ -460,7 +464,7 @@ class ActivationProbe:
         m = self._model
         ids = torch.randint(3, min(self._vocab, 100), (1, 4))
         try:
-            with torch.no_grad(), self._precision_ctx():
+            with torch.no_grad(), autocast_for(self.precision, "cpu"):
                 out = m(input_ids=ids, use_cache=True)
             cache = getattr(out, "past_key_values", None)
             layers = getattr(cache, "layers", None) or []
