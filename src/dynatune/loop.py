@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoint
+from .batching import largest_shape, split_batches
 from .checkpoint import LoopState
 from .config import method_config, run_budget, run_dir, to_dict
 from .data.metrics import evaluate
@@ -176,8 +177,8 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
                     "here.") from err
         # outside the except clause: the failed attempt's graph (held by the traceback) is freed by now
         size = (size + 1) // 2
-        micro_batches = rebatch(size) if rebatch is not None else split_micro_batches(micro_batches, size)
-        tuner.retry_step(len(micro_batches), _largest_shape(micro_batches))
+        micro_batches = rebatch(size) if rebatch is not None else split_batches(micro_batches, size)
+        tuner.retry_step(len(micro_batches), largest_shape(micro_batches))
         logger.warning("step %d: out of device memory; retrying the same %d examples as %d micro-batches of at most %d "
                     "(retry %d)", tuner.step, sum(len(b["labels"]) for b in micro_batches), len(micro_batches),
                     size, tuner.oom_retries)
@@ -206,25 +207,6 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
         (loss * weight).backward()
         loss_sum += loss.item() * weight
     return loss_sum
-
-
-def split_micro_batches(micro_batches: list[dict], size: int) -> list[dict]:
-    """Each micro-batch cut into pieces of at most `size` examples (tensors sliced on dim 0)."""
-    out = []
-    for b in micro_batches:
-        n = len(b["labels"])
-        for j in range(0, n, size):
-            out.append({k: v[j:j + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                        for k, v in b.items()})
-    return out
-
-
-def _largest_shape(micro_batches: list[dict]) -> tuple[int, int] | None:
-    """(examples, tokens) of the largest micro-batch, for calibrating the memory model; None without input_ids."""
-    ids = [b.get("input_ids") for b in micro_batches]
-    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 for t in ids):
-        return None
-    return max(t.shape[0] for t in ids), max(t.shape[1] for t in ids)
 
 
 def memory_model_options(cfg, device) -> dict:
