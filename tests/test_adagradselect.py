@@ -396,7 +396,7 @@ def test_budget_derives_k_and_exploration_that_does_not_fit_falls_back():
 def test_exploration_priced_by_the_memory_model_holds_m_plus_1_gradients_at_the_end_of_backward():
     """With the real memory model: the streaming step is the all-gradients plan with only m+1 blocks'
     gradients at its `backward_end` phase; other phases are as predicted; k=null picks m by it."""
-    from dynatune.memory_model import MemoryModel
+    from dynatune.memory import MemoryModel
     from dynatune.plan import Plan
     t = Tuner(causal_lm("llama"), build_method("gradselect", GradSelectConfig(k=None)), lr=1e-3)
     # a tiny batch: gradients, not activations, make the peak (the case streaming is for)

@@ -2,8 +2,8 @@
 import pytest
 
 from dynatune.errors import DynatuneError
-from dynatune.memory_model import (BudgetError, MemoryModel, check_budget_floor, parse_budget, resolve_budget,
-                                   smallest_plan, usable_budget)
+from dynatune.memory import (BudgetError, MemoryModel, check_budget_floor, parse_budget, resolve_budget, smallest_plan,
+                             usable_budget)
 from dynatune.methods import build_method
 from dynatune.methods.baselines import TopK, TopKConfig
 from dynatune.plan import Plan
@@ -180,7 +180,7 @@ def test_estimate_lists_every_family_and_marks_the_largest_fitting(capsys):
 
 
 def test_install_budget_resolves_a_fraction_and_checks_the_floor():
-    from dynatune.memory_model import install_budget, largest_prediction
+    from dynatune.memory import install_budget, largest_prediction
     method = build_method("topk", TopKConfig(k=2))
     t = tuner(causal_lm("llama"), [])
     t.method = method
@@ -200,7 +200,7 @@ def test_install_budget_resolves_a_fraction_and_checks_the_floor():
 
 
 def test_a_fraction_of_full_fine_tuning_means_the_model_without_adapters(mm):
-    from dynatune.memory_model import full_finetuning_peak
+    from dynatune.memory import full_finetuning_peak
     from dynatune.methods.adapters import LoraConfig
     lora = MemoryModel.from_config(lm_cfg(), method=build_method("lora", LoraConfig(r=4)), device_type="cpu",
                                    batch_shape=SHAPE)

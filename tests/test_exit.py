@@ -151,7 +151,7 @@ def test_exit_other_decoders(arch):
     model = causal_lm(arch)
     t = tuner(model, plan("block.0", exit_depth=1))
     calls = []
-    blocks = list(t._all_blocks)
+    blocks = list(t.block_stack.full)
     hs = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, b in enumerate(blocks)]
     step(t, lm_batch())
     assert calls == [0]
@@ -162,4 +162,4 @@ def test_exit_other_decoders(arch):
     for h in hs:
         h.remove()
     t.close()
-    assert len(t._all_blocks) == 4 and model.config.num_hidden_layers == 4
+    assert len(t.block_stack.full) == 4 and model.config.num_hidden_layers == 4

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import dynatune
 from dynatune.errors import DynatuneError
 from dynatune.integrations.hf import STATE_FILE, DynatuneCallback, prepare
-from dynatune.memory_model import BudgetError
+from dynatune.memory import BudgetError
 from dynatune.methods import Method, build_method
 from dynatune.plan import Plan
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from dynatune.loop import fit
-from dynatune.memory_model import (MemoryModel, OptimizerSpec, _attention_patch, _FusedAttention, block_states,
-                                   meta_model)
+from dynatune.memory import MemoryModel, OptimizerSpec, block_states
+from dynatune.memory.probe import _attention_patch, _FusedAttention
 from dynatune.methods import build_method
 from dynatune.methods.adapters import LoraConfig
 from dynatune.methods.baselines import LisaConfig, TopKConfig
+from dynatune.models import meta_model
 from dynatune.plan import Plan
 
 from scripted import plan, step, tuner

@@ -20,7 +20,7 @@ from dynatune.engine import Tuner
 from dynatune.errors import DynatuneError
 from dynatune.integrations.hf import DynatuneCallback, DynatuneTrainer, prepare
 from dynatune.loop import epoch_order, fit
-from dynatune.memory_model import MemoryModel
+from dynatune.memory import MemoryModel
 from dynatune.methods import build_method
 
 from tiny import causal_lm, classifier, cls_examples, collate, lm_examples, loop_cfg

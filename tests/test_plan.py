@@ -108,7 +108,7 @@ def test_no_hook_fires_in_exited_blocks():
     t = tuner(model, plan("block.1", "norm", exit_depth=2))
     calls = {i: 0 for i in range(4)}
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, b in enumerate(t._all_blocks)]
+               for i, b in enumerate(t.block_stack.full)]
     before = snapshot(model)
     for b in lm_batches(2):
         step(t, b)

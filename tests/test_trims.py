@@ -522,7 +522,7 @@ def test_end_to_end_window_and_exit_move_and_untrained_blocks_stay_put(arch, mak
             assert torch.equal(before[p], tuner.params[p]), p
     # the exit of the last step stays in place: evaluation and the saved model use e blocks
     e = ran[-1][2]
-    assert len(tuner._blocks_parent.__getattr__(tuner._blocks_attr)) == e
+    assert len(tuner.block_stack.running) == e
     assert tuner.model.config.num_hidden_layers == e
     tuner.close_hooks()
     with torch.no_grad():

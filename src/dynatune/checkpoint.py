@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import DynatuneError
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: restored from a checkpoint so no batch is lost or repeated."""
+
+    step: int = 0          # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    evals: list = field(default_factory=list)
 
 
 def _rng_state() -> dict:
@@ -36,7 +46,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, tuner, scheduler, loop_state, keep: int = 2) -> Path:
+def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop_state.step}"
@@ -70,9 +80,7 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
-def load(path, tuner, scheduler):
-    from .loop import LoopState
-
+def load(path, tuner, scheduler) -> LoopState:
     ckpt = resolve(path)
     weights = load_file(ckpt / "weights.safetensors")
     missing = set(tuner.params) - set(weights)

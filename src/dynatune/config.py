@@ -16,9 +16,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .data.tasks import DataConfig, task_kind
 from .errors import DynatuneError
+from .memory import check_margin, parse_budget
 from .methods import METHODS
-
-PRECISIONS = ("fp32", "amp-bf16", "bf16")
+from .precision import check_precision
 
 
 def opt(default, help: str):
@@ -118,8 +118,7 @@ def check(cfg) -> None:
     if cfg.method not in METHODS:
         raise DynatuneError(f"unknown method '{cfg.method}'; choose one of: {', '.join(sorted(METHODS))}.")
     task_kind(cfg.task)  # raises, listing the known tasks
-    if cfg.precision not in PRECISIONS:
-        raise DynatuneError(f"unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}.")
+    check_precision(cfg.precision)
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise DynatuneError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
@@ -128,7 +127,6 @@ def check(cfg) -> None:
     if run_budget(cfg.budget, METHODS[cfg.method]) is not None:
         # the form only (bytes with a unit, or a fraction in (0, 1]); a fraction is resolved against the
         # memory model's full fine-tuning peak, and the floor (smallest plan) is checked, before training
-        from .memory_model import check_margin, parse_budget
         parse_budget(run_budget(cfg.budget, METHODS[cfg.method]))
         check_margin(cfg.margin)
 

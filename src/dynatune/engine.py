@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from .errors import DynatuneError
-from .memory import MemoryRecord, SavedTensorCounter, grad_bytes, unique_bytes
+from .memory import BudgetError, MemoryRecord, SavedTensorCounter, check_margin, grad_bytes, unique_bytes, usable_budget
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
-from .signals import SIGNALS, first_tensor
-from .units import Units, get_submodule, partition
+from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from .signals import SIGNALS
+from .units import Units, partition
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +121,13 @@ class Tuner:
         for s in self.signals.values():
             s.attach(self.model, self.units, self.params)
 
-        # Early exit swaps the block list for a truncated one; keep the full list and config.
-        parent_path, _, self._blocks_attr = self.units.blocks_path.rpartition(".")
-        self._blocks_parent = get_submodule(self.model, parent_path) if parent_path else self.model
-        self._all_blocks: nn.ModuleList = getattr(self._blocks_parent, self._blocks_attr)
-        cfg = getattr(self.model, "config", None)
-        self._config_layers = (getattr(cfg, "num_hidden_layers", None), getattr(cfg, "layer_types", None))
+        # Early exit swaps the block list for a truncated one; the stack keeps the full list and config.
+        self.block_stack = BlockStack(self.model, self.units.blocks_path)
 
         self.count_memory = count_memory
         self.counter = SavedTensorCounter(self.device)
         if count_memory:
-            self.counter.attach({f"block.{i}": b for i, b in enumerate(self._all_blocks)}, self.params.values())
+            self.counter.attach({f"block.{i}": b for i, b in enumerate(self.block_stack.full)}, self.params.values())
         self._count_ctx: ExitStack | None = None
         self._plan_hooks: list = []
 
@@ -294,7 +291,7 @@ class Tuner:
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:
-        """Price plans with `memory_model` (memory_model.MemoryModel, its batch_shape set); from now
+        """Price plans with `memory_model` (memory.MemoryModel, its batch_shape set); from now
         on `apply` refuses a plan predicted above budget_bytes x (1 - margin), counting the optimizer
         state the run keeps. Methods choose within it through `predict_peak` and `usable_budget`.
 
@@ -303,7 +300,6 @@ class Tuner:
         offload before the first step (the same updates, bit for bit; the state waits in host
         memory), and a warning says so: a run never finds out mid-way that its state does not fit.
         """
-        from .memory_model import check_margin
         self.memory_model = memory_model
         self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.budget_margin = check_margin(margin)
@@ -329,7 +325,6 @@ class Tuner:
     @property
     def usable_budget(self) -> int | None:
         """The bytes a plan may be predicted at: budget x (1 - margin); None without a budget."""
-        from .memory_model import usable_budget
         return None if self.budget_bytes is None else usable_budget(self.budget_bytes, self.budget_margin)
 
     def kept_state(self, plan: Plan) -> frozenset[str]:
@@ -361,7 +356,6 @@ class Tuner:
         if self.budget_bytes is not None and self.memory_model is not None:
             peak, limit = self.predict_peak(plan), self.usable_budget
             if peak > limit:  # refused before anything changes
-                from .memory_model import BudgetError
                 kept = self.kept_state(plan)
                 raise BudgetError(f"{self.method.name}'s plan (update {', '.join(sorted(plan.update)[:4])}"
                                   f"{', ...' if len(plan.update) > 4 else ''}"
@@ -370,16 +364,12 @@ class Tuner:
                                   f"above the budget's usable {limit} bytes ({self.budget_bytes} x "
                                   f"(1 - {self.budget_margin:g})).", predicted_bytes=peak, budget_bytes=self.budget_bytes)
         old = self.plan
-        self._set_exit(plan.exit_depth)
-        grad_units = plan.update | plan.probe_params
-        wanted = set(self.units.param_names(grad_units))
+        self.block_stack.set_exit(plan.exit_depth)
+        wanted = grad_param_names(self.units, plan)
         stray = wanted - set(self.candidate_params)
         if stray:
             raise DynatuneError(f"the plan trains parameters outside the method's candidates ({sorted(stray)[:3]}...).")
-        for n, p in self.candidate_params.items():
-            p.requires_grad_(n in wanted)
-            if n not in wanted:
-                p.grad = None  # units that left free their gradient now
+        require_grad_only(self.candidate_params, wanted)
         updated = set(self.units.param_names(plan.update))
         # what really updated last step: the plan's units and the ones promoted after backward
         before = (set(self.units.param_names(old.update | self.promoted)) if old is not None
@@ -391,37 +381,19 @@ class Tuner:
         self.states.enter(sorted(updated))
         for h in self._plan_hooks:
             h.remove()
-        self._plan_hooks = []
-        for name in plan.probe:
-            self._plan_hooks.append(self._probe_output(self.units[name]))
-        if plan.detach_tied_input:
-            emb = self.model.get_input_embeddings()
-            self._plan_hooks.append(emb.register_forward_hook(lambda m, a, out: out.detach()))
+        self._plan_hooks = add_plan_hooks(self.model, self.units, self.block_stack.full, plan)
         self.plan = plan
         self.applied_plans.add((plan, self.kept_state(plan)))
-
-    def _probe_output(self, unit):
-        """Make the unit's output require grad so backward reaches it (not its weights)."""
-        if unit.kind != "block":
-            raise DynatuneError(f"only blocks can be probed at their output, not {unit.name}.")
-
-        def hook(mod, args, out):
-            t = first_tensor(out)
-            if t is not None and not t.requires_grad:
-                t.requires_grad_(True)
-        # prepend: signal hooks on the same block (ActivationGradNorm) must see the output
-        # already requiring grad, or the probed block reports nothing
-        return self._all_blocks[unit.depth].register_forward_hook(hook, prepend=True)
 
     @contextmanager
     def all_blocks(self):
         """Every block in place for a while (a checkpoint saves the whole model during an exit)."""
         exit_depth = self.plan.exit_depth if self.plan is not None else None
-        self._set_exit(None)
+        self.block_stack.set_exit(None)
         try:
             yield self.model
         finally:
-            self._set_exit(exit_depth)
+            self.block_stack.set_exit(exit_depth)
 
     def eval_batch_that_fits(self, batch: int, seq: int, new_tokens: int = 0) -> int:
         """The largest evaluation batch, at most `batch`, whose forward (and generate() with
@@ -449,22 +421,6 @@ class Tuner:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if peak(mid) <= self.usable_budget else (lo, mid - 1)
         return lo
-
-    def _set_exit(self, exit_depth: int | None) -> None:
-        n = len(self._all_blocks)
-        e = n if exit_depth is None else exit_depth
-        current = getattr(self._blocks_parent, self._blocks_attr)
-        if len(current) == e:
-            return
-        setattr(self._blocks_parent, self._blocks_attr,
-                self._all_blocks if e == n else nn.ModuleList(list(self._all_blocks)[:e]))
-        cfg = getattr(self.model, "config", None)
-        n_layers, layer_types = self._config_layers
-        if cfg is not None and n_layers is not None:
-            # the saved model must load with e blocks: its config says so
-            cfg.num_hidden_layers = e if e < n else n_layers
-            if layer_types is not None:
-                cfg.layer_types = list(layer_types)[:e] if e < n else layer_types
 
     # -- state ------------------------------------------------------------------------------------
     def params_in(self, unit_names) -> int:
@@ -500,4 +456,4 @@ class Tuner:
     def close(self) -> None:
         """Remove every hook and restore the full block list."""
         self.close_hooks()
-        self._set_exit(None)
+        self.block_stack.set_exit(None)

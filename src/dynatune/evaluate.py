@@ -6,16 +6,16 @@ from pathlib import Path
 
 import torch
 
+from .config import load_config
+from .data.metrics import evaluate
+from .data.tasks import load_task, task_kind
 from .errors import DynatuneError
+from .loop import resolve_device
+from .models import load_model
+from .precision import autocast_for
 
 
 def evaluate_run(run_dir, overrides: list[str] | None = None) -> dict:
-    from .config import load_config
-    from .data.metrics import evaluate
-    from .data.tasks import load_task, task_kind
-    from .loop import _device, autocast_for
-    from .models import load_model
-
     run = Path(run_dir)
     saved = run / "config.json"
     if not (run / "model").is_dir() or not saved.is_file():
@@ -29,10 +29,10 @@ def evaluate_run(run_dir, overrides: list[str] | None = None) -> dict:
     _, tokenizer = load_model(str(run / "model"), task_kind(cfg.task), tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, _ = load_model(str(run / "model"), task.kind, num_labels=task.num_labels)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     out = {"run": str(run), "task": cfg.task}
-    with torch.no_grad(), autocast_for(cfg.precision, device):
+    with torch.no_grad(), autocast_for(cfg.precision, device.type):
         for split in ("validation", "test"):
             if getattr(task, split) is not None:
                 out[split] = evaluate(model, task, split, cfg.eval_batch_size, device)

@@ -12,8 +12,6 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +19,21 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoint
-from .config import run_budget, run_dir
+from .batching import largest_shape, split_batches
+from .checkpoint import LoopState
+from .config import method_config, run_budget, run_dir, to_dict
+from .data.metrics import evaluate
+from .data.tasks import load_task, task_kind
 from .engine import Tuner
-from .losses import chunked_causal_lm_loss
-from .memory_model import MemoryModel, install_budget, largest_prediction
 from .errors import DynatuneError
+from .losses import chunked_causal_lm_loss
+from .memory import MemoryModel, install_budget, largest_prediction
 from .methods import METHODS, build_method
+from .models import load_model
+from .precision import autocast_for
+from .report import plot_run
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: restored from a checkpoint so no batch is lost or repeated."""
-
-    step: int = 0          # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    evals: list = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,12 +55,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of one epoch: a function of (seed, epoch) alone, so resume can replay it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "amp-bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def move(batch: dict, device) -> dict:
@@ -197,8 +186,8 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
                     "here.") from err
         # outside the except clause: the failed attempt's graph (held by the traceback) is freed by now
         size = (size + 1) // 2
-        micro_batches = rebatch(size) if rebatch is not None else split_micro_batches(micro_batches, size)
-        tuner.retry_step(len(micro_batches), _largest_shape(micro_batches))
+        micro_batches = rebatch(size) if rebatch is not None else split_batches(micro_batches, size)
+        tuner.retry_step(len(micro_batches), largest_shape(micro_batches))
         logger.warning("step %d: out of device memory; retrying the same %d examples as %d micro-batches of at most %d "
                     "(retry %d)", tuner.step, sum(len(b["labels"]) for b in micro_batches), len(micro_batches),
                     size, tuner.oom_retries)
@@ -216,7 +205,7 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
     loss_sum = 0.0
     for batch in micro_batches:
         batch = move(batch, device)
-        with autocast_for(cfg.precision, device):
+        with autocast_for(cfg.precision, device.type):
             # keep only the loss: holding the output would keep the logits alive through backward
             if getattr(cfg, "chunked_loss", 0):
                 loss = chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
@@ -227,25 +216,6 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
         (loss * weight).backward()
         loss_sum += loss.item() * weight
     return loss_sum
-
-
-def split_micro_batches(micro_batches: list[dict], size: int) -> list[dict]:
-    """Each micro-batch cut into pieces of at most `size` examples (tensors sliced on dim 0)."""
-    out = []
-    for b in micro_batches:
-        n = len(b["labels"])
-        for j in range(0, n, size):
-            out.append({k: v[j:j + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                        for k, v in b.items()})
-    return out
-
-
-def _largest_shape(micro_batches: list[dict]) -> tuple[int, int] | None:
-    """(examples, tokens) of the largest micro-batch, for calibrating the memory model; None without input_ids."""
-    ids = [b.get("input_ids") for b in micro_batches]
-    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 for t in ids):
-        return None
-    return max(t.shape[0] for t in ids), max(t.shape[1] for t in ids)
 
 
 def memory_model_options(cfg, device) -> dict:
@@ -275,11 +245,6 @@ def _progress(total, initial, enabled):
 
 def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
-    from .config import method_config, to_dict
-    from .data.metrics import evaluate
-    from .data.tasks import load_task, task_kind
-    from .models import load_model
-
     seed_everything(cfg.seed)
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +253,7 @@ def train(cfg) -> dict:
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model.to(device)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
@@ -303,7 +268,7 @@ def train(cfg) -> dict:
                        eval_batch, cfg.eval_batch_size)
 
     def eval_split(m, split):
-        with autocast_for(cfg.precision, device):
+        with autocast_for(cfg.precision, device.type):
             return evaluate(m, task, split, eval_batch, device)
 
     t0 = time.perf_counter()
@@ -333,14 +298,14 @@ def train(cfg) -> dict:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / "model")
     try:
-        from .report import plot_run
         plot_run(out_dir)
-    except ImportError:
+    except ImportError:  # no matplotlib: no plots
         pass
     return metrics
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The torch device for config's `device`: auto, cpu or cuda."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -8,7 +8,7 @@ gradients and the AdamW state together. Here the tokens are cut into chunks of `
 each chunk's logits live only while that chunk is processed, forward and backward alike (backward
 recomputes them), and only the per-token log-sum-exp (4 bytes a token) is kept in between.
 
-What it saves for backward (priced by memory_model.py): the hidden states of the tokens that have
+What it saves for backward (priced by memory/model.py): the hidden states of the tokens that have
 a label (a gathered copy), their targets and log-sum-exps. Transient, per chunk: the chunk's
 logits in the compute dtype and in fp32 (plus the exp inside logsumexp in forward), and, in
 backward, the fp32 gradient of the head weight (it becomes `.grad`) and a compute-dtype copy of
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DynatuneError
+from .units import unwrap_peft
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -124,13 +125,9 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, label
     return total / valid.numel()
 
 
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def check_chunkable(model) -> None:
     """Raise unless the model's logits are a plain linear map of its last hidden states."""
-    model = _unwrap(model)
+    model = unwrap_peft(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         raise DynatuneError(f"chunked_loss needs a causal-LM model with a linear output head; "
@@ -152,7 +149,7 @@ def chunked_causal_lm_loss(model, batch: dict, chunk_tokens: int = DEFAULT_CHUNK
     chunks of `chunk_tokens` tokens.
     """
     check_chunkable(model)
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     if "labels" not in batch:
         raise DynatuneError("chunked_causal_lm_loss needs 'labels' in the batch.")
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}

@@ -6,7 +6,7 @@ not change either); the tiny ones serve tests.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,52 @@ def arch_config(name: str):
     return cfg
 
 
+def resolve_config(config):
+    """A transformers config from a config object, 'arch:NAME' / NAME of ARCHS, a known
+    pretrained model name, or a local Hugging Face directory."""
+    if not isinstance(config, str):
+        return copy.deepcopy(config)
+    name = config[len("arch:"):] if config.startswith("arch:") else config
+    if name in ARCHS:
+        return arch_config(name)
+    from transformers import AutoConfig
+
+    if config in MODELS:
+        return AutoConfig.from_pretrained(_resolve_dir(config))
+    p = Path(config).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return AutoConfig.from_pretrained(p)
+    raise DynatuneError(f"unknown model {config!r}; use arch:NAME with NAME in {', '.join(ARCHS)}, "
+                        f"one of {', '.join(MODELS)}, or a local Hugging Face model directory.")
+
+
+def meta_model(config, *, kind: str = "causal-lm", precision: str = "fp32", num_labels: int | None = None):
+    """The full-size model on the meta device: exact shapes and dtypes, no memory, no init time."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = resolve_config(config)
+    if kind != "causal-lm":
+        cfg.num_labels = 1 if kind == "regression" else (num_labels or getattr(cfg, "num_labels", 2) or 2)
+        if kind == "regression":
+            cfg.problem_type = "regression"
+    _set_special_ids(cfg, None)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    last = None
+    for attn in ("sdpa", "eager"):
+        try:
+            with torch.device("meta"):
+                m = auto.from_config(cfg, attn_implementation=attn)
+            break
+        except ValueError as e:
+            last = e
+    else:
+        raise last
+    if precision == "bf16":
+        m.to(torch.bfloat16)
+    m.train()
+    return m
+
+
 def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.float32, seed: int = 0,
                tokenizer_only: bool = False):
     """Return (model, tokenizer) for `spec` set up for `kind`.
@@ -137,7 +183,7 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
 
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     # Fork the RNG so a seeded build neither depends on nor disturbs the caller's random state.
-    with torch.random.fork_rng(devices=[]), quiet_transformers():
+    with torch.random.fork_rng(devices=[]), assets.quiet_transformers():
         torch.manual_seed(seed)
         model = _build(auto, config, source, dtype)
     if getattr(model, "generation_config", None) is not None:
@@ -179,7 +225,7 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        with quiet_transformers():
+        with assets.quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         return None  # a weights-only folder; tasks then say a tokenizer is needed
@@ -208,20 +254,3 @@ def _set_special_ids(config, tokenizer) -> None:
         # Decoder classification heads pick the last non-pad token: they need a pad id.
         eos = getattr(config, "eos_token_id", None)
         config.pad_token_id = eos if isinstance(eos, int) else 0
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Hide load reports and progress bars (e.g. 'newly initialized: classifier', which is expected)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -2,7 +2,7 @@
 
     dynatune estimate model=arch:qwen2-0.5b batch_size=16 seq_len=256 precision=amp-bf16 budget=0.6 [--json]
 
-For a model (or an architecture) and a batch shape, the memory model (memory_model.py) prices:
+For a model (or an architecture) and a batch shape, the memory model (memory/model.py) prices:
 full fine-tuning; top-k blocks (+ final norm) for each k; bottom-k; LISA with k blocks (+ embeddings
 and final norm); LoRA on all linear layers at each power-of-two rank; early exit at each depth e
 with the top k blocks below it training (k in 1, n/4, e/2, e). Each row has the predicted peak
@@ -21,13 +21,15 @@ import sys
 from types import SimpleNamespace
 
 from .errors import DynatuneError
-from .memory_model import (DEFAULT_MARGIN, LOSSES, PRECISIONS, MemoryModel, check_margin, fmt_bytes, resolve_budget,
-                           resolve_config, usable_budget)
+from .memory import (DEFAULT_MARGIN, DEVICE_TYPES, LOSSES, MemoryModel, check_margin, fmt_bytes, parse_budget,
+                     resolve_budget, usable_budget)
+from .methods import build_method
+from .methods.adapters import LoraConfig, target_linears
+from .models import ENCODER_TYPES, resolve_config
 from .plan import Plan
+from .precision import check_precision
 
 FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit")
-ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
-                 "mpnet"}
 
 # key: (default, parser, help)
 OPTIONS = {
@@ -104,9 +106,8 @@ def parse_options(overrides) -> SimpleNamespace:
         raise DynatuneError(f"seq_len must be at least 2, got {o.seq_len}.")
     if o.batch_size % o.grad_accum:
         raise DynatuneError(f"batch_size={o.batch_size} is not divisible by grad_accum={o.grad_accum}.")
-    if o.precision not in PRECISIONS:
-        raise DynatuneError(f"unknown precision '{o.precision}'; use one of {', '.join(PRECISIONS)}.")
-    if o.device_type not in ("cuda", "cpu"):
+    check_precision(o.precision)
+    if o.device_type not in DEVICE_TYPES:
         raise DynatuneError(f"device_type must be cuda or cpu, got '{o.device_type}'.")
     if o.chunked_loss < 0:
         raise DynatuneError(f"chunked_loss must be 0 (off) or a number of tokens per chunk, got {o.chunked_loss}.")
@@ -127,7 +128,6 @@ def parse_options(overrides) -> SimpleNamespace:
     if any(r < 1 for r in o.lora_ranks):
         raise DynatuneError(f"LoRA ranks must be at least 1, got {o.lora_ranks}.")
     if o.budget is not None:
-        from .memory_model import parse_budget
         parse_budget(o.budget)
     return o
 
@@ -142,14 +142,11 @@ def _kind(o, config) -> str:
 
 def _lora_prepare(r: int, cap: bool):
     """dynatune's lora method (per-module cap) or plain peft all-linear (no cap, as the anchors ran it)."""
-    from .methods import build_method
-    from .methods.adapters import LoraConfig
     if cap:
         return build_method("lora", LoraConfig(r=r, alpha=2.0 * r))
 
     def prepare(model):
         from peft import LoraConfig as PeftLora, inject_adapter_in_model
-        from .methods.adapters import target_linears
         return inject_adapter_in_model(PeftLora(r=r, lora_alpha=2 * r, target_modules=list(target_linears(
             model, "all-linear"))), model)
 
@@ -203,7 +200,6 @@ def estimate(cfg_like) -> list[dict]:
                 if k <= e:
                     add("exit", (e, k), f"exit{e}_top{k}", mm, Plan.of(blocks(e - k, e) | fresh, exit_depth=e))
     if "lora" in fams:
-        from .methods.adapters import target_linears
         cap = max(min(m.in_features, m.out_features) for m in target_linears(mm.model, "all-linear").values())
         ranks = o.lora_ranks or [2**i for i in range(cap.bit_length()) if 2**i <= cap]
         for r in ranks:

@@ -108,6 +108,11 @@ def unit_sort_key(name: str):
     return (int(parts[1]), 0 if len(parts) == 2 else 1, name) if len(parts) > 1 and parts[1].isdigit() else (0, name)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model a peft wrapper (PeftModel) wraps; any other model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module | None:
     mod = model
     for part in path.split("."):

@@ -77,10 +77,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ..batching import largest_shape, n_examples, split_batch
 from ..engine import Tuner, guard_until_tuned
 from ..errors import DynatuneError
 from ..loop import one_budget
-from ..memory_model import install_budget
+from ..memory import install_budget
 
 STATE_FILE = "dynatune_state.pt"  # the engine's state, beside the Trainer's files in each checkpoint
 
@@ -384,7 +385,7 @@ class DynatuneTrainer(Trainer):
         if cb is None or cb.tuner is None or not cb._step_open:
             return super().training_step(model, inputs, num_items_in_batch)
         earlier = cb.step_inputs  # this step's micro-batches so far, as the pieces they ran as
-        pieces, size, retried = [inputs], _n_examples(inputs), False
+        pieces, size, retried = [inputs], n_examples(inputs), False
         while True:
             try:
                 if retried:
@@ -404,12 +405,12 @@ class DynatuneTrainer(Trainer):
                         "and raise gradient_accumulation_steps.") from err
             # outside the except clause: the failed attempt's graph (held by the traceback) is freed by now
             size, retried = (size + 1) // 2, True
-            pieces = _split_inputs(inputs, size)
+            pieces = split_batch(inputs, size)
             cb._losses, cb._backward_done, cb._in_step = [], False, True
             later = max(0, int(self.current_gradient_accumulation_steps) - len(earlier) - 1)  # still to come
-            cb.tuner.retry_step(sum(len(d) for d in earlier) + len(pieces) + later, _inputs_shape(pieces))
+            cb.tuner.retry_step(sum(len(d) for d in earlier) + len(pieces) + later, largest_shape(pieces))
             logger.warning("step %d: out of device memory; retrying with the micro-batch of %d examples as %d pieces "
-                           "(retry %d)", cb.tuner.step, _n_examples(inputs), len(pieces), cb.tuner.oom_retries)
+                           "(retry %d)", cb.tuner.step, n_examples(inputs), len(pieces), cb.tuner.oom_retries)
         earlier.append(pieces)
         return loss
 
@@ -420,14 +421,14 @@ class DynatuneTrainer(Trainer):
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:  # as Trainer.training_step decides it
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        n = sum(_n_examples(p) for p in pieces)
+        n = sum(n_examples(p) for p in pieces)
         ga = self.current_gradient_accumulation_steps
         first = len(cb._losses)
         total = None
         try:
             for piece in pieces:
                 if not scaled:  # a mean loss: weight the piece by its share of the micro-batch's examples
-                    self.current_gradient_accumulation_steps = ga * n / _n_examples(piece)
+                    self.current_gradient_accumulation_steps = ga * n / n_examples(piece)
                 loss = super().training_step(model, piece, num_items_in_batch)
                 total = loss if total is None else total + loss
         finally:
@@ -435,29 +436,8 @@ class DynatuneTrainer(Trainer):
         read = cb._losses[first:]
         if not scaled and len(read) == len(pieces):
             # the callback's step loss averages micro-batches: the pieces count as their micro-batch
-            cb._losses[first:] = [(l, nz, _n_examples(p) / n) for (l, nz, _), p in zip(read, pieces)]
+            cb._losses[first:] = [(l, nz, n_examples(p) / n) for (l, nz, _), p in zip(read, pieces)]
         return total
-
-
-def _n_examples(inputs) -> int | None:
-    t = inputs.get("input_ids", inputs.get("labels"))
-    if not isinstance(t, torch.Tensor):
-        t = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), None)
-    return None if t is None or not t.dim() else t.shape[0]
-
-
-def _split_inputs(inputs, size: int) -> list[dict]:
-    """The micro-batch as pieces of at most `size` examples (tensors sliced on their first dimension)."""
-    n = _n_examples(inputs)
-    return [{k: v[j:j + size] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-             for k, v in inputs.items()} for j in range(0, n, size)]
-
-
-def _inputs_shape(pieces) -> tuple[int, int] | None:
-    ids = [p.get("input_ids") for p in pieces]
-    if any(not isinstance(t, torch.Tensor) or t.dim() != 2 for t in ids):
-        return None
-    return max(t.shape[0] for t in ids), max(t.shape[1] for t in ids)
 
 
 __all__ = ["DynatuneCallback", "DynatuneTrainer", "prepare"]

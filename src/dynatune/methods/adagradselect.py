@@ -275,7 +275,7 @@ class GradSelect(Method):
         is on the backward path and saves its activations as a trainable block does). Streaming
         keeps only one more block's gradient than m, so the gradient bytes of all probed blocks but
         the largest are taken off where the memory model holds every path gradient: its
-        `backward_end` phase when the prediction has phases (memory_model.Prediction), else its
+        `backward_end` phase when the prediction has phases (memory.Prediction), else its
         total (an additive model). Exact for gradients: numel x element size of the parameter.
         With several micro-batches every probed gradient lives until the last one: nothing is
         taken off.

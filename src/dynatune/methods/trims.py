@@ -36,7 +36,7 @@ import torch
 
 from ..errors import DynatuneError
 from ..plan import Plan
-from ..units import get_submodule
+from ..units import get_submodule, unwrap_peft
 from .base import Method, MethodConfig, opt, register
 
 ACTIONS = ("LS", "LE", "RS", "RE", "PU", "PO", "CON")
@@ -557,7 +557,7 @@ def exits_allowed(mode: str, model) -> bool:
     and an exit then starves the head (docs/methods/trims.md, "Exits and first-token heads")."""
     if mode != "auto":
         return mode == "on"
-    base = getattr(model, "get_base_model", lambda: model)()  # a peft model: look at what it wraps
+    base = unwrap_peft(model)  # a peft model: look at what it wraps
     cfg = getattr(base, "config", None)
     is_classifier = type(base).__name__.endswith("ForSequenceClassification")
     return not (is_classifier and getattr(cfg, "model_type", None) in FIRST_TOKEN_HEADS)

@@ -1,0 +1,91 @@
+"""A budget on a run: resolved against full fine-tuning's predicted peak, checked against the
+method's smallest plan, installed on the tuner; and the largest prediction a run reports."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..plan import Plan
+from ..units import Units, unwrap_peft
+from .budget import DEFAULT_MARGIN, BudgetError, check_margin, fmt_bytes, parse_budget, resolve_budget, usable_budget
+from .model import MemoryModel, Prediction
+from .probe import build_small_like
+
+
+def smallest_plan(method, units: Units) -> Plan:
+    """The method's smallest admissible plan (each method knows its own; see Method.smallest_plan)."""
+    return method.smallest_plan(units)
+
+
+def check_budget_floor(memory_model: MemoryModel, budget_bytes: int, plan: Plan, margin: float = DEFAULT_MARGIN,
+                       batch_shape=None, what: str = "the smallest plan") -> Prediction:
+    """Reject, before training, a budget below `plan` (the method's smallest): the error names the
+    minimum (that plan's predicted peak) and the budget it needs with the margin."""
+    pred = memory_model.predict(plan, batch_shape)
+    need = math.ceil(pred.predicted_peak_bytes / (1.0 - margin))
+    if pred.predicted_peak_bytes > usable_budget(budget_bytes, margin):
+        raise BudgetError(
+            f"the budget of {budget_bytes} bytes ({fmt_bytes(budget_bytes)}) is below what {what} needs: it is "
+            f"predicted to peak at {pred.predicted_peak_bytes} bytes ({fmt_bytes(pred.predicted_peak_bytes)}), so "
+            f"with margin {margin:g} the budget must be at least {need} bytes ({fmt_bytes(need)}); raise the budget, "
+            "lower batch_size or max_length, or use a chunked loss (chunked_loss=1024).",
+            predicted_bytes=pred.predicted_peak_bytes, budget_bytes=budget_bytes, required_budget_bytes=need)
+    return pred
+
+
+def full_finetuning_peak(memory_model: MemoryModel, batch_shape=None) -> int:
+    """Predicted peak of full fine-tuning of the same model (without adapters, if it has any):
+    what a fractional budget ("0.6") is a fraction of."""
+    mm = memory_model
+    if mm.units.granularity == "block":
+        return mm.predict(Plan.of(u.name for u in mm.units), batch_shape).predicted_peak_bytes
+    inner = unwrap_peft(mm.model)
+    cfg = copy.deepcopy(inner.config)
+    cls = type(inner)
+    with torch.device("meta"):
+        base = cls._from_config(cfg)
+    if mm.precision == "bf16":
+        base.to(torch.bfloat16)
+    full = MemoryModel(base, precision=mm.precision, optimizer=mm.optimizer, device_type=mm.device_type,
+                       batch_shape=mm.batch_shape, loss=mm.loss, chunk_tokens=mm.chunk_tokens,
+                       grad_accum=mm.grad_accum, gradient_checkpointing=mm.gradient_checkpointing,
+                       hold_logits=mm.hold_logits, build_small=build_small_like(base, mm.precision, prepare=None))
+    return full.predict(Plan.of(u.name for u in full.units), batch_shape).predicted_peak_bytes
+
+
+def install_budget(tuner, budget, *, batch_shape: tuple[int, int], precision: str = "fp32",
+                   margin: float = DEFAULT_MARGIN, **kw) -> MemoryModel:
+    """What a training loop does before its first step when a budget is set.
+
+    Builds the memory model of the tuner's run (kw: loss, chunk_tokens, grad_accum, hold_logits,
+    device_type, gradient_checkpointing, ...), resolves the budget to bytes (a fraction is of full
+    fine-tuning's predicted peak), rejects a budget below the method's smallest plan (BudgetError
+    naming the minimum), and calls tuner.set_budget so that every plan applied is checked.
+    """
+    margin = check_margin(margin)
+    mm = MemoryModel.from_tuner(tuner, precision=precision, batch_shape=batch_shape, **kw)
+    kind, _ = parse_budget(budget)
+    full = full_finetuning_peak(mm) if kind == "fraction" else None
+    budget_bytes = resolve_budget(budget, full)
+    check_budget_floor(mm, budget_bytes, smallest_plan(tuner.method, tuner.units), margin,
+                       what=f"{tuner.method.name}'s smallest plan")
+    tuner.set_budget(mm, budget_bytes, margin)
+    return mm
+
+
+def largest_prediction(memory_model: MemoryModel, plans) -> dict:
+    """Of the plans a run applied, the one with the largest predicted peak (for metrics.json:
+    memory.predicted_peak_bytes and memory.predicted_counted_bytes)."""
+    best = None
+    for item in set(plans):  # a plan, or (plan, units whose optimizer state it kept) as Tuner records them
+        p, kept = item if isinstance(item, tuple) else (item, frozenset())
+        pred = memory_model.predict(p, kept_state=kept)
+        if best is None or pred.predicted_peak_bytes > best[1].predicted_peak_bytes:
+            best = (p, pred)
+    if best is None:
+        return {}
+    p, pred = best
+    return {"predicted_peak_bytes": pred.predicted_peak_bytes, "predicted_counted_bytes": pred.predicted_counted_bytes,
+            "predicted_peak_phase": pred.peak_phase, "predicted_terms": pred.terms, "predicted_for_plan": p.to_dict()}
