@@ -188,3 +188,26 @@ def test_counting_a_forward_without_backward_frees_its_graph():
     del out
     gc.collect()
     assert alive() is None
+
+
+def test_only_saved_tensors_backward_can_use_are_counted():
+    # peft DoRA builds lora_B(lora_A(eye)) with grad and uses it only detached: that graph, and what
+    # it saved, is freed during the forward; a tensor saved later at the address it left still counts
+    from dynatune.memory import SavedTensorCounter
+
+    counter = SavedTensorCounter(torch.device("cpu"))
+    a = torch.randn(256, requires_grad=True)
+    with counter.counting():
+        kept = torch.tanh(a)            # tanh saves its 1 KiB output for backward
+        dropped = torch.tanh(2 * a)
+        del dropped                     # its graph goes, and the output it saved
+        assert counter.total == 1024
+        again = torch.tanh(3 * a)
+        assert counter.total == 2048
+        (kept + again).sum().backward()
+    assert counter.total == 2048        # what the backward held when it started
+    # several backward passes (gradient accumulation): the largest one's saved bytes, not their sum
+    with counter.counting():
+        for _ in range(2):
+            torch.tanh(a).sum().backward()
+    assert counter.total == 1024

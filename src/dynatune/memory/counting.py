@@ -7,13 +7,15 @@ storage, so that a plan's savings are shown, not assumed:
 - optimizer state: the optimizer's actual state tensors on the device (state offloaded to host
   memory is reported apart as `offloaded_bytes`);
 - saved activations: tensors autograd saves for backward, caught with saved_tensors_hooks and
-  attributed to the block that was running when they were saved.
+  attributed to the block that was running when they were saved (those still held when backward
+  starts: what a graph dropped during the forward saved is not counted).
 
 `counted_step_bytes = weights + gradients + optimizer state + saved activations`; the run's
 `counted_peak_bytes` is the largest over its steps.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,13 +70,21 @@ class SavedTensorCounter:
 
     Storages that belong to parameters are not counted (saving a weight for backward costs
     nothing extra), but a bf16 copy of a weight made under autocast is: it is new memory.
+
+    Only what backward can still use counts: the saved storages alive when a backward starts (its
+    first unpack), or, for a forward whose backward has not started (the memory model's probe),
+    those alive when the count is read. A graph the forward builds and drops (peft DoRA's
+    lora_B(lora_A(eye)), used only detached) saves tensors that are freed before backward; they
+    do not count, and a later tensor saved at the address one of them freed does. With several
+    backward passes per count (gradient accumulation) the largest one's saved bytes count.
     """
 
     device: torch.device
     block_of_module: dict = field(default_factory=dict)  # id(module) -> label
-    by_block: dict = field(default_factory=dict)
     kernels: set = field(default_factory=set)
-    _seen: set = field(default_factory=set)
+    _saved: dict = field(default_factory=dict)   # storage key -> [label, bytes, weakrefs to the packed tensors]
+    _settled: dict = field(default_factory=dict)  # label -> bytes, held when a backward started
+    _pending: bool = False  # saved since the last backward started
     _stack: list = field(default_factory=list)
     _param_keys: set = field(default_factory=set)
     _handles: list = field(default_factory=list)
@@ -101,30 +111,69 @@ class SavedTensorCounter:
         self._handles.clear()
 
     def reset(self) -> None:
-        self.by_block = {}
-        self._seen = set()
+        self._saved = {}
+        self._settled = {}
+        self._pending = False
         self._stack = []
+
+    @staticmethod
+    def _alive(entry) -> bool:
+        return any(r() is not None for r in entry[2])
+
+    def _held(self) -> dict:
+        """label -> bytes of the saved storages alive now."""
+        out: dict = {}
+        for entry in self._saved.values():
+            if self._alive(entry):
+                out[entry[0]] = out.get(entry[0], 0) + entry[1]
+        return out
+
+    def _settle(self) -> None:
+        """A backward starts: what is saved now is what it holds (the largest of several backwards)."""
+        held = self._held()
+        if sum(held.values()) > sum(self._settled.values()):
+            self._settled = held
+        self._saved = {k: e for k, e in self._saved.items() if self._alive(e)}
+        self._pending = False
+
+    @property
+    def by_block(self) -> dict:
+        best = self._settled
+        if self._pending:  # a forward whose backward has not started: what it holds now
+            held = self._held()
+            if sum(held.values()) > sum(best.values()):
+                best = held
+        return dict(best)
 
     @property
     def total(self) -> int:
         return sum(self.by_block.values())
 
     def _pack(self, t: torch.Tensor):
-        if t.device.type == self.device.type:
-            key = storage_key(t)
-            if key not in self._seen and key not in self._param_keys:
-                self._seen.add(key)
-                label = self._stack[-1] if self._stack else "outside"
-                self.by_block[label] = self.by_block.get(label, 0) + t.untyped_storage().nbytes()
         # Detached: a saved output kept with its grad_fn would own the node that saves it, a cycle
         # through C++ that gc cannot break when backward never runs (the memory model's probes, a
         # forward that ran out of memory). Autograd puts the grad_fn back when it unpacks.
-        return t.detach()
+        out = t.detach()
+        if t.device.type == self.device.type:
+            key = storage_key(t)
+            if key not in self._param_keys:
+                entry = self._saved.get(key)
+                if entry is None or not self._alive(entry):  # new, or an address a freed one left
+                    label = self._stack[-1] if self._stack else "outside"
+                    entry = self._saved[key] = [label, t.untyped_storage().nbytes(), []]
+                entry[2].append(weakref.ref(out))
+                self._pending = True
+        return out
+
+    def _unpack(self, t: torch.Tensor):
+        if self._pending:
+            self._settle()
+        return t
 
     @contextmanager
     def counting(self):
         self.reset()
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
 
 

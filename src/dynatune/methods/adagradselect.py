@@ -322,6 +322,7 @@ class GradSelect(Method):
         """Derive m from the budget (k=null) or check k against it; once, at the first plan."""
         if self._resolved:
             return
+        from ..memory_model import BudgetError
         self._resolved = True
         budget = self._budget()
         have_model = self.tuner.has_memory_model
@@ -332,8 +333,9 @@ class GradSelect(Method):
                                     "or give a budget.")
             peak = self.step_peak(1)
             if peak > budget:
-                raise DynatuneError(f"{self.name}: even one block does not fit the usable budget of {budget} "
-                                    f"bytes (predicted {peak} bytes); raise the budget.")
+                raise BudgetError(f"{self.name}: even one block does not fit the usable budget of {budget} "
+                                  f"bytes (predicted {peak} bytes); raise the budget.",
+                                  predicted_bytes=peak, budget_bytes=self.tuner.budget_bytes)
             m = 1  # peaks grow with m: the largest m whose prediction fits
             while m < self.n_blocks and self.step_peak(m + 1) <= budget:
                 m += 1
@@ -344,9 +346,9 @@ class GradSelect(Method):
         elif budget is not None:
             peak = self.step_peak(self.m)
             if peak > budget:
-                raise DynatuneError(f"{self.name}.k={self.config.k} updates m={self.m} blocks, predicted to peak at "
-                                    f"{peak} bytes, over the usable budget of {budget} bytes; lower k, or k=null "
-                                    "to derive it from the budget.")
+                raise BudgetError(f"{self.name}.k={self.config.k} updates m={self.m} blocks, predicted to peak at "
+                                  f"{peak} bytes, over the usable budget of {budget} bytes; lower k, or k=null "
+                                  "to derive it from the budget.", predicted_bytes=peak, budget_bytes=self.tuner.budget_bytes)
 
     # -- per step --------------------------------------------------------------------------------
     def _explore_plan(self, note: str) -> Plan:

@@ -279,9 +279,11 @@ class Trims(Method):
         pred = self.predict_peak(self.plan_for(self.state))
         limit = budget * (1.0 - self._margin())
         if pred is not None and pred > limit:
-            raise DynatuneError(
+            from ..memory_model import BudgetError
+            raise BudgetError(
                 f"TriMS starts with only the last block training, and even that plan is predicted at {pred} bytes, "
-                f"above the budget's usable {int(limit)} bytes; raise the budget.")
+                f"above the budget's usable {int(limit)} bytes; raise the budget.", predicted_bytes=pred,
+                budget_bytes=int(budget))
 
     def _margin(self) -> float:
         return float(self.tuner.budget_margin)
