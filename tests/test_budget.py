@@ -206,3 +206,27 @@ def test_a_fraction_of_full_fine_tuning_means_the_model_without_adapters(mm):
                                    batch_shape=SHAPE)
     assert full_finetuning_peak(lora) == full_finetuning_peak(mm) == \
         mm.predict(Plan.of(u.name for u in mm.units)).predicted_peak_bytes
+
+
+@pytest.mark.parametrize("name,options", [("topk", {"k": 4}), ("lisa", {"k": 4, "train_embedding": False})])
+def test_fixed_plans_above_the_budget_are_refused_before_training_naming_the_minimum(name, options):
+    """topk and lisa plans are fixed by their options: a budget that admits k=1 but not k=4 is refused
+    at install time (not at a later re-draw), and the sentence names the budget k=4 needs."""
+    from dynatune.memory import install_budget
+
+    def installed(k, budget):
+        t = tuner(causal_lm("llama"), [])
+        t.method = build_method(name, **{**options, "k": k})
+        t.method.setup(t)
+        return t, install_budget(t, budget, batch_shape=SHAPE, device_type="cpu")
+
+    t, mm = installed(1, "1.0")
+    small = mm.predict(t.method.largest_plan(t.units)).predicted_peak_bytes
+    t.method.config.k = 4
+    big = mm.predict(t.method.largest_plan(t.units)).predicted_peak_bytes
+    budget = int((small + big) / 2 / 0.97)  # k=1 fits under the margin, k=4 does not
+    assert installed(1, f"{budget}B")[0].budget_bytes == budget
+    with pytest.raises(BudgetError, match=f"{name}'s largest plan with these options") as err:
+        installed(4, f"{budget}B")
+    assert err.value.predicted_bytes == big and err.value.required_budget_bytes > budget
+    assert str(err.value.required_budget_bytes) in str(err.value)

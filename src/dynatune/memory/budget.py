@@ -4,22 +4,10 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import DynatuneError
+from ..errors import BudgetError, DynatuneError  # noqa: F401  (BudgetError: re-exported)
 
 DEFAULT_MARGIN = 0.03
 GiB = 2**30
-
-
-class BudgetError(DynatuneError):
-    """A plan (or every plan a method could choose) is predicted above the memory budget."""
-
-    def __init__(self, message: str, *, predicted_bytes: int | None = None, budget_bytes: int | None = None,
-                 required_budget_bytes: int | None = None):
-        super().__init__(message)
-        self.predicted_bytes = predicted_bytes
-        self.minimum_bytes = predicted_bytes  # for the smallest plan: the minimum that any plan needs
-        self.budget_bytes = budget_bytes
-        self.required_budget_bytes = required_budget_bytes
 
 
 def fmt_bytes(n: float) -> str:

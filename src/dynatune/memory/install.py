@@ -20,10 +20,11 @@ def smallest_plan(method, units: Units) -> Plan:
 
 
 def check_budget_floor(memory_model: MemoryModel, budget_bytes: int, plan: Plan, margin: float = DEFAULT_MARGIN,
-                       batch_shape=None, what: str = "the smallest plan") -> Prediction:
-    """Reject, before training, a budget below `plan` (the method's smallest): the error names the
-    minimum (that plan's predicted peak) and the budget it needs with the margin."""
-    pred = memory_model.predict(plan, batch_shape)
+                       batch_shape=None, what: str = "the smallest plan", kept_state=()) -> Prediction:
+    """Reject, before training, a budget below `plan` (the method's smallest, or the largest of a
+    method whose plans are fixed by its options): the error names the minimum (that plan's
+    predicted peak, with `kept_state`'s optimizer state) and the budget it needs with the margin."""
+    pred = memory_model.predict(plan, batch_shape, kept_state=kept_state)
     need = math.ceil(pred.predicted_peak_bytes / (1.0 - margin))
     if pred.predicted_peak_bytes > usable_budget(budget_bytes, margin):
         raise BudgetError(
@@ -62,16 +63,24 @@ def install_budget(tuner, budget, *, batch_shape: tuple[int, int], precision: st
     Builds the memory model of the tuner's run (kw: loss, chunk_tokens, grad_accum, hold_logits,
     device_type, gradient_checkpointing, ...), resolves the budget to bytes (a fraction is of full
     fine-tuning's predicted peak), rejects a budget below the method's smallest plan (BudgetError
-    naming the minimum), and calls tuner.set_budget so that every plan applied is checked.
+    naming the minimum), and calls tuner.set_budget so that every plan applied is checked. A
+    method whose plans its options fix (Method.schedules_under_budget False) is also refused when
+    its largest plan does not fit, so no plan is refused mid-run.
     """
     margin = check_margin(margin)
     mm = MemoryModel.from_tuner(tuner, precision=precision, batch_shape=batch_shape, **kw)
     kind, _ = parse_budget(budget)
     full = full_finetuning_peak(mm) if kind == "fraction" else None
     budget_bytes = resolve_budget(budget, full)
-    check_budget_floor(mm, budget_bytes, smallest_plan(tuner.method, tuner.units), margin,
-                       what=f"{tuner.method.name}'s smallest plan")
-    tuner.set_budget(mm, budget_bytes, margin)
+    method = tuner.method
+    check_budget_floor(mm, budget_bytes, smallest_plan(method, tuner.units), margin,
+                       what=f"{method.name}'s smallest plan")
+    tuner.set_budget(mm, budget_bytes, margin)  # may switch state_policy keep to offload
+    if not method.schedules_under_budget:  # fixed plans: the largest must fit now, not fail mid-run
+        largest = method.largest_plan(tuner.units)
+        kept = frozenset(method.candidates()) - largest.update if tuner.states.policy == "keep" else ()
+        check_budget_floor(mm, budget_bytes, largest, margin, kept_state=kept,
+                           what=f"{method.name}'s largest plan with these options")
     return mm
 
 

@@ -438,6 +438,10 @@ class MemoryModel:
             nock = self._recompute_bytes(plan, shape)
             add("backward_recompute", g_acc + gw32, acts,
                 max(0, outside - loss_saved) + ws + self.offset + held + nock)
+        if self.device_type == "cpu":
+            # No allocator peak is measured on the CPU: the counted bytes (every term at once, an
+            # upper bound of what is live together) are the measurement a budget is held against.
+            add("counted", grads, blocks + outside, 0)
         peak_phase = max(phases, key=lambda k: phases[k])
         terms = {k: int(round(v)) for k, v in terms_at[peak_phase].items()}
         peak = int(sum(terms.values()))

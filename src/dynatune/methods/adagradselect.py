@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import DynatuneError
+from ..errors import BudgetError, DynatuneError
 from ..plan import Plan
 from ..units import unit_sort_key
 from .base import Method, MethodConfig, opt, register
@@ -188,6 +188,7 @@ class GradSelect(Method):
     # each block updates only on the steps that select it: the validation sweeps in the README chose
     # 3e-4 to 1e-3 (MiniLM) and 5e-4 (SmolLM2) where full fine-tuning's rate barely moved the loss
     default_lr = 3e-4
+    schedules_under_budget = True  # m is checked against (or derived from) the budget at the first plan
 
     def __init__(self, config=None, seed=0):
         super().__init__(config, seed)
@@ -322,7 +323,6 @@ class GradSelect(Method):
         """Derive m from the budget (k=null) or check k against it; once, at the first plan."""
         if self._resolved:
             return
-        from ..memory_model import BudgetError
         self._resolved = True
         budget = self._budget()
         have_model = self.tuner.has_memory_model

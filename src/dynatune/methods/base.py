@@ -57,6 +57,9 @@ class Method:
     signals: tuple[str, ...] = ()
     default_lr = 5e-5
     default_budget: str | None = None  # used when the run sets no budget (a budgeted method's own)
+    # True: the method chooses each plan within the budget itself (tuner.predict_peak); False: its
+    # plans are fixed by its options, so a budget below its largest plan is refused before training
+    schedules_under_budget = False
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):

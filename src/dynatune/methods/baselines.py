@@ -120,7 +120,11 @@ class RandomConfig(MethodConfig):
 class RandomUnits(Method):
     name = "random"
     Config = RandomConfig
-    summary = "a random fraction of units (modules by default), re-drawn every `period` steps"
+    summary = ("a random fraction of units (modules by default), re-drawn every `period` steps; under a budget "
+               "a draw priced above it is drawn again")
+    # draws differ in price (unit sizes, how deep backward runs): under a budget each is checked
+    schedules_under_budget = True
+    MAX_DRAWS = 100
 
     def __init__(self, config=None, seed=0):
         super().__init__(config, seed)
@@ -136,9 +140,26 @@ class RandomUnits(Method):
     def plan(self, step):
         pool = self._pool(self.units)
         if step % self.config.period == 0 or not self.current:
-            idx = torch.randperm(len(pool), generator=self.generator)[:self._draw_size(pool)].tolist()
-            self.current = sorted(pool[i] for i in idx)
+            self.current = self._draw_within_budget(pool)
         return Plan.of(self.with_head(self.current))
+
+    def _draw_within_budget(self, pool) -> list[str]:
+        """A uniform draw; under a budget, drawn again (same generator) while priced above it, and
+        after MAX_DRAWS the cheapest draw (smallest_plan, which the budget was checked to admit)."""
+        limit = self.tuner.usable_budget
+        for _ in range(self.MAX_DRAWS if limit is not None else 1):
+            idx = torch.randperm(len(pool), generator=self.generator)[:self._draw_size(pool)].tolist()
+            draw = sorted(pool[i] for i in idx)
+            if limit is None or self.tuner.predict_peak(Plan.of(self.with_head(draw))) <= limit:
+                return draw
+        return sorted(self.smallest_plan(self.units).update - self.fresh_heads(self.units))
+
+    def smallest_plan(self, units):
+        """The cheapest draw: the smallest units, the highest among them (backward stops soonest)."""
+        pool = self._pool(units)
+        size = {n: sum(self.tuner.params[p].numel() for p in units[n].param_names) for n in pool}
+        cheapest = sorted(pool, key=lambda n: (size[n], -units[n].depth))[:self._draw_size(pool)]
+        return Plan.of(set(cheapest) | self.fresh_heads(units))
 
     def largest_plan(self, units):
         """The largest draw: the biggest units, with one of the lowest among them so backward runs

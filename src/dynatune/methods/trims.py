@@ -34,7 +34,7 @@ from statistics import median
 
 import torch
 
-from ..errors import DynatuneError
+from ..errors import BudgetError, DynatuneError
 from ..plan import Plan
 from ..units import get_submodule, unwrap_peft
 from .base import Method, MethodConfig, opt, register
@@ -110,6 +110,7 @@ class Trims(Method):
                "action with the best loss/memory/time utility that fits the budget")
     default_lr = 1e-4
     default_budget = "0.6"  # TriMS schedules under a budget: 60% of full fine-tuning's predicted peak
+    schedules_under_budget = True
 
     def __init__(self, config=None, seed=0):
         super().__init__(config, seed)
@@ -279,7 +280,6 @@ class Trims(Method):
         pred = self.predict_peak(self.plan_for(self.state))
         limit = budget * (1.0 - self._margin())
         if pred is not None and pred > limit:
-            from ..memory_model import BudgetError
             raise BudgetError(
                 f"TriMS starts with only the last block training, and even that plan is predicted at {pred} bytes, "
                 f"above the budget's usable {int(limit)} bytes; raise the budget.", predicted_bytes=pred,
