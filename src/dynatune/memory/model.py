@@ -441,7 +441,7 @@ class MemoryModel:
         if self.device_type == "cpu":
             # No allocator peak is measured on the CPU: the counted bytes (every term at once, an
             # upper bound of what is live together) are the measurement a budget is held against.
-            add("counted", grads, blocks + outside, 0)
+            add("counted", grads, acts, outside + self.offset)  # alpha = 1, offset = 0 unless calibrated
         peak_phase = max(phases, key=lambda k: phases[k])
         terms = {k: int(round(v)) for k, v in terms_at[peak_phase].items()}
         peak = int(sum(terms.values()))
