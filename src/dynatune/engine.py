@@ -29,7 +29,7 @@ from .errors import DynatuneError
 from .memory import MemoryRecord, SavedTensorCounter, grad_bytes, unique_bytes
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
-from .signals import SIGNALS, first_tensor
+from .signals import SIGNALS, first_tensor, read_signals
 from .units import Units, get_submodule, partition
 
 
@@ -251,7 +251,9 @@ class Tuner:
             self._recalibration["predicted"] = rec["predicted"]
 
     def signal_values(self) -> dict[str, dict[str, float]]:
-        return {name: dict(s.values) for name, s in self.signals.items()}
+        """signal name -> unit -> float. Hooks kept their readings on the device; this is the step's
+        one host sync for signals (none when the method reads no signal)."""
+        return dict(zip(self.signals, read_signals(list(self.signals.values()))))
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:

@@ -204,7 +204,7 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
 
 def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
     n_examples = sum(len(b["labels"]) for b in micro_batches)
-    loss_sum = 0.0
+    losses, weights = [], []
     for batch in micro_batches:
         batch = move(batch, device)
         with autocast_for(cfg.precision, device):
@@ -216,8 +216,10 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
         # weight each micro-batch by its size so accumulation equals one big batch
         weight = len(batch["labels"]) / n_examples
         (loss * weight).backward()
-        loss_sum += loss.item() * weight
-    return loss_sum
+        losses.append(loss.detach())
+        weights.append(weight)
+    # read back once per step, not between micro-batches (a device sync each); same float sum as before
+    return sum(v * w for v, w in zip(torch.stack(losses).tolist(), weights))
 
 
 def split_micro_batches(micro_batches: list[dict], size: int) -> list[dict]:
