@@ -74,7 +74,7 @@ def collect(overrides: list[str]) -> dict:
             "test": test, "validation": metrics.get("validation"), "trainable_params": metrics["trainable_params"],
             "counted_peak_bytes": metrics["memory"]["counted_peak_bytes"],
             "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
-            "optimizer_bytes_at_peak": metrics["memory"]["counted_peak_terms"]["optimizer"],
+            "optimizer_bytes_at_peak": (metrics["memory"]["counted_peak_terms"] or {}).get("optimizer"),
             "median_step_s": statistics.median(step_times), "final_plan": metrics.get("final_plan"),
             "final_state": metrics.get("final_state"), "budget_bytes": metrics["memory"].get("budget_bytes"),
             # methods that log each step's predicted peak (TriMS): the largest, against the budget

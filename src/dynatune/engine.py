@@ -174,7 +174,8 @@ class Tuner:
     def end_step(self, loss: float | None = None) -> dict:
         self.method.end_step(self.step, loss)
         entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update | self.promoted),
-                 "exit_depth": self.plan.exit_depth, "memory": self.record.to_dict(),
+                 "exit_depth": self.plan.exit_depth,
+                 "memory": self.record.to_dict() if self.count_memory else None,  # None: nothing was counted
                  "bytes_moved": self.states.bytes_moved, "step_time_s": self.clock() - self._t0}
         if self.plan.note:
             entry["note"] = self.plan.note

@@ -94,7 +94,8 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         method.steps_per_epoch = steps_per_epoch
 
     if tuner is None:
-        tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
+        tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
+                      count_memory=getattr(cfg, "count_memory", True))
     model = tuner.model
     if getattr(cfg, "budget", None) is not None and tuner.memory_model is None:
         install_budget(tuner, cfg.budget, batch_shape=(micro, cfg.max_length), precision=cfg.precision,
@@ -249,6 +250,14 @@ def memory_model_options(cfg, device) -> dict:
     return opts
 
 
+def counted_memory(tuner) -> dict:
+    """metrics.json's counted peak; None throughout when the run did not count (count_memory=false)."""
+    if not tuner.count_memory:
+        return {"counted_peak_bytes": None, "counted_peak_terms": None, "offloaded_bytes": None}
+    return {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
+            "offloaded_bytes": tuner.peak.offloaded}
+
+
 def predicted_memory(tuner, cfg, device) -> dict:
     """metrics.json's predicted bytes for the largest plan the run applied."""
     mm = tuner.memory_model
@@ -305,8 +314,7 @@ def train(cfg) -> dict:
         "total_params": sum(p.numel() for p in tuner.params.values()),
         "final_plan": tuner.plan.to_dict() if tuner.plan else None,
         "final_state": tuner.history[-1].get("method_log") if tuner.history else None,
-        "memory": {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
-                   "offloaded_bytes": tuner.peak.offloaded, **predicted_memory(tuner, cfg, device)},
+        "memory": {**counted_memory(tuner), **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
