@@ -21,7 +21,6 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-_LOAD_AT_START = os.getloadavg()  # when a benchmark script imports this module, before it measures anything
 
 
 def git(*args) -> str | None:
@@ -36,17 +35,23 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+# read when a benchmark script imports this module, before it measures anything: the code it runs is
+# this commit's (plus uncommitted changes if dirty), whatever is edited while it runs
+_LOAD_AT_START = load_average()
+_STATUS_AT_START = git("status", "--porcelain", "--untracked-files=no")
+_COMMIT_AT_START = git("rev-parse", "HEAD")
+
+
 def provenance() -> dict:
-    """What every result file records: commit (+ dirty: tracked files changed), the exact command,
-    the dynatune source that ran (an editable install elsewhere would not be this commit), the
-    machine, and the load average at the script's start and now."""
+    """What every result file records: commit (+ dirty: tracked files changed), both as the script
+    started, the exact command, the dynatune source that ran (an editable install elsewhere would
+    not be this commit), the machine, and the load average at the script's start and now."""
     import dynatune
 
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+    status = _STATUS_AT_START
+    return {"commit": _COMMIT_AT_START, "dirty": None if status is None else bool(status),
             "command": shlex.join(["python", *sys.argv]), "dynatune_path": str(Path(dynatune.__file__).parent),
-            "machine": machine(), "load_average": {"at_start": [round(x, 2) for x in _LOAD_AT_START],
-                                                   "at_end": load_average()}}
+            "machine": machine(), "load_average": {"at_start": _LOAD_AT_START, "at_end": load_average()}}
 
 
 def machine() -> dict:

@@ -1,0 +1,231 @@
+"""What dynatune's engine costs per step, against a plain PyTorch loop doing the same training.
+
+    python benchmarks/overhead.py                       # CPU, the README's table (about 10 min on 2 cores)
+    python benchmarks/overhead.py --device cuda --threads 0 --steps 10 --repeats 10
+
+MiniLM-L6 (the cached pretrained model, 6 labels) in fp32 on fixed random token batches of
+16 x 64 (seeded; every step has the same shape, so step times differ only by what each loop does).
+For each method (full, topk k=2, lisa, trims at budget 0.6, adagradselect) four runners train their
+own copy of the model side by side:
+- dynatune: Tuner + the loop's train_step + end_step, with count_memory on, and again with it off;
+- plain: a hand-written loop per dynatune runner that replays that runner's plans step by step:
+  requires_grad False outside the plan (probed blocks' outputs made to require grad, probed
+  parameters' gradients dropped before the update), one AdamW over every candidate parameter
+  (it skips parameters without a gradient), the same gradient clipping, one loss read per step.
+Runners take turns in blocks of --steps steps (A B A B ..., --repeats blocks each) after --warmup
+untimed steps each. Each step is timed alone (perf_counter after a CUDA synchronize). The table
+is the median step time per runner and the ratio dynatune / plain. The two plain runners do the
+same work when the plans agree, so their ratio is the measurement's own noise.
+
+Writes benchmarks/results/overhead_<device>.json with its provenance (harness.provenance).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import load_average, save  # noqa: E402
+
+METHODS = {"full": {}, "topk": {"k": 2}, "lisa": {}, "trims": {}, "adagradselect": {}}
+BUDGETS = {"trims": 0.6}  # TriMS's default budget, as `dynatune train` runs it
+LR = 1e-4
+TREC_STEPS_PER_EPOCH = 270  # 4,305 questions / 16: adagradselect's exploration schedule as on TREC
+
+
+def batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": torch.randint(0, 6, (batch,), generator=g).to(device)})
+    return out
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Dynatune:
+    """dynatune's per-step contract, as the loop runs it (train_step, then end_step)."""
+
+    def __init__(self, base, method: str, count_memory: bool, args, device):
+        from dynatune.engine import Tuner
+        from dynatune.memory_model import install_budget
+        from dynatune.methods import METHODS as REGISTRY, build_method
+
+        m = build_method(method, REGISTRY[method].Config(**METHODS[method]), seed=0)
+        if getattr(m, "steps_per_epoch", None) == 0:
+            m.steps_per_epoch = TREC_STEPS_PER_EPOCH
+        self.tuner = Tuner(copy.deepcopy(base), m, lr=LR, count_memory=count_memory)
+        if method in BUDGETS:
+            install_budget(self.tuner, BUDGETS[method], batch_shape=(args.batch, args.seq), precision="fp32",
+                           grad_accum=1, device_type=device.type)
+        self.cfg = SimpleNamespace(grad_clip=1.0, precision="fp32", chunked_loss=0)
+        self.device = device
+        self.plans: list[tuple] = []  # per step: (updated units, probed blocks, probed params, exit depth)
+        self.tuner.model.train()
+
+    def step(self, i: int, batch: dict) -> None:
+        from dynatune.loop import train_step
+
+        t = self.tuner
+        loss = train_step(t, t.model, [batch], self.cfg, self.device)
+        entry = t.end_step(loss)
+        self.plans.append((frozenset(entry["update"]), t.plan.probe, t.plan.probe_params, t.plan.exit_depth))
+
+    def close(self) -> None:
+        self.tuner.close_hooks()
+
+
+def probe_output(module, args, out) -> None:
+    """A frozen block's output made to require grad, so backward reaches it (TriMS reads its gradient)."""
+    t = out if isinstance(out, torch.Tensor) else out[0]
+    if not t.requires_grad:
+        t.requires_grad_(True)
+
+
+class Plain:
+    """A hand-written loop that freezes what `source` froze at each step; no dynatune code runs."""
+
+    def __init__(self, base, source: Dynatune):
+        t = source.tuner
+        self.source = source
+        self.model = copy.deepcopy(base).train()
+        self.params = dict(self.model.named_parameters())
+        self.unit_params = {u.name: list(u.param_names) for u in t.units}
+        self.blocks = self.model.get_submodule(t.units.blocks_path)
+        candidates = [n for n in self.params if n in t.candidate_params]
+        for n, p in self.params.items():
+            p.requires_grad_(n in t.candidate_params)
+        self.opt = torch.optim.AdamW([self.params[n] for n in candidates], lr=LR)
+        self.current = None
+        self.hooks: list = []
+
+    def names(self, units) -> set[str]:
+        return {n for u in units for n in self.unit_params[u]}
+
+    def set_plan(self, plan) -> None:
+        """requires_grad and probe hooks, changed only when the plan changes (as a hand-written loop would)."""
+        update, probe, probe_params, exit_depth = plan
+        if exit_depth is not None:
+            raise SystemExit("overhead.py does not replay early exits (MiniLM classification never exits)")
+        wanted = self.names(update | probe_params)
+        for n, p in self.params.items():
+            if p.requires_grad != (n in wanted):
+                p.requires_grad_(n in wanted)
+        for h in self.hooks:
+            h.remove()
+        self.hooks = [self.blocks[int(b.split(".")[1])].register_forward_hook(probe_output) for b in sorted(probe)]
+        self.dropped = [self.params[n] for n in self.names(probe_params - update)]
+        self.current = plan
+
+    def step(self, i: int, batch: dict) -> None:
+        plan = self.source.plans[i]
+        if plan != self.current:
+            self.set_plan(plan)
+        loss = self.model(**batch).loss
+        loss.backward()
+        for p in self.dropped:  # gradients read for a selection, not for an update
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def run_method(method: str, base, data, args, device) -> dict:
+    on = Dynatune(base, method, True, args, device)
+    off = Dynatune(base, method, False, args, device)
+    runners = {"dynatune_count": on, "plain_count": Plain(base, on),
+               "dynatune_nocount": off, "plain_nocount": Plain(base, off)}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    done = {k: 0 for k in runners}
+
+    def block(name, n, record):
+        r = runners[name]
+        for _ in range(n):
+            i = done[name]
+            sync(device)
+            t0 = time.perf_counter()
+            r.step(i, data[i % len(data)])
+            sync(device)
+            if record:
+                times[name].append(time.perf_counter() - t0)
+            done[name] += 1
+
+    for name in runners:  # each dynatune runner before the plain one that replays it
+        block(name, args.warmup, False)
+    for _ in range(args.repeats):
+        for name in runners:
+            block(name, args.steps, True)
+    for r in runners.values():
+        r.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    same = on.plans == off.plans
+    return {"method": method, "options": METHODS[method], "budget": BUDGETS.get(method),
+            "median_step_s": {k: round(v, 4) for k, v in med.items()},
+            "ratio_count": round(med["dynatune_count"] / med["plain_count"], 3),
+            "ratio_nocount": round(med["dynatune_nocount"] / med["plain_nocount"], 3),
+            # both plain loops replay the same plans unless counting changed the method's choices
+            "plain_vs_plain": round(med["plain_count"] / med["plain_nocount"], 3),
+            "plans_same_with_and_without_counting": same,
+            "distinct_plans": len(set(off.plans)), "step_times_s": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (CPU); 0 = torch's default. One thread suffers least from other processes")
+    ap.add_argument("--steps", type=int, default=2, help="steps per runner per turn")
+    ap.add_argument("--repeats", type=int, default=12, help="turns per runner (timed steps = steps x repeats)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per runner before the first turn")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--name", default="", help="suffix of the result file")
+    args = ap.parse_args(argv)
+    from dynatune.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load_before = load_average()
+    base, _ = load_model("minilm-l6", "classification", num_labels=6)
+    base.to(device)
+    data = batches(8, args.batch, args.seq, base.config.vocab_size, device)
+    rows = []
+    t0 = time.perf_counter()
+    for method in args.methods.split(","):
+        torch.manual_seed(0)
+        r = run_method(method, base, data, args, device)
+        rows.append(r)
+        print(f"{method:<14} dynatune/plain {r['ratio_count']:.3f} counting, {r['ratio_nocount']:.3f} not counting; "
+              f"medians {r['median_step_s']}", flush=True)
+    path = save(f"overhead_{args.device}{args.name}", {
+        "settings": {"model": "minilm-l6 (pretrained, 6 labels)", "data": f"fixed random token batches "
+                     f"{args.batch} x {args.seq} (8 seeded batches, cycled), all tokens attended",
+                     "precision": "fp32", "lr": LR, "grad_clip": 1.0, "device": args.device,
+                     "threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
+                     "warmup": args.warmup, "adagradselect_steps_per_epoch": TREC_STEPS_PER_EPOCH},
+        "load_average_before_after": [load_before, load_average()],
+        "wall_s": round(time.perf_counter() - t0, 1), "rows": rows})
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
