@@ -1,7 +1,7 @@
 """What dynatune's engine costs per step, against a plain PyTorch loop doing the same training.
 
-    python benchmarks/overhead.py                       # CPU, the README's table (about 10 min on 2 cores)
-    python benchmarks/overhead.py --device cuda --threads 0 --steps 10 --repeats 10
+    python benchmarks/overhead.py                       # CPU, the README's table (5-10 min on 2 shared cores)
+    python benchmarks/overhead.py --device cuda --threads 0 --repeats 50 --warmup 5
 
 MiniLM-L6 (the cached pretrained model, 6 labels) in fp32 on fixed random token batches of
 16 x 64 (seeded; every step has the same shape, so step times differ only by what each loop does).
@@ -12,10 +12,12 @@ own copy of the model side by side:
   requires_grad False outside the plan (probed blocks' outputs made to require grad, probed
   parameters' gradients dropped before the update), one AdamW over every candidate parameter
   (it skips parameters without a gradient), the same gradient clipping, one loss read per step.
-Runners take turns in blocks of --steps steps (A B A B ..., --repeats blocks each) after --warmup
-untimed steps each. Each step is timed alone (perf_counter after a CUDA synchronize). The table
-is the median step time per runner and the ratio dynatune / plain. The two plain runners do the
-same work when the plans agree, so their ratio is the measurement's own noise.
+Runners take turns of --steps steps (A B A B ..., --repeats turns each) after --warmup untimed
+steps each. Each step is timed alone: wall time (perf_counter, after a CUDA synchronize) and, on
+the CPU, the process's CPU time, which leaves out the time other processes held the cores. Per
+runner: the median step time; per method: dynatune / plain as the ratio of medians and as the
+median of per-turn ratios (paired turns see the same load). The two plain runners do the same
+work when the plans agree, so their ratio is the measurement's own noise.
 
 Writes benchmarks/results/overhead_<device>.json with its provenance (harness.provenance).
 """
@@ -147,43 +149,64 @@ class Plain:
             h.remove()
 
 
+PAIRS = (("count", "dynatune_count", "plain_count"), ("nocount", "dynatune_nocount", "plain_nocount"))
+
+
+def ratios(times: dict[str, list[list[float]]], dyn: str, plain: str) -> dict:
+    """dynatune / plain: of the medians, and the median of per-turn ratios (each dynatune turn over
+    the plain turn right after it, so a change in the machine's load hits both sides of a ratio)."""
+    med = statistics.median
+    flat = {k: [x for turn in times[k] for x in turn] for k in (dyn, plain)}
+    return {"of_medians": round(med(flat[dyn]) / med(flat[plain]), 3),
+            "paired": round(med([sum(a) / sum(b) for a, b in zip(times[dyn], times[plain])]), 3)}
+
+
 def run_method(method: str, base, data, args, device) -> dict:
     on = Dynatune(base, method, True, args, device)
     off = Dynatune(base, method, False, args, device)
     runners = {"dynatune_count": on, "plain_count": Plain(base, on),
                "dynatune_nocount": off, "plain_nocount": Plain(base, off)}
-    times: dict[str, list[float]] = {k: [] for k in runners}
+    # per runner, per turn, per step: wall seconds and (CPU only) process CPU seconds; CPU time
+    # leaves out the time other processes held the cores, which wall time on a shared machine does not
+    wall: dict[str, list[list[float]]] = {k: [] for k in runners}
+    cpu: dict[str, list[list[float]]] = {k: [] for k in runners}
     done = {k: 0 for k in runners}
 
-    def block(name, n, record):
+    def turn(name, n, record):
         r = runners[name]
+        w, c = [], []
         for _ in range(n):
             i = done[name]
             sync(device)
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             r.step(i, data[i % len(data)])
             sync(device)
-            if record:
-                times[name].append(time.perf_counter() - t0)
+            w.append(time.perf_counter() - w0)
+            c.append(time.process_time() - c0)
             done[name] += 1
+        if record:
+            wall[name].append(w)
+            cpu[name].append(c)
 
     for name in runners:  # each dynatune runner before the plain one that replays it
-        block(name, args.warmup, False)
+        turn(name, args.warmup, False)
     for _ in range(args.repeats):
         for name in runners:
-            block(name, args.steps, True)
+            turn(name, args.steps, True)
     for r in runners.values():
         r.close()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    same = on.plans == off.plans
-    return {"method": method, "options": METHODS[method], "budget": BUDGETS.get(method),
-            "median_step_s": {k: round(v, 4) for k, v in med.items()},
-            "ratio_count": round(med["dynatune_count"] / med["plain_count"], 3),
-            "ratio_nocount": round(med["dynatune_nocount"] / med["plain_nocount"], 3),
-            # both plain loops replay the same plans unless counting changed the method's choices
-            "plain_vs_plain": round(med["plain_count"] / med["plain_nocount"], 3),
-            "plans_same_with_and_without_counting": same,
-            "distinct_plans": len(set(off.plans)), "step_times_s": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+    clocks = {"wall": wall} if device.type == "cuda" else {"cpu": cpu, "wall": wall}
+    out = {"method": method, "options": METHODS[method], "budget": BUDGETS.get(method),
+           # both plain loops replay the same plans unless counting changed the method's choices
+           "plans_same_with_and_without_counting": on.plans == off.plans, "distinct_plans": len(set(off.plans))}
+    for clock, times in clocks.items():
+        out[clock] = {"median_step_s": {k: round(statistics.median(x for t in v for x in t), 4)
+                                        for k, v in times.items()},
+                      **{f"ratio_{label}": ratios(times, dyn, plain) for label, dyn, plain in PAIRS},
+                      # the plain loops against each other: the measurement's own noise
+                      "plain_count_vs_plain_nocount": ratios(times, "plain_count", "plain_nocount"),
+                      "step_times_s": {k: [round(x, 4) for t in v for x in t] for k, v in times.items()}}
+    return out
 
 
 def main(argv=None) -> None:
@@ -191,8 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (CPU); 0 = torch's default. One thread suffers least from other processes")
-    ap.add_argument("--steps", type=int, default=2, help="steps per runner per turn")
-    ap.add_argument("--repeats", type=int, default=12, help="turns per runner (timed steps = steps x repeats)")
+    ap.add_argument("--steps", type=int, default=1, help="steps per runner per turn")
+    ap.add_argument("--repeats", type=int, default=20, help="turns per runner (timed steps = steps x repeats)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per runner before the first turn")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batch", type=int, default=16)
@@ -214,8 +237,12 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         r = run_method(method, base, data, args, device)
         rows.append(r)
-        print(f"{method:<14} dynatune/plain {r['ratio_count']:.3f} counting, {r['ratio_nocount']:.3f} not counting; "
-              f"medians {r['median_step_s']}", flush=True)
+        for clock in ("cpu", "wall"):
+            if clock in r:
+                c = r[clock]
+                print(f"{method:<14} {clock:<5} dynatune/plain counting {c['ratio_count']}, not counting "
+                      f"{c['ratio_nocount']}, plain/plain {c['plain_count_vs_plain_nocount']}; "
+                      f"medians {c['median_step_s']}", flush=True)
     path = save(f"overhead_{args.device}{args.name}", {
         "settings": {"model": "minilm-l6 (pretrained, 6 labels)", "data": f"fixed random token batches "
                      f"{args.batch} x {args.seq} (8 seeded batches, cycled), all tokens attended",
