@@ -39,6 +39,7 @@ from harness import load_average, save  # noqa: E402
 METHODS = {"full": {}, "topk": {"k": 2}, "lisa": {}, "trims": {}, "adagradselect": {}}
 BUDGETS = {"trims": 0.6}  # TriMS's default budget, as `dynatune train` runs it
 LR = 1e-4
+WEIGHT_DECAY = 0.0  # dynatune's default; AdamW's own (0.01) would give the plain loop extra work
 TREC_STEPS_PER_EPOCH = 270  # 4,305 questions / 16: adagradselect's exploration schedule as on TREC
 
 
@@ -68,7 +69,7 @@ class Dynatune:
         m = build_method(method, REGISTRY[method].Config(**METHODS[method]), seed=0)
         if getattr(m, "steps_per_epoch", None) == 0:
             m.steps_per_epoch = TREC_STEPS_PER_EPOCH
-        self.tuner = Tuner(copy.deepcopy(base), m, lr=LR, count_memory=count_memory)
+        self.tuner = Tuner(copy.deepcopy(base), m, lr=LR, weight_decay=WEIGHT_DECAY, count_memory=count_memory)
         if method in BUDGETS:
             install_budget(self.tuner, BUDGETS[method], batch_shape=(args.batch, args.seq), precision="fp32",
                            grad_accum=1, device_type=device.type)
@@ -109,7 +110,7 @@ class Plain:
         candidates = [n for n in self.params if n in t.candidate_params]
         for n, p in self.params.items():
             p.requires_grad_(n in t.candidate_params)
-        self.opt = torch.optim.AdamW([self.params[n] for n in candidates], lr=LR)
+        self.opt = torch.optim.AdamW([self.params[n] for n in candidates], lr=LR, weight_decay=WEIGHT_DECAY)
         self.current = None
         self.hooks: list = []
 
@@ -246,7 +247,7 @@ def main(argv=None) -> None:
     path = save(f"overhead_{args.device}{args.name}", {
         "settings": {"model": "minilm-l6 (pretrained, 6 labels)", "data": f"fixed random token batches "
                      f"{args.batch} x {args.seq} (8 seeded batches, cycled), all tokens attended",
-                     "precision": "fp32", "lr": LR, "grad_clip": 1.0, "device": args.device,
+                     "precision": "fp32", "lr": LR, "weight_decay": WEIGHT_DECAY, "grad_clip": 1.0, "device": args.device,
                      "threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats,
                      "warmup": args.warmup, "adagradselect_steps_per_epoch": TREC_STEPS_PER_EPOCH},
         "load_average_before_after": [load_before, load_average()],
