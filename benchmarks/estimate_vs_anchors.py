@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -32,24 +31,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import machine as this_machine, provenance  # noqa: E402
 
 GiB = 2**30
 DEFAULT_ANCHORS = Path("/work/shared/anchors/anchors_h100_2026-11-22.jsonl")
 
 
 def machine() -> dict:
-    import torch
+    """This machine (harness.machine) plus where the estimate ran and where the anchors were measured."""
     import transformers
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"estimated_on": f"CPU: {cpu}, {os.cpu_count()} cores, no GPU", "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+    m = this_machine()
+    return {**m, "estimated_on": f"CPU: {m.get('cpu', platform.machine())}, {m['cpus']} cores, no GPU",
+            "transformers": transformers.__version__,
             "measured_on": "NVIDIA H100 (shared/anchors/anchors_h100_2026-11-22.jsonl, torch.cuda.max_memory_allocated)"}
 
 
@@ -114,7 +108,7 @@ def main(argv=None) -> int:
             out_rows.append(rec)
 
     errs = [abs(r["error"]) for r in out_rows]
-    result = {"machine": machine(), "settings": "batch 16 x 256, fp32 weights, bf16 autocast (amp-bf16), AdamW "
+    result = {**provenance(), "machine": machine(), "settings": "batch 16 x 256, fp32 weights, bf16 autocast (amp-bf16), AdamW "
               "(torch defaults: foreach on CUDA), sdpa attention, random-init weights; target device_type=cuda",
               "goal": f"|error| <= {args.goal:.0%} per row", "rows": out_rows,
               "summary": {"rows": len(out_rows), "within_goal": sum(r["within_goal"] for r in out_rows),

@@ -146,3 +146,23 @@ def test_training_twice_in_one_process_leaves_nothing_of_the_first_run(tiny_bert
     for i in range(2):
         assert train(*fast(tiny_bert_dir, tmp_path / f"b{i}", *args)) == 0
     assert live_tensor_bytes() == after_one
+
+
+def test_count_memory_false_trains_the_same_and_logs_no_counted_bytes(tiny_bert_dir, tmp_path):
+    runs = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        # lisa: the plan changes mid-run, and the tiny BERT's dropout draws from the global RNG
+        assert train(*fast(tiny_bert_dir, out, "task=trec", "method=lisa", "lisa.k=1", "lisa.period=3",
+                           "max_steps=6", f"count_memory={flag}")) == 0
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        runs[flag] = (log, json.loads((out / "metrics.json").read_text()),
+                      load_file(out / "model" / "model.safetensors"))
+    (log_on, metrics_on, w_on), (log_off, metrics_off, w_off) = runs["true"], runs["false"]
+    assert [r["loss"] for r in log_off] == [r["loss"] for r in log_on]
+    assert [r["update"] for r in log_off] == [r["update"] for r in log_on]
+    assert w_off.keys() == w_on.keys() and all(torch.equal(w_off[k], w_on[k]) for k in w_on)
+    assert all(r["memory"]["activations"] > 0 for r in log_on) and metrics_on["memory"]["counted_peak_bytes"] > 0
+    assert all(r["memory"] is None for r in log_off)
+    assert metrics_off["memory"]["counted_peak_bytes"] is None and metrics_off["memory"]["counted_peak_terms"] is None
+    assert (tmp_path / "false" / "memory.png").stat().st_size > 1000  # the plot still draws

@@ -1,5 +1,6 @@
 """Each signal equals a hand computation on a tiny model."""
 import copy
+from contextlib import contextmanager
 import math
 
 import pytest
@@ -154,3 +155,62 @@ def test_detached_signal_stops_reading(name):
     t.model(**batch()).loss.backward()
     assert t.signal_values()[name] == {}
     t.abort_step()
+
+
+SYNCS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu")
+
+
+@contextmanager
+def host_syncs():
+    """Counts the Tensor calls that read a value back to the host (a device sync on CUDA)."""
+    calls = []
+    originals = {n: getattr(torch.Tensor, n) for n in SYNCS}
+
+    def counting(n, f):
+        def wrapper(self, *a, **kw):
+            calls.append(n)
+            return f(self, *a, **kw)
+        return wrapper
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, counting(n, f))
+    try:
+        yield calls
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+
+
+def syncs_per_phase(signals):
+    """Host syncs in each phase of one engine step (two micro-batches, a probed block)."""
+    t = tuner(causal_lm("llama"), plan(*UPDATE, probe=("block.1",)), signals=signals)
+    counts = {}
+    with host_syncs() as c:
+        t.begin_step()
+    counts["begin_step"] = len(c)
+    losses, counts["forward"], counts["backward"] = [], 0, 0
+    for b in (batch(1, 2), batch(2, 2)):
+        with host_syncs() as c:
+            loss = t.model(**b).loss
+        counts["forward"] += len(c)
+        with host_syncs() as c:
+            (loss * 0.5).backward()
+        counts["backward"] += len(c)
+        losses.append(loss.detach())
+    with host_syncs() as c:
+        t.after_backward()
+        t.optimizer.step()
+        t.after_optimizer_step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.end_step(None)
+    counts["rest"] = len(c)
+    return counts
+
+
+def test_signals_sync_once_per_step_and_never_in_backward():
+    with_signals, without = syncs_per_phase(ALL), syncs_per_phase(())
+    assert with_signals["backward"] == 0
+    # forward hooks (act_norm) and the weight norms at begin_step read nothing back either
+    assert with_signals["forward"] == without["forward"]
+    assert with_signals["begin_step"] == without["begin_step"] == 0
+    # every signal's readings come back in one transfer, when after_backward reads them
+    assert with_signals["rest"] == without["rest"] + 1

@@ -61,6 +61,10 @@ class RunConfig:
     chunked_loss: int = opt(0, "causal LM: compute the loss over this many tokens at a time without full fp32 "
                                  "logits (0 = the model's own loss)")
     layers: Optional[str] = opt(None, "dotted path of the block list for architectures dynatune does not know")
+    count_memory: bool = opt(True, "count live bytes each step (saved tensors hooked in forward, weights, gradients "
+                                   "and optimizer state after the update); false skips that work, and then "
+                                   "log.jsonl and metrics.json carry no counted bytes and TriMS calibrates its "
+                                   "memory estimates from the memory model alone")
     device: str = opt("auto", "auto, cpu or cuda")
     progress: bool = opt(True, "show a progress bar")
 

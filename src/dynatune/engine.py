@@ -32,7 +32,7 @@ from .memory import BudgetError, MemoryRecord, SavedTensorCounter, check_margin,
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
 from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
-from .signals import SIGNALS
+from .signals import SIGNALS, read_signals
 from .units import Units, partition
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,8 @@ class Tuner:
     def end_step(self, loss: float | None = None) -> dict:
         self.method.end_step(self.step, loss)
         entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update | self.promoted),
-                 "exit_depth": self.plan.exit_depth, "memory": self.record.to_dict(),
+                 "exit_depth": self.plan.exit_depth,
+                 "memory": self.record.to_dict() if self.count_memory else None,  # None: nothing was counted
                  "bytes_moved": self.states.bytes_moved, "step_time_s": self.clock() - self._t0}
         if self.plan.note:
             entry["note"] = self.plan.note
@@ -287,7 +288,9 @@ class Tuner:
             self._recalibration["predicted"] = rec["predicted"]
 
     def signal_values(self) -> dict[str, dict[str, float]]:
-        return {name: dict(s.values) for name, s in self.signals.items()}
+        """signal name -> unit -> float. Hooks kept their readings on the device; this is the step's
+        one host sync for signals (none when the method reads no signal)."""
+        return dict(zip(self.signals, read_signals(list(self.signals.values()))))
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:

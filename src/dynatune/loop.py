@@ -134,7 +134,8 @@ def make_tuner(model, method, cfg, device) -> Tuner:
     """The engine for a run: the optimizer over the method's candidates and, with a budget (the
     config's or the method's), the memory model that checks every plan."""
     lr = cfg.lr if cfg.lr is not None else method.default_lr
-    tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None))
+    tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
+                  count_memory=getattr(cfg, "count_memory", True))
     budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
     if budget is not None:
         install_budget(tuner, budget, batch_shape=(cfg.batch_size // cfg.grad_accum, cfg.max_length),
@@ -202,7 +203,7 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
 
 def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
     n_examples = sum(len(b["labels"]) for b in micro_batches)
-    loss_sum = 0.0
+    losses, weights = [], []
     for batch in micro_batches:
         batch = move(batch, device)
         with autocast_for(cfg.precision, device.type):
@@ -214,8 +215,10 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
         # weight each micro-batch by its size so accumulation equals one big batch
         weight = len(batch["labels"]) / n_examples
         (loss * weight).backward()
-        loss_sum += loss.item() * weight
-    return loss_sum
+        losses.append(loss.detach())
+        weights.append(weight)
+    # read back once per step, not between micro-batches (a device sync each); same float sum as before
+    return sum(v * w for v, w in zip(torch.stack(losses).tolist(), weights))
 
 
 def memory_model_options(cfg, device) -> dict:
@@ -224,6 +227,14 @@ def memory_model_options(cfg, device) -> dict:
     if getattr(cfg, "chunked_loss", 0):
         opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
     return opts
+
+
+def counted_memory(tuner) -> dict:
+    """metrics.json's counted peak; None throughout when the run did not count (count_memory=false)."""
+    if not tuner.count_memory:
+        return {"counted_peak_bytes": None, "counted_peak_terms": None, "offloaded_bytes": None}
+    return {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
+            "offloaded_bytes": tuner.peak.offloaded}
 
 
 def predicted_memory(tuner, cfg, device) -> dict:
@@ -285,8 +296,7 @@ def train(cfg) -> dict:
         "total_params": sum(p.numel() for p in tuner.params.values()),
         "final_plan": tuner.plan.to_dict() if tuner.plan else None,
         "final_state": tuner.history[-1].get("method_log") if tuner.history else None,
-        "memory": {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
-                   "offloaded_bytes": tuner.peak.offloaded, **predicted_memory(tuner, cfg, device)},
+        "memory": {**counted_memory(tuner), **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

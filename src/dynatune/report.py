@@ -41,18 +41,21 @@ def plot_run(run_dir) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     terms = ["weights", "gradients", "optimizer", "activations"]
-    ys = np.array([[r["memory"][t] / 2**20 for t in terms] for r in log]).T
-    ax.stackplot(steps, ys, labels=terms, alpha=0.8)
+    counted = all(r.get("memory") for r in log)  # count_memory=false logs no counted bytes
+    if counted:
+        ys = np.array([[r["memory"][t] / 2**20 for t in terms] for r in log]).T
+        ax.stackplot(steps, ys, labels=terms, alpha=0.8)
     lines = (("predicted_bytes", "k--", "predicted counted"), ("predicted_peak_bytes", "b:", "predicted peak"))
     for key, style, label in lines:
         if any(r.get(key) for r in log):
             ax.plot(steps, [r.get(key, 0) / 2**20 for r in log], style, lw=1, label=label)
-    if any(r["memory"].get("measured") for r in log):
+    if counted and any(r["memory"].get("measured") for r in log):
         ax.plot(steps, [r["memory"].get("measured", 0) / 2**20 for r in log], "m-", lw=1, label="measured (CUDA)")
     if any(r.get("budget_bytes") for r in log):
         ax.axhline(log[0]["budget_bytes"] / 2**20, color="red", lw=1, label="budget")
-    ax.set(xlabel="step", ylabel="counted MiB", title="counted memory by term")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set(xlabel="step", ylabel="MiB", title="counted memory by term" if counted else "predicted memory (not counted)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
     out.append(_save(fig, run_dir / "memory.png"))
 
     units = sorted({u for r in log for u in r["update"]}, key=unit_sort_key)

@@ -22,24 +22,72 @@ def first_tensor(out):
 
 
 class Signal:
-    """Base: `attach(model, units, params)`, `reset()`, `values` (unit -> score)."""
+    """Base: `attach(model, units, params)`, `reset()`, `values` (unit -> score).
+
+    Hooks never synchronise with the device: each reading is a 0-dim float32 tensor kept in
+    `parts` (unit -> tensors). `read_signals` turns every signal's parts into floats with one host
+    transfer, after backward; `combine` maps a unit's summed parts to its score.
+    """
 
     name = "signal"
 
     def __init__(self):
         self._handles: list = []
-        self.values: dict[str, float] = {}
+        self.parts: dict[str, list[torch.Tensor]] = {}
 
     def attach(self, model: nn.Module, units: Units, params: dict[str, nn.Parameter]) -> None:
         raise NotImplementedError
 
     def reset(self) -> None:
-        self.values = {}
+        self.parts = {}
+
+    def pending(self) -> dict[str, list[torch.Tensor]]:
+        """unit -> the 0-dim device tensors whose sum is its (uncombined) score."""
+        return self.parts
+
+    def _add(self, label: str, t: torch.Tensor) -> None:
+        self.parts.setdefault(label, []).append(t)
+
+    @staticmethod
+    def combine(total: float) -> float:
+        return total ** 0.5  # most signals are L2 norms: parts are squared sums
+
+    @property
+    def values(self) -> dict[str, float]:
+        """This signal alone (one host transfer); the engine reads all of them at once instead."""
+        return read_signals([self])[0]
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def squared_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().pow(2).sum()
+
+
+def read_signals(signals) -> list[dict[str, float]]:
+    """Every signal's unit -> score, from one stacked tensor and one `.tolist()` per device.
+
+    Parts are summed on the host in float64, in the order they arrived, as the old per-hook
+    `.item()` sums were: the scores are the same floats, read once per step instead of per block.
+    """
+    flat = [(i, label, t) for i, s in enumerate(signals) for label, ts in s.pending().items() for t in ts]
+    by_device: dict[torch.device, list[int]] = {}
+    for k, (_, _, t) in enumerate(flat):
+        by_device.setdefault(t.device, []).append(k)
+    floats = [0.0] * len(flat)
+    for ks in by_device.values():
+        for k, v in zip(ks, torch.stack([flat[k][2] for k in ks]).tolist()):
+            floats[k] = v
+    sums: dict[tuple[int, str], float] = {}
+    for (i, label, _), v in zip(flat, floats):
+        sums[i, label] = sums.get((i, label), 0.0) + v
+    out: list[dict[str, float]] = [{} for _ in signals]
+    for (i, label), total in sums.items():
+        out[i][label] = signals[i].combine(total)
+    return out
 
 
 class ActivationGradNorm(Signal):
@@ -60,12 +108,8 @@ class ActivationGradNorm(Signal):
         def hook(mod, args, out):
             t = first_tensor(out)
             if t is not None and t.requires_grad:
-                t.register_hook(lambda g: self._add(label, g))
+                t.register_hook(lambda g: self._add(label, squared_sum(g)))
         return hook
-
-    def _add(self, label, g):
-        sq = g.detach().float().pow(2).sum().item()
-        self.values[label] = (self.values.get(label, 0.0) ** 2 + sq) ** 0.5
 
 
 class ParamGradNorm(Signal):
@@ -74,8 +118,7 @@ class ParamGradNorm(Signal):
     name = "grad_norm"
 
     def attach(self, model, units, params):
-        self._sq: dict[str, float] = {}
-        self._unit_sum: dict[str, float] = {}
+        self._latest: dict[str, torch.Tensor] = {}
         self._unit_of = units.unit_of_param()
         for n, p in params.items():
             if n in self._unit_of:
@@ -83,26 +126,23 @@ class ParamGradNorm(Signal):
 
     def reset(self):
         super().reset()
-        self._sq = {}
-        self._unit_sum = {}
+        self._latest = {}
+
+    def pending(self):
+        parts: dict[str, list[torch.Tensor]] = {}
+        for pname, t in self._latest.items():
+            parts.setdefault(self._unit_of[pname], []).append(t)
+        return parts
 
     def _on_grad(self, pname):
         def hook(p):
             # .grad holds the sum over micro-batches so far: replace this parameter's share, do not add
-            new = self.score(p)
-            unit = self._unit_of[pname]
-            total = self._unit_sum.get(unit, 0.0) + new - self._sq.get(pname, 0.0)
-            self._sq[pname], self._unit_sum[unit] = new, total
-            self.values[unit] = self.combine(total)
+            self._latest[pname] = self.score(p)
         return hook
 
     @staticmethod
     def score(p):
-        return p.grad.detach().float().pow(2).sum().item()
-
-    @staticmethod
-    def combine(total):
-        return total ** 0.5
+        return squared_sum(p.grad)
 
 
 class TaylorImportance(ParamGradNorm):
@@ -112,7 +152,7 @@ class TaylorImportance(ParamGradNorm):
 
     @staticmethod
     def score(p):
-        return (p.detach().float() * p.grad.detach().float()).abs().sum().item()
+        return (p.detach().float() * p.grad.detach().float()).abs().sum()
 
     @staticmethod
     def combine(total):
@@ -120,7 +160,7 @@ class TaylorImportance(ParamGradNorm):
 
 
 class WeightMagnitude(Signal):
-    """L2 norm of each unit's weights (no hooks; read on demand)."""
+    """L2 norm of each unit's weights (no hooks; read at the start of each step)."""
 
     name = "weight_norm"
 
@@ -128,8 +168,7 @@ class WeightMagnitude(Signal):
         self._units, self._params = units, params
 
     def reset(self):
-        self.values = {u.name: sum(self._params[p].detach().float().pow(2).sum().item()
-                                   for p in u.param_names) ** 0.5 for u in self._units}
+        self.parts = {u.name: [squared_sum(self._params[p]) for p in u.param_names] for u in self._units}
 
 
 class ActivationNorm(Signal):
@@ -153,8 +192,7 @@ class ActivationNorm(Signal):
         def hook(mod, args, out):
             t = first_tensor(out)
             if t is not None:
-                sq = t.detach().float().pow(2).sum().item()
-                self.values[label] = (self.values.get(label, 0.0) ** 2 + sq) ** 0.5
+                self._add(label, squared_sum(t))
         return hook
 
 

@@ -554,7 +554,8 @@ def plot_adagradselect(run_dir, recs: list[dict], out: str | Path | None = None)
     ax2.set(ylabel="epsilon", title="exploration probability", ylim=(-0.02, 1.1))
     ax2.legend(loc="upper right", fontsize=8)
 
-    ax3.plot(steps, [r["memory"]["optimizer"] / 2**20 for r in recs], lw=1, label="device optimizer state")
+    if all(r.get("memory") for r in recs):  # count_memory=false logs no counted bytes
+        ax3.plot(steps, [r["memory"]["optimizer"] / 2**20 for r in recs], lw=1, label="device optimizer state")
     ax3.set(xlabel="step", ylabel="MiB resident", title="optimizer state on the device, and traffic")
     tw = ax3.twinx()
     tw.bar(steps, [r.get("bytes_moved", 0) / 2**20 for r in recs], color="C2", alpha=0.4, label="bytes moved")
