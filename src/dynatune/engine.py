@@ -311,8 +311,11 @@ class Tuner:
             return
         largest = self.method.largest_plan(self.units)
         everything = frozenset(self.method.candidates()) - largest.update
+        if not everything:  # no unit can leave the plan (full, topk, adapters): keep holds nothing extra
+            return
+        alone = memory_model.predict(largest).predicted_peak_bytes
         worst = memory_model.predict(largest, kept_state=everything).predicted_peak_bytes
-        if worst > self.usable_budget:
+        if alone <= self.usable_budget < worst:  # the kept state, not the plan itself, would not fit
             self.states.set_policy("offload")
             self.policy_note = (
                 f"{self.method.name}: state_policy=keep would hold the optimizer state of every unit that has "
