@@ -1,0 +1,41 @@
+"""Bad input: one sentence on stderr, exit code 2, before any training, and nothing left on disk."""
+import pytest
+
+from dynatune.cli import main
+
+
+def one_sentence(err: str) -> str:
+    err = err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("dynatune: error: ") and err.endswith("."), err
+    msg = err[len("dynatune: error: "):]
+    assert msg.replace("e.g. ", "").count(". ") == 0, msg
+    return msg
+
+
+def refused(capsys, out, *args, config=None) -> str:
+    """Runs `dynatune train` expecting a refusal: exit 2, one sentence, no run directory."""
+    argv = ["train", *(["--config", str(config)] if config else []), f"output_dir={out}", "progress=false", *args]
+    assert main(argv) == 2
+    msg = one_sentence(capsys.readouterr().err)
+    assert not out.exists()
+    return msg
+
+
+def fast(model_dir, *extra):
+    return [f"model={model_dir}", "data.max_train=16", "data.max_eval=8", "batch_size=4", "max_length=32",
+            "max_steps=1", "save_model=false", *extra]
+
+
+@pytest.mark.parametrize("case", ["model", "data", "budget"])
+def test_a_refused_run_leaves_no_directory_and_a_users_directory_as_it_was(case, tiny_bert_dir, tmp_path, capsys):
+    args = {"model": ["model=no-such-model"],
+            "data": [f"model={tiny_bert_dir}", "task=classification", f"data.train={tmp_path / 'none.csv'}"],
+            "budget": [f"model={tiny_bert_dir}", "budget=10KB"]}[case]
+    refused(capsys, tmp_path / "run", *args)
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    assert main(["train", f"output_dir={own}", "progress=false", *args]) == 2
+    one_sentence(capsys.readouterr().err)
+    assert [p.name for p in own.iterdir()] == ["notes.txt"] and (own / "notes.txt").read_text() == "mine"
