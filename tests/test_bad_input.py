@@ -26,6 +26,23 @@ def fast(model_dir, *extra):
     return [f"model={model_dir}", "data.max_train=16", "data.max_eval=8", "batch_size=4", "max_length=32",
             "max_steps=1", "save_model=false", *extra]
 
+YAML = [
+    (b"method: topk\ntopk:\n  k: [1\nlr: 1e-4\n",  # the message also says where the open list starts
+     "is not valid YAML at line 4, column 3: expected ',' or ']', but got ':' (while parsing a flow sequence from "
+     "line 3, column 6)"),
+    (b"method: topk\n\tlr: 1e-4\n", "is not valid YAML at line 2, column 1: found character '\\t'"),
+    (b"method: topk\nlr: \x07\n", "is not valid YAML at line 2: unacceptable character #x0007"),
+    (b"method: topk\nnote: caf\xe9\n", "is not utf-8 text: line 2 holds the byte 0xe9"),
+]
+
+
+@pytest.mark.parametrize("text,needle", YAML, ids=["parser", "tab", "control-character", "latin-1"])
+def test_malformed_yaml_names_the_file_line_and_column(text, needle, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(text)
+    assert f"config file '{bad}' {needle}" in refused(capsys, tmp_path / "run", config=bad)
+
+
 
 @pytest.mark.parametrize("case", ["model", "data", "budget"])
 def test_a_refused_run_leaves_no_directory_and_a_users_directory_as_it_was(case, tiny_bert_dir, tmp_path, capsys):

@@ -173,6 +173,17 @@ def _dialog_rows(key: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # User files.
 
+def read_text(p: Path, encoding: str, name: str, fix: str) -> str:
+    """The text of file `p`; a byte that `encoding` cannot decode is refused naming its line and `fix`."""
+    data = p.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DynatuneError(f"{name} is not {err.encoding} text: line {line} holds the byte 0x{data[err.start]:02x}, "
+                            f"which {err.encoding} cannot decode; {fix}.") from None
+
+
 def _read_table(path: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
