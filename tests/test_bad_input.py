@@ -2,6 +2,8 @@
 import pytest
 
 from dynatune.cli import main
+from dynatune.data import DataConfig, load_task
+from dynatune.data.tasks import column
 
 
 def one_sentence(err: str) -> str:
@@ -26,6 +28,13 @@ def fast(model_dir, *extra):
     return [f"model={model_dir}", "data.max_train=16", "data.max_eval=8", "batch_size=4", "max_length=32",
             "max_steps=1", "save_model=false", *extra]
 
+
+def _tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 YAML = [
     (b"method: topk\ntopk:\n  k: [1\nlr: 1e-4\n",  # the message also says where the open list starts
      "is not valid YAML at line 4, column 3: expected ',' or ']', but got ':' (while parsing a flow sequence from "
@@ -42,6 +51,19 @@ def test_malformed_yaml_names_the_file_line_and_column(text, needle, tmp_path, c
     bad.write_bytes(text)
     assert f"config file '{bad}' {needle}" in refused(capsys, tmp_path / "run", config=bad)
 
+
+def test_non_utf8_data_names_the_file_and_line_and_data_encoding_reads_it(tiny_bert_dir, tmp_path, capsys, one_thread):
+    data = tmp_path / "d.csv"
+    rows = [f"example {i},{'ab'[i % 2]}".encode() for i in range(12)]
+    rows[2] = "café au lait,a".encode("latin-1")
+    data.write_bytes(b"text,label\n" + b"\n".join(rows) + b"\n")
+    args = fast(tiny_bert_dir, "method=topk", "task=classification", f"data.train={data}")
+    msg = refused(capsys, tmp_path / "run", *args)
+    assert f"data file {data}" in msg and "line 4" in msg and "data.encoding=latin-1" in msg
+    assert "unknown encoding 'latin-9000'" in refused(capsys, tmp_path / "run", *args, "data.encoding=latin-9000")
+    assert main(["train", f"output_dir={tmp_path / 'ok'}", "progress=false", *args, "data.encoding=latin-1"]) == 0
+    td = load_task("classification", _tokenizer(tiny_bert_dir), DataConfig(train=str(data), encoding="latin-1"), 32)
+    assert "café au lait" in column(td.train, "text") + column(td.validation, "text")
 
 
 @pytest.mark.parametrize("case", ["model", "data", "budget"])

@@ -2,8 +2,10 @@
 into train/validation/test splits that are identical for every method compared on them."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ class DataConfig:
         "help": "use at most this many validation and test examples each (seeded subsample)"})
     split_seed: int = field(default=0, metadata={
         "help": "seed of the train/validation/test split and of the subsamples"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of the data files, a Python codec name (utf-8, latin-1, cp1252, ...)"})
 
 
 @dataclass
@@ -184,20 +188,31 @@ def read_text(p: Path, encoding: str, name: str, fix: str) -> str:
                             f"which {err.encoding} cannot decode; {fix}.") from None
 
 
-def _read_table(path: str) -> list[dict]:
+def _codec(encoding: str) -> str:
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise DynatuneError(f"unknown encoding {encoding!r} in data.encoding; name a Python codec such as utf-8, "
+                            "latin-1 or cp1252.") from None
+    return "utf-8-sig" if name == "utf-8" else encoding  # a UTF-8 file may start with a byte-order mark
+
+
+def _read_table(path: str, encoding: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DynatuneError(f"data file {p} does not exist; check the data.train/data.validation/"
                             "data.test paths.")
     suffix = p.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise DynatuneError(f"data file {p} has an unknown extension; use .csv, .tsv, .jsonl or .json.")
+    text = read_text(p, _codec(encoding), f"data file {p}", "if it is in another encoding, name it with "
+                     "data.encoding (e.g. data.encoding=latin-1)")
     if suffix in (".csv", ".tsv"):
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                raise DynatuneError(f"data file {p} is empty; it needs a header row and at least one example.")
-            rows = list(reader)
-    elif suffix in (".jsonl", ".json"):
-        text = p.read_text(encoding="utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        if reader.fieldnames is None:
+            raise DynatuneError(f"data file {p} is empty; it needs a header row and at least one example.")
+        rows = list(reader)
+    else:
         try:
             if text.lstrip().startswith("["):
                 rows = json.loads(text)
@@ -208,8 +223,6 @@ def _read_table(path: str) -> list[dict]:
         if any(not isinstance(r, dict) for r in rows):
             raise DynatuneError(f"data file {p} must hold one JSON object per example, like "
                                 '{"text": "...", "label": "..."}.')
-    else:
-        raise DynatuneError(f"data file {p} has an unknown extension; use .csv, .tsv, .jsonl or .json.")
     if not rows:
         raise DynatuneError(f"data file {p} is empty; it needs at least one example.")
     return rows
@@ -235,7 +248,7 @@ def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | 
         if not path:
             splits[split] = None
             continue
-        rows = _read_table(path)
+        rows = _read_table(path, cfg.encoding)
         _columns(rows, path, needed)
         out = []
         for i, r in enumerate(rows):
