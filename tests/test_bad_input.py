@@ -1,4 +1,6 @@
 """Bad input: one sentence on stderr, exit code 2, before any training, and nothing left on disk."""
+import json
+
 import pytest
 
 from dynatune.cli import main
@@ -64,6 +66,20 @@ def test_non_utf8_data_names_the_file_and_line_and_data_encoding_reads_it(tiny_b
     assert main(["train", f"output_dir={tmp_path / 'ok'}", "progress=false", *args, "data.encoding=latin-1"]) == 0
     td = load_task("classification", _tokenizer(tiny_bert_dir), DataConfig(train=str(data), encoding="latin-1"), 32)
     assert "café au lait" in column(td.train, "text") + column(td.validation, "text")
+
+
+@pytest.mark.parametrize("text_column", [[], ["data.text=messages"]], ids=["default-text-column", "messages-column"])
+def test_chat_jsonl_for_the_text_task_is_refused_naming_the_chat_sft_feature(tiny_llama_dir, tmp_path, capsys,
+                                                                             text_column):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                       {"role": "assistant", "content": "hello"}]})
+                              for i in range(10)))
+    msg = refused(capsys, tmp_path / "run", *fast(tiny_llama_dir, "method=full", "task=text", f"data.train={chat}",
+                                                        *text_column))
+    assert str(chat) in msg and "chat" in msg and "not built yet" in msg
+    assert '"chat-format JSONL as an SFT task"' in msg and "plain text" in msg
+
 
 
 @pytest.mark.parametrize("case", ["model", "data", "budget"])

@@ -237,6 +237,18 @@ def _columns(rows: list[dict], path: str, needed: dict[str, str]) -> None:
                 f"name the right one with data.{key}=COLUMN.")
 
 
+def _refuse_chat(rows: list[dict], path: str, text: str) -> None:
+    """Chat-format JSONL (lists of role/content turns) would train on the Python text of each list."""
+    key = text if text in rows[0] else "messages"
+    turns = rows[0].get(key)
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and "content" in t for t in turns):
+        raise DynatuneError(
+            f"data file {path} is chat-format JSONL (column {key!r} holds lists of role/content messages), which this task "
+            "would train on as the Python text of each list; a chat SFT task is not built yet (it is tracked as the "
+            '"chat-format JSONL as an SFT task" feature), so meanwhile convert each conversation to plain text '
+            "in one text column.")
+
+
 def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | None]:
     if not cfg.train:
         raise DynatuneError("this task reads your own data: set data.train=PATH (a CSV or JSONL file), "
@@ -249,6 +261,7 @@ def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | 
             splits[split] = None
             continue
         rows = _read_table(path, cfg.encoding)
+        _refuse_chat(rows, path, cfg.text)
         _columns(rows, path, needed)
         out = []
         for i, r in enumerate(rows):
