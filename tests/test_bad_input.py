@@ -1,5 +1,6 @@
 """Bad input: one sentence on stderr, exit code 2, before any training, and nothing left on disk."""
 import json
+import logging
 
 import pytest
 
@@ -66,6 +67,42 @@ def test_non_utf8_data_names_the_file_and_line_and_data_encoding_reads_it(tiny_b
     assert main(["train", f"output_dir={tmp_path / 'ok'}", "progress=false", *args, "data.encoding=latin-1"]) == 0
     td = load_task("classification", _tokenizer(tiny_bert_dir), DataConfig(train=str(data), encoding="latin-1"), 32)
     assert "café au lait" in column(td.train, "text") + column(td.validation, "text")
+
+
+def test_truncation_is_counted_per_split_warned_once_and_in_metrics(tiny_bert_dir, tmp_path, caplog, one_thread):
+    tok = _tokenizer(tiny_bert_dir)
+    splits = {"train": [3, 40, 4, 50, 5, 6] * 2, "validation": [30, 2, 3], "test": [60, 1]}  # words per example
+    for split, words in splits.items():
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": "word " * n, "label": "ab"[i % 2]})
+                                                          for i, n in enumerate(words)))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="dynatune"):
+        assert main(["train", f"output_dir={out}", "progress=false",
+                     *fast(tiny_bert_dir, "method=topk", "task=classification", "max_length=16",
+                           *(f"data.{split}={tmp_path / split}.jsonl" for split in splits))]) == 0
+    tokens = {n: len(tok("word " * n)["input_ids"]) for n in (30, 50, 60)}  # n words and [CLS] [SEP]
+    assert json.loads((out / "metrics.json").read_text())["truncated"] == {
+        "train": {"examples": 4, "of": 12, "longest_tokens": tokens[50]},
+        "validation": {"examples": 1, "of": 3, "longest_tokens": tokens[30]},
+        "test": {"examples": 1, "of": 2, "longest_tokens": tokens[60]}}
+    warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warned == [f"4 of 12 train examples were truncated to max_length=16 tokens (the longest has {tokens[50]} "
+                      "tokens).", f"1 of 3 validation examples were truncated to max_length=16 tokens (the longest "
+                      f"has {tokens[30]} tokens).", f"1 of 2 test examples were truncated to max_length=16 tokens "
+                      f"(the longest has {tokens[60]} tokens)."]
+
+
+def test_truncation_counts_sft_prompts_and_answers(tiny_llama_dir):
+    tok = _tokenizer(tiny_llama_dir)
+    td = load_task("trec-sft", tok, DataConfig(max_train=40, max_eval=10), 12)
+    rows = td.train.with_format(None)
+    # SmolLM2's tokenizer adds no BOS: prompt + answer + eos, before the prompt's start and the answer's end are cut
+    whole = [sum(len(tok(r[k], add_special_tokens=False)["input_ids"]) for k in ("prompt", "answer")) + 1
+             for r in rows]
+    n = sum(w > len(r["input_ids"]) for w, r in zip(whole, rows))
+    assert n > 0 and td.truncated["train"] == {"examples": n, "of": 40, "longest_tokens": max(whole)}
+    assert load_task("trec-sft", tok, DataConfig(max_train=40, max_eval=10), 256).truncated == {}
+
 
 
 @pytest.mark.parametrize("text_column", [[], ["data.text=messages"]], ids=["default-text-column", "messages-column"])

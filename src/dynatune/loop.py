@@ -288,6 +288,7 @@ def train(cfg) -> dict:
         "memory": {"counted_peak_bytes": tuner.peak.counted, "counted_peak_terms": tuner.peak.to_dict(),
                    "offloaded_bytes": tuner.peak.offloaded, **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
+        "truncated": task.truncated,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # Hooks on parameters are held from C++, out of the garbage collector's reach: left in place they

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from dynatune import assets
 from dynatune.errors import DynatuneError
 
 TORCH_COLUMNS = ["input_ids", "attention_mask", "labels"]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class TaskData:
     prompts: dict[str, list[str]] | None = None
     answers: dict[str, list[str]] | None = None
     max_new_tokens: int = 0
+    # per split with truncated examples: {"examples": how many, "of": the split's size, "longest_tokens": ...}
+    truncated: dict[str, dict] = field(default_factory=dict)
 
     def split(self, name: str):
         ds = {"train": self.train, "validation": self.validation, "test": self.test}.get(name, "?")
@@ -359,13 +363,25 @@ def _tokenize_classification(rows, tokenizer, max_length, float_labels):
     filler = [tokenizer.pad_token_id]
 
     def tok(batch):
-        ids = [x or filler for x in tokenizer(batch["text"], truncation=True, max_length=max_length,
-                                               return_attention_mask=False)["input_ids"]]
-        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "length": [len(x) for x in ids]}
+        cut = tokenizer(batch["text"], truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+        ids = [x or filler for x in cut]
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "length": [len(x) for x in ids],
+                "tokens": _untruncated(tokenizer, batch["text"], cut, max_length)}
 
     with _no_progress_bars():
         ds = ds.map(tok, batched=True, batch_size=1000)
     return _finish(ds)
+
+
+def _untruncated(tokenizer, texts: list[str], ids: list[list[int]], max_length: int) -> list[int]:
+    """Each text's length in tokens before truncation: tokenised again only where it may have been cut."""
+    lengths = [len(x) for x in ids]
+    cut = [i for i, n in enumerate(lengths) if n >= max_length]
+    if cut:
+        whole = tokenizer([texts[i] for i in cut], return_attention_mask=False, verbose=False)["input_ids"]
+        for i, x in zip(cut, whole):
+            lengths[i] = len(x)
+    return lengths
 
 
 def _special_prefix(tokenizer) -> list[int]:
@@ -385,8 +401,9 @@ def _tokenize_sft(rows, tokenizer, max_length):
     def tok(batch):
         p_ids = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
         a_ids = tokenizer(batch["answer"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        out = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": [], "length": []}
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": [], "length": [], "tokens": []}
         for p, a in zip(p_ids, a_ids):
+            out["tokens"].append(len(prefix) + len(p) + len(a) + (eos is not None))
             a = (a + ([eos] if eos is not None else []))[: max(1, max_length // 2)]
             # Long prompts lose their beginning: the end ("...\nReply:") is what the answer follows.
             keep = max_length - len(a) - len(prefix)
@@ -413,7 +430,8 @@ def _tokenize_text(rows, tokenizer, max_length):
     def tok(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": [list(x) for x in enc["input_ids"]], "length": [len(x) for x in enc["input_ids"]]}
+                "labels": [list(x) for x in enc["input_ids"]], "length": [len(x) for x in enc["input_ids"]],
+                "tokens": _untruncated(tokenizer, batch["text"], enc["input_ids"], max_length)}
 
     with _no_progress_bars():
         ds = ds.map(tok, batched=True, batch_size=1000)
@@ -609,4 +627,23 @@ def load_task(name: str, tokenizer, data_cfg: DataConfig | None = None, max_leng
         max_length = model_max  # past this the model has no position embeddings
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return TASKS[name].build(tokenizer, cfg, max_length)
+    data = TASKS[name].build(tokenizer, cfg, max_length)
+    data.truncated = _truncated(data)
+    for split, t in data.truncated.items():
+        logger.warning("%d of %d %s examples were truncated to max_length=%d tokens (the longest has %d tokens).",
+                       t["examples"], t["of"], split, max_length, t["longest_tokens"])
+    return data
+
+
+def _truncated(data: TaskData) -> dict[str, dict]:
+    """What load_task says it cut: per split, examples whose tokens were not all kept ("tokens" > "length")."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        ds = getattr(data, split)
+        if ds is None:
+            continue
+        kept, whole = (column(ds, "length"), column(ds, "tokens"))
+        n = sum(w > k for k, w in zip(kept, whole))
+        if n:
+            out[split] = {"examples": n, "of": len(kept), "longest_tokens": max(whole)}
+    return out
