@@ -1,6 +1,7 @@
 """Bad input: one sentence on stderr, exit code 2, before any training, and nothing left on disk."""
 import json
 import logging
+import math
 
 import pytest
 
@@ -116,6 +117,34 @@ def test_chat_jsonl_for_the_text_task_is_refused_naming_the_chat_sft_feature(tin
                                                         *text_column))
     assert str(chat) in msg and "chat" in msg and "not built yet" in msg
     assert '"chat-format JSONL as an SFT task"' in msg and "plain text" in msg
+
+
+
+def test_budget_floor_advises_only_what_applies_to_the_model(tiny_bert_dir, tiny_llama_dir, tmp_path, capsys):
+    encoder = refused(capsys, tmp_path / "run", *fast(tiny_bert_dir, "method=lora", "budget=100KB"))
+    assert "lower batch_size or max_length" in encoder and "lower lora.r" in encoder
+    assert "chunked" not in encoder
+    causal = refused(capsys, tmp_path / "run", *fast(tiny_llama_dir, "task=trec-sft", "method=topk", "budget=100KB"))
+    assert "lower batch_size or max_length" in causal and "chunked_loss=1024" in causal
+    assert "topk.k" not in causal  # its smallest plan (k=1) is refused: a smaller k cannot help
+
+
+def test_fixed_plans_above_the_budget_advise_a_smaller_setting(tiny_bert_dir, tmp_path, capsys):
+    from dynatune.engine import Tuner
+    from dynatune.memory import MemoryModel
+    from dynatune.methods import build_method
+    from dynatune.methods.baselines import TopKConfig
+    from dynatune.models import load_model
+
+    model, _ = load_model(str(tiny_bert_dir), "classification", num_labels=6)  # TREC's 6 classes
+    method = build_method("topk", TopKConfig(k=3))
+    mm = MemoryModel.from_tuner(Tuner(model, method, lr=1e-4), batch_shape=(4, 32), device_type="cpu")
+    top1, top3 = (mm.predict(method.smallest_plan(mm.units)).predicted_peak_bytes,
+                  mm.predict(method.largest_plan(mm.units)).predicted_peak_bytes)
+    assert top1 < top3
+    budget = f"{math.ceil((top1 + top3) / 2 / 0.97)}B"  # with the 3% margin, top-1 fits and top-3 does not
+    msg = refused(capsys, tmp_path / "run", *fast(tiny_bert_dir, "method=topk", "topk.k=3", f"budget={budget}"))
+    assert "topk's largest plan" in msg and "lower topk.k" in msg and "chunked" not in msg
 
 
 
