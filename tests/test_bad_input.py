@@ -160,3 +160,12 @@ def test_a_refused_run_leaves_no_directory_and_a_users_directory_as_it_was(case,
     assert main(["train", f"output_dir={own}", "progress=false", *args]) == 2
     one_sentence(capsys.readouterr().err)
     assert [p.name for p in own.iterdir()] == ["notes.txt"] and (own / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help_names_the_real_default(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: TriMS under a budget of 60% of full fine-tuning's predicted peak, on MiniLM-L6 and TREC)" in out
