@@ -19,11 +19,21 @@ def one_sentence(err: str) -> str:
     return msg
 
 
-def refused(capsys, out, *args, config=None) -> str:
+@pytest.fixture
+def stderr(capsys, caplog):
+    """What a run printed on stderr, with the warnings logging prints there outside pytest."""
+    def read() -> str:
+        logged = "".join(f"{r.getMessage()}\n" for r in caplog.records)
+        caplog.clear()
+        return capsys.readouterr().err + logged
+    return read
+
+
+def refused(stderr, out, *args, config=None) -> str:
     """Runs `dynatune train` expecting a refusal: exit 2, one sentence, no run directory."""
     argv = ["train", *(["--config", str(config)] if config else []), f"output_dir={out}", "progress=false", *args]
     assert main(argv) == 2
-    msg = one_sentence(capsys.readouterr().err)
+    msg = one_sentence(stderr())
     assert not out.exists()
     return msg
 
@@ -50,21 +60,21 @@ YAML = [
 
 
 @pytest.mark.parametrize("text,needle", YAML, ids=["parser", "tab", "control-character", "latin-1"])
-def test_malformed_yaml_names_the_file_line_and_column(text, needle, tmp_path, capsys):
+def test_malformed_yaml_names_the_file_line_and_column(text, needle, tmp_path, stderr):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(text)
-    assert f"config file '{bad}' {needle}" in refused(capsys, tmp_path / "run", config=bad)
+    assert f"config file '{bad}' {needle}" in refused(stderr, tmp_path / "run", config=bad)
 
 
-def test_non_utf8_data_names_the_file_and_line_and_data_encoding_reads_it(tiny_bert_dir, tmp_path, capsys, one_thread):
+def test_non_utf8_data_names_the_file_and_line_and_data_encoding_reads_it(tiny_bert_dir, tmp_path, stderr, one_thread):
     data = tmp_path / "d.csv"
     rows = [f"example {i},{'ab'[i % 2]}".encode() for i in range(12)]
     rows[2] = "café au lait,a".encode("latin-1")
     data.write_bytes(b"text,label\n" + b"\n".join(rows) + b"\n")
     args = fast(tiny_bert_dir, "method=topk", "task=classification", f"data.train={data}")
-    msg = refused(capsys, tmp_path / "run", *args)
+    msg = refused(stderr, tmp_path / "run", *args)
     assert f"data file {data}" in msg and "line 4" in msg and "data.encoding=latin-1" in msg
-    assert "unknown encoding 'latin-9000'" in refused(capsys, tmp_path / "run", *args, "data.encoding=latin-9000")
+    assert "unknown encoding 'latin-9000'" in refused(stderr, tmp_path / "run", *args, "data.encoding=latin-9000")
     assert main(["train", f"output_dir={tmp_path / 'ok'}", "progress=false", *args, "data.encoding=latin-1"]) == 0
     td = load_task("classification", _tokenizer(tiny_bert_dir), DataConfig(train=str(data), encoding="latin-1"), 32)
     assert "café au lait" in column(td.train, "text") + column(td.validation, "text")
@@ -105,31 +115,29 @@ def test_truncation_counts_sft_prompts_and_answers(tiny_llama_dir):
     assert load_task("trec-sft", tok, DataConfig(max_train=40, max_eval=10), 256).truncated == {}
 
 
-
 @pytest.mark.parametrize("text_column", [[], ["data.text=messages"]], ids=["default-text-column", "messages-column"])
-def test_chat_jsonl_for_the_text_task_is_refused_naming_the_chat_sft_feature(tiny_llama_dir, tmp_path, capsys,
+def test_chat_jsonl_for_the_text_task_is_refused_naming_the_chat_sft_feature(tiny_llama_dir, tmp_path, stderr,
                                                                              text_column):
     chat = tmp_path / "chat.jsonl"
     chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
                                                        {"role": "assistant", "content": "hello"}]})
                               for i in range(10)))
-    msg = refused(capsys, tmp_path / "run", *fast(tiny_llama_dir, "method=full", "task=text", f"data.train={chat}",
+    msg = refused(stderr, tmp_path / "run", *fast(tiny_llama_dir, "method=full", "task=text", f"data.train={chat}",
                                                         *text_column))
     assert str(chat) in msg and "chat" in msg and "not built yet" in msg
     assert '"chat-format JSONL as an SFT task"' in msg and "plain text" in msg
 
 
-
-def test_budget_floor_advises_only_what_applies_to_the_model(tiny_bert_dir, tiny_llama_dir, tmp_path, capsys):
-    encoder = refused(capsys, tmp_path / "run", *fast(tiny_bert_dir, "method=lora", "budget=100KB"))
+def test_budget_floor_advises_only_what_applies_to_the_model(tiny_bert_dir, tiny_llama_dir, tmp_path, stderr):
+    encoder = refused(stderr, tmp_path / "run", *fast(tiny_bert_dir, "method=lora", "budget=100KB"))
     assert "lower batch_size or max_length" in encoder and "lower lora.r" in encoder
     assert "chunked" not in encoder
-    causal = refused(capsys, tmp_path / "run", *fast(tiny_llama_dir, "task=trec-sft", "method=topk", "budget=100KB"))
+    causal = refused(stderr, tmp_path / "run", *fast(tiny_llama_dir, "task=trec-sft", "method=topk", "budget=100KB"))
     assert "lower batch_size or max_length" in causal and "chunked_loss=1024" in causal
     assert "topk.k" not in causal  # its smallest plan (k=1) is refused: a smaller k cannot help
 
 
-def test_fixed_plans_above_the_budget_advise_a_smaller_setting(tiny_bert_dir, tmp_path, capsys):
+def test_fixed_plans_above_the_budget_advise_a_smaller_setting(tiny_bert_dir, tmp_path, stderr):
     from dynatune.engine import Tuner
     from dynatune.memory import MemoryModel
     from dynatune.methods import build_method
@@ -143,22 +151,21 @@ def test_fixed_plans_above_the_budget_advise_a_smaller_setting(tiny_bert_dir, tm
                   mm.predict(method.largest_plan(mm.units)).predicted_peak_bytes)
     assert top1 < top3
     budget = f"{math.ceil((top1 + top3) / 2 / 0.97)}B"  # with the 3% margin, top-1 fits and top-3 does not
-    msg = refused(capsys, tmp_path / "run", *fast(tiny_bert_dir, "method=topk", "topk.k=3", f"budget={budget}"))
+    msg = refused(stderr, tmp_path / "run", *fast(tiny_bert_dir, "method=topk", "topk.k=3", f"budget={budget}"))
     assert "topk's largest plan" in msg and "lower topk.k" in msg and "chunked" not in msg
 
 
-
 @pytest.mark.parametrize("case", ["model", "data", "budget"])
-def test_a_refused_run_leaves_no_directory_and_a_users_directory_as_it_was(case, tiny_bert_dir, tmp_path, capsys):
+def test_a_refused_run_leaves_no_directory_and_a_users_directory_as_it_was(case, tiny_bert_dir, tmp_path, stderr):
     args = {"model": ["model=no-such-model"],
             "data": [f"model={tiny_bert_dir}", "task=classification", f"data.train={tmp_path / 'none.csv'}"],
             "budget": [f"model={tiny_bert_dir}", "budget=10KB"]}[case]
-    refused(capsys, tmp_path / "run", *args)
+    refused(stderr, tmp_path / "run", *args)
     own = tmp_path / "mine"
     own.mkdir()
     (own / "notes.txt").write_text("mine")
     assert main(["train", f"output_dir={own}", "progress=false", *args]) == 2
-    one_sentence(capsys.readouterr().err)
+    one_sentence(stderr())
     assert [p.name for p in own.iterdir()] == ["notes.txt"] and (own / "notes.txt").read_text() == "mine"
 
 

@@ -260,6 +260,7 @@ def train(cfg) -> dict:
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    task.warn_truncated()
     # an evaluation (or generation) must fit the budget too: smaller batches when it would not
     eval_batch = tuner.eval_batch_that_fits(cfg.eval_batch_size, cfg.max_length,
                                             task.max_new_tokens if task.answers is not None else 0)

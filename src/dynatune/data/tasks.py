@@ -63,6 +63,12 @@ class TaskData:
     # per split with truncated examples: {"examples": how many, "of": the split's size, "longest_tokens": ...}
     truncated: dict[str, dict] = field(default_factory=dict)
 
+    def warn_truncated(self) -> None:
+        """One warning line per split with truncated examples (a run says it once it is accepted)."""
+        for split, t in self.truncated.items():
+            logger.warning("%d of %d %s examples were truncated to max_length=%d tokens (the longest has %d tokens).",
+                           t["examples"], t["of"], split, self.max_length, t["longest_tokens"])
+
     def split(self, name: str):
         ds = {"train": self.train, "validation": self.validation, "test": self.test}.get(name, "?")
         if ds == "?":
@@ -629,9 +635,6 @@ def load_task(name: str, tokenizer, data_cfg: DataConfig | None = None, max_leng
         tokenizer.pad_token = tokenizer.eos_token
     data = TASKS[name].build(tokenizer, cfg, max_length)
     data.truncated = _truncated(data)
-    for split, t in data.truncated.items():
-        logger.warning("%d of %d %s examples were truncated to max_length=%d tokens (the longest has %d tokens).",
-                       t["examples"], t["of"], split, max_length, t["longest_tokens"])
     return data
 
 
