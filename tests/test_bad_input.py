@@ -1,7 +1,9 @@
 """Bad input: one sentence on stderr, exit code 2, before any training, and nothing left on disk."""
+import importlib.util
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +178,13 @@ def test_help_names_the_real_default(argv, capsys):
     assert done.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: TriMS under a budget of 60% of full fine-tuning's predicted peak, on MiniLM-L6 and TREC)" in out
+
+
+@pytest.mark.slow
+def test_the_bad_input_doc_is_what_dynatune_prints():
+    docs = Path(__file__).parents[1] / "docs"
+    spec = importlib.util.spec_from_file_location("bad_input_doc", docs / "bad_input.py")
+    doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(doc)
+    assert doc.render() == (docs / "bad-input.md").read_text()  # regenerate: python docs/bad_input.py
+    assert "`docs/bad-input.md`" in (docs.parent / "README.md").read_text()
