@@ -248,15 +248,16 @@ def _columns(rows: list[dict], path: str, needed: dict[str, str]) -> None:
 
 
 def _refuse_chat(rows: list[dict], path: str, text: str) -> None:
-    """Chat-format JSONL (lists of role/content turns) would train on the Python text of each list."""
+    """Chat-format JSONL (lists of role/content turns; the first row says) would train on the Python
+    text of each list."""
     key = text if text in rows[0] else "messages"
     turns = rows[0].get(key)
     if isinstance(turns, list) and turns and all(isinstance(t, dict) and "content" in t for t in turns):
         raise DynatuneError(
-            f"data file {path} is chat-format JSONL (column {key!r} holds lists of role/content messages), which this task "
-            "would train on as the Python text of each list; a chat SFT task is not built yet (it is tracked as the "
-            '"chat-format JSONL as an SFT task" feature), so meanwhile convert each conversation to plain text '
-            "in one text column.")
+            f"data file {path} is chat-format JSONL (column {key!r} holds lists of role/content messages), which "
+            "this task would train on as the Python text of each list; a chat SFT task is not built yet (it is "
+            'tracked as the "chat-format JSONL as an SFT task" feature), so meanwhile convert each conversation to '
+            "plain text in one text column.")
 
 
 def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | None]:
@@ -645,7 +646,7 @@ def _truncated(data: TaskData) -> dict[str, dict]:
         ds = getattr(data, split)
         if ds is None:
             continue
-        kept, whole = (column(ds, "length"), column(ds, "tokens"))
+        kept, whole = column(ds, "length"), column(ds, "tokens")
         n = sum(w > k for k, w in zip(kept, whole))
         if n:
             out[split] = {"examples": n, "of": len(kept), "longest_tokens": max(whole)}
