@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynatune", description="Memory-budgeted selective fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (default: TriMS at budget 0.6 on MiniLM-L6, TREC)")
+    default = "TriMS under a budget of 60% of full fine-tuning's predicted peak, on MiniLM-L6 and TREC"
+    # argparse %-formats a help string, not a description
+    t = sub.add_parser("train", help=f"train a model (default: {default.replace('%', '%%')})",
+                       description=f"Train a model (default: {default}).")
     t.add_argument("--config", help="a YAML file under configs/ (key=value overrides apply after it)")
     t.add_argument("--resume", help="a run directory or checkpoint to resume from")
     t.add_argument("overrides", nargs="*", help="key=value settings, e.g. method=topk topk.k=2 lr=1e-4")

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .data.tasks import DataConfig, task_kind
+from .data.tasks import DataConfig, read_text, task_kind
 from .errors import DynatuneError
 from .memory import check_margin, parse_budget
 from .methods import METHODS
@@ -101,7 +101,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             p = Path(path)
             if not p.is_file():
                 raise DynatuneError(f"config file '{path}' does not exist; pass an existing YAML file to --config.")
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _read_yaml(p, path) or {}
             if not isinstance(loaded, dict):
                 raise DynatuneError(f"config file '{path}' must hold a mapping of keys to values.")
             cfg = OmegaConf.merge(cfg, OmegaConf.create(loaded))
@@ -115,6 +115,21 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     obj = OmegaConf.to_object(cfg)
     check(obj)
     return obj
+
+
+def _read_yaml(p: Path, path: str):
+    text = read_text(p, "utf-8", f"config file '{path}'", "save it as UTF-8")
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark, started = err.problem_mark, err.context_mark
+        where, problem = f"line {mark.line + 1}, column {mark.column + 1}", err.problem
+        if started is not None:  # where the construct that the problem breaks begins
+            problem += f" ({err.context} from line {started.line + 1}, column {started.column + 1})"
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow
+        line = text.count("\n", 0, err.position) + 1
+        where, problem = f"line {line}", str(err).splitlines()[0]
+    raise DynatuneError(f"config file '{path}' is not valid YAML at {where}: {problem}; fix the file there.")
 
 
 def check(cfg) -> None:

@@ -257,8 +257,6 @@ def _progress(total, initial, enabled):
 def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
     seed_everything(cfg.seed)
-    out_dir = run_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
@@ -268,9 +266,12 @@ def train(cfg) -> dict:
     model.to(device)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
     tuner = make_tuner(model, method, cfg, device)
+    # only now, with model, data, task and budget accepted: a refused run leaves nothing behind
+    out_dir = run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    task.warn_truncated()
     # an evaluation (or generation) must fit the budget too: smaller batches when it would not
     eval_batch = tuner.eval_batch_that_fits(cfg.eval_batch_size, cfg.max_length,
                                             task.max_new_tokens if task.answers is not None else 0)
@@ -298,6 +299,7 @@ def train(cfg) -> dict:
         "final_state": tuner.history[-1].get("method_log") if tuner.history else None,
         "memory": {**counted_memory(tuner), **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
+        "truncated": task.truncated,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # Hooks on parameters are held from C++, out of the garbage collector's reach: left in place they

@@ -2,9 +2,12 @@
 into train/validation/test splits that are identical for every method compared on them."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +19,7 @@ from dynatune import assets
 from dynatune.errors import DynatuneError
 
 TORCH_COLUMNS = ["input_ids", "attention_mask", "labels"]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +38,8 @@ class DataConfig:
         "help": "use at most this many validation and test examples each (seeded subsample)"})
     split_seed: int = field(default=0, metadata={
         "help": "seed of the train/validation/test split and of the subsamples"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of the data files, a Python codec name (utf-8, latin-1, cp1252, ...)"})
 
 
 @dataclass
@@ -54,6 +60,14 @@ class TaskData:
     prompts: dict[str, list[str]] | None = None
     answers: dict[str, list[str]] | None = None
     max_new_tokens: int = 0
+    # per split with truncated examples: {"examples": how many, "of": the split's size, "longest_tokens": ...}
+    truncated: dict[str, dict] = field(default_factory=dict)
+
+    def warn_truncated(self) -> None:
+        """One warning line per split with truncated examples (a run says it once it is accepted)."""
+        for split, t in self.truncated.items():
+            logger.warning("%d of %d %s examples were truncated to max_length=%d tokens (the longest has %d tokens).",
+                           t["examples"], t["of"], split, self.max_length, t["longest_tokens"])
 
     def split(self, name: str):
         ds = {"train": self.train, "validation": self.validation, "test": self.test}.get(name, "?")
@@ -173,20 +187,42 @@ def _dialog_rows(key: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # User files.
 
-def _read_table(path: str) -> list[dict]:
+def read_text(p: Path, encoding: str, name: str, fix: str) -> str:
+    """The text of file `p`; a byte that `encoding` cannot decode is refused naming its line and `fix`."""
+    data = p.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DynatuneError(f"{name} is not {err.encoding} text: line {line} holds the byte 0x{data[err.start]:02x}, "
+                            f"which {err.encoding} cannot decode; {fix}.") from None
+
+
+def _codec(encoding: str) -> str:
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise DynatuneError(f"unknown encoding {encoding!r} in data.encoding; name a Python codec such as utf-8, "
+                            "latin-1 or cp1252.") from None
+    return "utf-8-sig" if name == "utf-8" else encoding  # a UTF-8 file may start with a byte-order mark
+
+
+def _read_table(path: str, encoding: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DynatuneError(f"data file {p} does not exist; check the data.train/data.validation/"
                             "data.test paths.")
     suffix = p.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise DynatuneError(f"data file {p} has an unknown extension; use .csv, .tsv, .jsonl or .json.")
+    text = read_text(p, _codec(encoding), f"data file {p}", "if it is in another encoding, name it with "
+                     "data.encoding (e.g. data.encoding=latin-1)")
     if suffix in (".csv", ".tsv"):
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                raise DynatuneError(f"data file {p} is empty; it needs a header row and at least one example.")
-            rows = list(reader)
-    elif suffix in (".jsonl", ".json"):
-        text = p.read_text(encoding="utf-8-sig")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        if reader.fieldnames is None:
+            raise DynatuneError(f"data file {p} is empty; it needs a header row and at least one example.")
+        rows = list(reader)
+    else:
         try:
             if text.lstrip().startswith("["):
                 rows = json.loads(text)
@@ -197,8 +233,6 @@ def _read_table(path: str) -> list[dict]:
         if any(not isinstance(r, dict) for r in rows):
             raise DynatuneError(f"data file {p} must hold one JSON object per example, like "
                                 '{"text": "...", "label": "..."}.')
-    else:
-        raise DynatuneError(f"data file {p} has an unknown extension; use .csv, .tsv, .jsonl or .json.")
     if not rows:
         raise DynatuneError(f"data file {p} is empty; it needs at least one example.")
     return rows
@@ -213,6 +247,19 @@ def _columns(rows: list[dict], path: str, needed: dict[str, str]) -> None:
                 f"name the right one with data.{key}=COLUMN.")
 
 
+def _refuse_chat(rows: list[dict], path: str, text: str) -> None:
+    """Chat-format JSONL (lists of role/content turns; the first row says) would train on the Python
+    text of each list."""
+    key = text if text in rows[0] else "messages"
+    turns = rows[0].get(key)
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and "content" in t for t in turns):
+        raise DynatuneError(
+            f"data file {path} is chat-format JSONL (column {key!r} holds lists of role/content messages), which "
+            "this task would train on as the Python text of each list; a chat SFT task is not built yet (it is "
+            'tracked as the "chat-format JSONL as an SFT task" feature), so meanwhile convert each conversation to '
+            "plain text in one text column.")
+
+
 def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | None]:
     if not cfg.train:
         raise DynatuneError("this task reads your own data: set data.train=PATH (a CSV or JSONL file), "
@@ -224,7 +271,8 @@ def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | 
         if not path:
             splits[split] = None
             continue
-        rows = _read_table(path)
+        rows = _read_table(path, cfg.encoding)
+        _refuse_chat(rows, path, cfg.text)
         _columns(rows, path, needed)
         out = []
         for i, r in enumerate(rows):
@@ -322,13 +370,25 @@ def _tokenize_classification(rows, tokenizer, max_length, float_labels):
     filler = [tokenizer.pad_token_id]
 
     def tok(batch):
-        ids = [x or filler for x in tokenizer(batch["text"], truncation=True, max_length=max_length,
-                                               return_attention_mask=False)["input_ids"]]
-        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "length": [len(x) for x in ids]}
+        cut = tokenizer(batch["text"], truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+        ids = [x or filler for x in cut]
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "length": [len(x) for x in ids],
+                "tokens": _untruncated(tokenizer, batch["text"], cut, max_length)}
 
     with _no_progress_bars():
         ds = ds.map(tok, batched=True, batch_size=1000)
     return _finish(ds)
+
+
+def _untruncated(tokenizer, texts: list[str], ids: list[list[int]], max_length: int) -> list[int]:
+    """Each text's length in tokens before truncation: tokenised again only where it may have been cut."""
+    lengths = [len(x) for x in ids]
+    cut = [i for i, n in enumerate(lengths) if n >= max_length]
+    if cut:
+        whole = tokenizer([texts[i] for i in cut], return_attention_mask=False, verbose=False)["input_ids"]
+        for i, x in zip(cut, whole):
+            lengths[i] = len(x)
+    return lengths
 
 
 def _special_prefix(tokenizer) -> list[int]:
@@ -348,8 +408,9 @@ def _tokenize_sft(rows, tokenizer, max_length):
     def tok(batch):
         p_ids = tokenizer(batch["prompt"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
         a_ids = tokenizer(batch["answer"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        out = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": [], "length": []}
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_ids": [], "length": [], "tokens": []}
         for p, a in zip(p_ids, a_ids):
+            out["tokens"].append(len(prefix) + len(p) + len(a) + (eos is not None))
             a = (a + ([eos] if eos is not None else []))[: max(1, max_length // 2)]
             # Long prompts lose their beginning: the end ("...\nReply:") is what the answer follows.
             keep = max_length - len(a) - len(prefix)
@@ -376,7 +437,8 @@ def _tokenize_text(rows, tokenizer, max_length):
     def tok(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": [list(x) for x in enc["input_ids"]], "length": [len(x) for x in enc["input_ids"]]}
+                "labels": [list(x) for x in enc["input_ids"]], "length": [len(x) for x in enc["input_ids"]],
+                "tokens": _untruncated(tokenizer, batch["text"], enc["input_ids"], max_length)}
 
     with _no_progress_bars():
         ds = ds.map(tok, batched=True, batch_size=1000)
@@ -572,4 +634,20 @@ def load_task(name: str, tokenizer, data_cfg: DataConfig | None = None, max_leng
         max_length = model_max  # past this the model has no position embeddings
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return TASKS[name].build(tokenizer, cfg, max_length)
+    data = TASKS[name].build(tokenizer, cfg, max_length)
+    data.truncated = _truncated(data)
+    return data
+
+
+def _truncated(data: TaskData) -> dict[str, dict]:
+    """What load_task says it cut: per split, examples whose tokens were not all kept ("tokens" > "length")."""
+    out = {}
+    for split in ("train", "validation", "test"):
+        ds = getattr(data, split)
+        if ds is None:
+            continue
+        kept, whole = column(ds, "length"), column(ds, "tokens")
+        n = sum(w > k for k, w in zip(kept, whole))
+        if n:
+            out[split] = {"examples": n, "of": len(kept), "longest_tokens": max(whole)}
+    return out

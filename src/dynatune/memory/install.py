@@ -20,20 +20,28 @@ def smallest_plan(method, units: Units) -> Plan:
 
 
 def check_budget_floor(memory_model: MemoryModel, budget_bytes: int, plan: Plan, margin: float = DEFAULT_MARGIN,
-                       batch_shape=None, what: str = "the smallest plan", kept_state=()) -> Prediction:
+                       batch_shape=None, what: str = "the smallest plan", settings=()) -> Prediction:
     """Reject, before training, a budget below `plan` (the method's smallest, or the largest of a
     method whose plans are fixed by its options): the error names the minimum (that plan's
-    predicted peak, with `kept_state`'s optimizer state) and the budget it needs with the margin."""
-    pred = memory_model.predict(plan, batch_shape, kept_state=kept_state)
+    predicted peak) and the budget it needs with the margin, and advises only what lowers this
+    run's price (`settings`: the method's options that do)."""
+    pred = memory_model.predict(plan, batch_shape)
     need = math.ceil(pred.predicted_peak_bytes / (1.0 - margin))
     if pred.predicted_peak_bytes > usable_budget(budget_bytes, margin):
         raise BudgetError(
             f"the budget of {budget_bytes} bytes ({fmt_bytes(budget_bytes)}) is below what {what} needs: it is "
             f"predicted to peak at {pred.predicted_peak_bytes} bytes ({fmt_bytes(pred.predicted_peak_bytes)}), so "
-            f"with margin {margin:g} the budget must be at least {need} bytes ({fmt_bytes(need)}); raise the budget, "
-            "lower batch_size or max_length, or use a chunked loss (chunked_loss=1024).",
+            f"with margin {margin:g} the budget must be at least {need} bytes ({fmt_bytes(need)}); "
+            f"{_advice(memory_model, settings)}.",
             predicted_bytes=pred.predicted_peak_bytes, budget_bytes=budget_bytes, required_budget_bytes=need)
     return pred
+
+
+def _advice(memory_model: MemoryModel, settings) -> str:
+    fixes = ["raise the budget", "lower batch_size or max_length", *(f"lower {s}" for s in settings)]
+    if memory_model.causal_lm and memory_model.loss == "hf":  # full fp32 logits: only an LM head has them
+        fixes.append("use a chunked loss (chunked_loss=1024)")
+    return ", ".join(fixes[:-1]) + ", or " + fixes[-1]
 
 
 def full_finetuning_peak(memory_model: MemoryModel, batch_shape=None) -> int:
@@ -74,13 +82,14 @@ def install_budget(tuner, budget, *, batch_shape: tuple[int, int], precision: st
     budget_bytes = resolve_budget(budget, full)
     method = tuner.method
     check_budget_floor(mm, budget_bytes, smallest_plan(method, tuner.units), margin,
-                       what=f"{method.name}'s smallest plan")
-    tuner.set_budget(mm, budget_bytes, margin)  # may switch state_policy keep to offload
+                       what=f"{method.name}'s smallest plan", settings=method.cheaper_settings(largest=False))
     if not method.schedules_under_budget:  # fixed plans: the largest must fit now, not fail mid-run
-        largest = method.largest_plan(tuner.units)
-        kept = frozenset(method.candidates()) - largest.update if tuner.states.policy == "keep" else ()
-        check_budget_floor(mm, budget_bytes, largest, margin, kept_state=kept,
-                           what=f"{method.name}'s largest plan with these options")
+        # alone: keep's pile-up on top of it either fits or switches to offload (set_budget), so a
+        # refusal comes before that switch's warning, as the only line a refused run prints
+        check_budget_floor(mm, budget_bytes, method.largest_plan(tuner.units), margin,
+                           what=f"{method.name}'s largest plan with these options",
+                           settings=method.cheaper_settings(largest=True))
+    tuner.set_budget(mm, budget_bytes, margin)  # may switch state_policy keep to offload
     return mm
 
 

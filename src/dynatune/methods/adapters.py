@@ -70,6 +70,9 @@ class Lora(Method):
     def smallest_plan(self, units):
         return Plan.of({u.name for u in units.of_kind("adapter")} | self.fresh_heads(units))
 
+    def cheaper_settings(self, largest):
+        return (f"{self.name}.r",)
+
 
 @register
 class Dora(Lora):

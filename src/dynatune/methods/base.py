@@ -99,6 +99,11 @@ class Method:
         upper bound); methods whose plans are smaller say so, so keep is not refused needlessly."""
         return Plan.of(self.candidates())
 
+    def cheaper_settings(self, largest: bool) -> tuple[str, ...]:
+        """Options (METHOD.key) whose lower values make the smallest plan (or, `largest`, the largest)
+        cheaper: what a budget refused before training advises. Default: none does."""
+        return ()
+
     # -- each step, in order -----------------------------------------------------------------------
     def plan(self, step: int) -> Plan:
         """At the start of each step: the plan the engine applies (and checks against the budget)."""

@@ -50,6 +50,9 @@ class TopK(Method):
     def smallest_plan(self, units):
         return self._plan(units, k=1)
 
+    def cheaper_settings(self, largest):
+        return (f"{self.name}.k",) if largest else ()  # the smallest plan is k=1 whatever k is
+
 
 @register
 class BottomK(TopK):
@@ -100,6 +103,9 @@ class Lisa(Method):
         """k blocks from the bottom: with trainable embeddings every draw runs backward through every
         block, and the bottom k are as large as any k (blocks share one shape)."""
         return Plan.of(self._always(units) | self.block_units(range(self.check_k(self.config.k))))
+
+    def cheaper_settings(self, largest):
+        return ("lisa.k",) if largest else ()  # the smallest plan is one block whatever k is
 
     def state_dict(self):
         return {**super().state_dict(), "current": list(self.current)}
@@ -171,6 +177,9 @@ class RandomUnits(Method):
         if lowest not in biggest:
             biggest[-1] = lowest
         return Plan.of(set(biggest) | self.fresh_heads(units))
+
+    def cheaper_settings(self, largest):
+        return ("random.fraction",)
 
     def state_dict(self):
         return {**super().state_dict(), "current": list(self.current)}
