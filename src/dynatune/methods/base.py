@@ -128,6 +128,15 @@ class Method:
     def close_hooks(self) -> None:
         """When training ends: remove any hook the method registered itself."""
 
+    def export(self, model, out_dir, tokenizer=None, merged: bool = False) -> None:
+        """Once, after training (close_hooks done, an exit still in place), when the run saves its
+        model: write into `out_dir` what loads the trained model back. Default: the whole model with
+        save_pretrained (safetensors) and the tokenizer; `merged` (adapter methods also write a
+        merged model) changes nothing here, since this model holds every trained weight itself."""
+        model.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
     @classmethod
     def plots(cls, run_dir, log: list[dict]) -> list:
         """The method's own figures for a finished run directory (report.py draws the common ones)."""
