@@ -11,9 +11,14 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynatune.cli import main
-from dynatune.methods import METHODS
+from dynatune.errors import DynatuneError
+from dynatune.integrations.hf import DynatuneCallback, prepare
+from dynatune.methods import METHODS, build_method
+
+from tiny import classifier, cls_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,3 +186,52 @@ def test_eval_refuses_a_run_it_cannot_reproduce(run, tiny_bert_dir, tmp_path, ca
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=6)
     get_peft_model(base, VeraConfig(r=8, target_modules=["query"])).save_pretrained(headless / "model")
     assert "without classifier." in refused(["eval", str(headless)], capsys)
+
+
+def test_methods_that_update_base_weights_refuse_a_peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    def peft_model():
+        return get_peft_model(classifier("bert"), LoraConfig(r=2, target_modules=["query"]))
+
+    refusing = set()
+    for name in sorted(METHODS):
+        try:
+            prepare(peft_model(), build_method(name))
+        except DynatuneError as err:
+            assert "carries peft adapters" in str(err) and len(str(err).splitlines()) == 1
+            refusing.add(name)
+    assert refusing == set(METHODS) - ADAPTER_METHODS
+
+
+def test_trainer_callback_refuses_full_on_a_peft_model_before_a_step(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(classifier("bert"), LoraConfig(r=2, target_modules=["query"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=cls_examples(8),
+                      callbacks=[DynatuneCallback(build_method("full"))])
+    with pytest.raises(DynatuneError, match="carries peft adapters"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cli_refuses_to_train_from_a_directory_holding_an_adapter(method, tiny_bert_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    # a base model with a peft adapter saved beside it: transformers loads both, and saving the result
+    # writes the adapter alone, so what full trained in the base weights would be lost
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=6)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["query"])).save_pretrained(model)
+    out = tmp_path / "run"
+    err = refused(["train", f"model={model}", *DATA, f"method={method}", "progress=false", f"output_dir={out}"], capsys)
+    assert "holds a peft adapter" in err
+    assert not (out / "log.jsonl").exists()  # refused before training

@@ -148,8 +148,12 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
     saved=True: spec is a finished run's model/ (`dynatune eval`): a peft adapter there loads onto
     the base model it names (a PeftModel), and no weight may be missing from the directory.
     """
-    adapter = _adapter_dir(spec) if saved else None
+    adapter = _adapter_dir(spec)
     if adapter is not None:
+        if not saved:
+            raise DynatuneError(f"{adapter} holds a peft adapter, and training on from one is not supported (a method "
+                                "that updates base weights would lose them when the adapter is saved); train from its "
+                                "base model, or from the merged model a run saves with save_merged=true.")
         return _load_adapter(adapter, kind, num_labels, dtype, seed, tokenizer_only, label_names)
     model, tokenizer, fresh = _load(spec, kind, num_labels, dtype, seed, tokenizer_only, label_names)
     if saved and fresh:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import DynatuneError
 from ..plan import Plan
-from ..units import find_blocks_path, unwrap_peft
+from ..units import already_adapted, find_blocks_path, unwrap_peft
 from .base import Method, MethodConfig, opt, register
 
 
@@ -41,10 +41,6 @@ def target_linears(model: nn.Module, targets: str) -> dict[str, nn.Linear]:
     return found
 
 
-def already_adapted(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") or any("lora_" in n or "vera_" in n for n, _ in model.named_parameters())
-
-
 @register
 class Lora(Method):
     name = "lora"
@@ -52,6 +48,7 @@ class Lora(Method):
     granularity = "adapter"
     summary = "peft LoRA on every linear in the blocks (rank capped at min(d_in, d_out)); task head trains"
     default_lr = 5e-4
+    updates_base_weights = False
 
     def peft_config(self, linears: dict[str, nn.Linear]):
         from peft import LoraConfig as PeftLora
