@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import DynatuneError
+from .files import usual_permissions
 
 
 @dataclass
@@ -54,6 +55,7 @@ def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({n: p.detach().contiguous().cpu() for n, p in tuner.params.items()}, tmp / "weights.safetensors")
+    usual_permissions(tmp / "weights.safetensors")
     torch.save({"tuner": tuner.state_dict(), "scheduler": scheduler.state_dict(),
                 "loop": asdict(loop_state), "rng": _rng_state()}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)

@@ -53,7 +53,10 @@ class RunConfig:
     checkpoint_every: int = opt(0, "save a resumable checkpoint every this many steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: Optional[str] = opt(None, "a run directory or checkpoint to resume from")
-    save_model: bool = opt(True, "save the trained model (safetensors) in output_dir/model")
+    save_model: bool = opt(True, "save the trained model in output_dir/model: the whole model (safetensors), or for "
+                                 "lora, dora and vera a peft adapter with the task head, which names its base model")
+    save_merged: bool = opt(False, "lora, dora, vera: also save the adapter merged into its base model in "
+                                   "output_dir/model/merged, loadable with plain from_pretrained")
     budget: Optional[str] = opt(None, "memory budget: bytes ('12GiB', '500MB'), a fraction of full fine-tuning's "
                                       "predicted peak (0.6 or 60%), or none; unset = the method's default (trims: 0.6)")
     margin: float = opt(0.03, "fraction of the budget kept free: a plan runs only if its predicted peak is at most "

@@ -1,4 +1,8 @@
-"""`dynatune eval RUN_DIR`: evaluate a finished run's saved model on its task (or another task)."""
+"""`dynatune eval RUN_DIR`: evaluate a finished run's saved model on its task (or another task).
+
+On its own task, at the evaluation batch size and precision the run used (both recorded), it
+reproduces metrics.json's figures exactly; a saved model that cannot is refused.
+"""
 from __future__ import annotations
 
 import json
@@ -25,10 +29,18 @@ def evaluate_run(run_dir, overrides: list[str] | None = None) -> dict:
     keep = ("task", "max_length", "eval_batch_size", "precision", "device", "seed")
     base = [f"{k}={recorded[k]}" for k in keep if recorded.get(k) is not None]
     base += [f"data.{k}={v}" for k, v in recorded.get("data", {}).items() if v is not None]
+    metrics = run / "metrics.json"
+    used = json.loads(metrics.read_text()).get("eval_batch_size") if metrics.is_file() else None
+    if used is not None:  # the batch the run evaluated in, which its budget may have lowered
+        base.append(f"eval_batch_size={used}")
     cfg = load_config(None, base + list(overrides or []))
-    _, tokenizer = load_model(str(run / "model"), task_kind(cfg.task), tokenizer_only=True)
+    model_dir = str(run / "model")
+    # an adapter's arch: base is rebuilt from the run's seed
+    _, tokenizer = load_model(model_dir, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True, saved=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
-    model, _ = load_model(str(run / "model"), task.kind, num_labels=task.num_labels)
+    # bf16 as the run had it: the base model cast before any adapter went in (peft keeps adapters in fp32)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    model, _ = load_model(model_dir, task.kind, num_labels=task.num_labels, dtype=dtype, seed=cfg.seed, saved=True)
     device = resolve_device(cfg.device)
     model.to(device)
     out = {"run": str(run), "task": cfg.task}

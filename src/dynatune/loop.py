@@ -26,6 +26,7 @@ from .data.metrics import evaluate
 from .data.tasks import load_task, task_kind
 from .engine import Tuner
 from .errors import DynatuneError
+from .files import usual_permissions
 from .losses import chunked_causal_lm_loss
 from .memory import MemoryModel, install_budget, largest_prediction
 from .methods import METHODS, build_method
@@ -261,7 +262,8 @@ def train(cfg) -> dict:
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
-    model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
+                                  label_names=task.label_names)
     device = resolve_device(cfg.device)
     model.to(device)
     if cfg.precision == "bf16":
@@ -291,7 +293,9 @@ def train(cfg) -> dict:
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,
         "steps": state.step, "train_seconds": round(train_s, 2),
-        "validation": state.evals[-1] if state.evals else eval_split(model, "validation"),
+        # the last epoch's evaluation when the run ended with it, else the final (saved) model's
+        "validation": (state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step
+                       else eval_split(model, "validation")),
         "test": eval_split(model, "test") if task.test is not None else None,
         "trainable_params": max((tuner.params_in(h["update"]) for h in tuner.history), default=0),
         "total_params": sum(p.numel() for p in tuner.params.values()),
@@ -300,15 +304,18 @@ def train(cfg) -> dict:
         "memory": {**counted_memory(tuner), **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
         "truncated": task.truncated,
+        # what `dynatune eval` needs to reproduce the figures above: the batches they were computed in
+        # (the budget may have lowered eval_batch_size) and the class names
+        "eval_batch_size": eval_batch,
+        "label_names": task.label_names,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     # Hooks on parameters are held from C++, out of the garbage collector's reach: left in place they
     # would keep this model, its optimizer and the method alive after train() returns.
     tuner.close_hooks()
     if cfg.save_model:
-        model.save_pretrained(out_dir / "model")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir / "model")
+        method.export(model, out_dir / "model", tokenizer, merged=cfg.save_merged)
+        usual_permissions(out_dir / "model")
     try:
         plot_run(out_dir)
     except ImportError:  # no matplotlib: no plots

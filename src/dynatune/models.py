@@ -136,7 +136,7 @@ def meta_model(config, *, kind: str = "causal-lm", precision: str = "fp32", num_
 
 
 def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.float32, seed: int = 0,
-               tokenizer_only: bool = False):
+               tokenizer_only: bool = False, label_names: list[str] | None = None, saved: bool = False):
     """Return (model, tokenizer) for `spec` set up for `kind`.
 
     spec: a name from model_names(), a local Hugging Face model directory, or `arch:NAME`.
@@ -144,8 +144,26 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
     The tokenizer is None for arch models whose vocabulary is smaller than any real tokenizer
     (tiny-*), or whose tokenizer asset is not cached; such models take token ids directly.
     tokenizer_only=True returns (None, tokenizer) without building the model (to load the task
-    first and learn num_labels).
+    first and learn num_labels). label_names: the classes, saved with the model as id2label.
+    saved=True: spec is a finished run's model/ (`dynatune eval`): a peft adapter there loads onto
+    the base model it names (a PeftModel), and no weight may be missing from the directory.
     """
+    adapter = _adapter_dir(spec)
+    if adapter is not None:
+        if not saved:
+            raise DynatuneError(f"{adapter} holds a peft adapter, and training on from one is not supported (a method "
+                                "that updates base weights would lose them when the adapter is saved); train from its "
+                                "base model, or from the merged model a run saves with save_merged=true.")
+        return _load_adapter(adapter, kind, num_labels, dtype, seed, tokenizer_only, label_names)
+    model, tokenizer, fresh = _load(spec, kind, num_labels, dtype, seed, tokenizer_only, label_names)
+    if saved and fresh:
+        raise DynatuneError(f"{spec} lacks {len(fresh)} weights of its model (e.g. {sorted(fresh)[0]}), which "
+                            "would be freshly initialised; it was not saved by save_pretrained from this model.")
+    return model, tokenizer
+
+
+def _load(spec, kind, num_labels, dtype, seed, tokenizer_only, label_names):
+    """load_model's (model, tokenizer), and the names of the weights the directory lacks (fresh)."""
     if kind not in KINDS:
         raise DynatuneError(f"unknown model kind {kind!r}; use one of: {', '.join(KINDS)}.")
     if kind == "classification" and not tokenizer_only and (num_labels is None or num_labels < 2):
@@ -174,10 +192,13 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
         tokenizer.padding_side = "right"
     _set_special_ids(config, tokenizer)
     if tokenizer_only:
-        return None, tokenizer
+        return None, tokenizer, set()
     if kind != "causal-lm":
         config.num_labels = num_labels
         config.problem_type = "regression" if kind == "regression" else "single_label_classification"
+    if label_names is not None:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -185,19 +206,54 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
     # Fork the RNG so a seeded build neither depends on nor disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]), assets.quiet_transformers():
         torch.manual_seed(seed)
-        model = _build(auto, config, source, dtype)
+        model, fresh = _build(auto, config, source, dtype)
+    if source is None:
+        model.name_or_path = spec  # the base an adapter names: rebuilt by dynatune from the same seed
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = config.pad_token_id
-    return model, tokenizer
+    return model, tokenizer, fresh
+
+
+def _adapter_dir(spec: str) -> Path | None:
+    path = Path(str(spec)).expanduser()
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def _load_adapter(path: Path, kind, num_labels, dtype, seed, tokenizer_only, label_names):
+    """A peft adapter directory: the base model it names (an arch: base from `seed`), then the adapter."""
+    import json
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path") or ""
+    if not (base.startswith("arch:") or base in MODELS or (Path(base).expanduser() / "config.json").is_file()):
+        raise DynatuneError(f"{path} holds a peft adapter whose base model {base!r} cannot be found; restore that "
+                            "model there (or set base_model_name_or_path in its adapter_config.json).")
+    model, tokenizer, fresh = _load(base, kind, num_labels, dtype, seed, tokenizer_only, label_names)
+    if tokenizer_only:
+        return None, tokenizer
+    # what the base lacks (a fresh task head) the adapter must carry, as modules_to_save
+    saved_heads = tuple(config.get("modules_to_save") or ())
+    lost = sorted(k for k in fresh if not k.startswith(tuple(f"{m}." for m in saved_heads)))
+    if lost:
+        raise DynatuneError(f"{path} holds a peft adapter without {lost[0]} (its base model has none, and peft "
+                            "would initialise it afresh), so it cannot reproduce the run it came from.")
+    from peft import PeftModel
+
+    with assets.quiet_transformers():
+        # adapters in the base model's dtype, as dynatune's methods create them (a bf16 run's are bf16)
+        return PeftModel.from_pretrained(model, path, autocast_adapter_dtype=False), tokenizer
 
 
 def _build(auto, config, source, dtype):
+    """(model, names of the weights freshly initialised because the directory lacks them)."""
     last = None
     for attn in ("sdpa", "eager"):  # eager only for architectures without an sdpa kernel
         try:
             if source is None:
-                return auto.from_config(config, dtype=dtype, attn_implementation=attn)
-            return auto.from_pretrained(source, config=config, dtype=dtype, attn_implementation=attn)
+                return auto.from_config(config, dtype=dtype, attn_implementation=attn), set()
+            model, info = auto.from_pretrained(source, config=config, dtype=dtype, attn_implementation=attn,
+                                               output_loading_info=True)
+            return model, set(info["missing_keys"]) | set(info["unexpected_keys"])
         except ValueError as e:
             if "sdpa" not in str(e).lower() and "attention" not in str(e).lower():
                 raise
@@ -210,7 +266,7 @@ def _resolve_dir(spec: str) -> Path:
         m = MODELS[spec]
         path = assets.asset_path(m.asset)
         return path / m.subdir if m.subdir else path
-    path = Path(spec).expanduser()
+    path = Path(spec).expanduser().resolve()  # absolute: an adapter names its base by this path
     if spec.strip() and path.is_dir():
         if not (path / "config.json").is_file():
             raise DynatuneError(f"{path} has no config.json; a local model must be a Hugging Face "

@@ -113,6 +113,11 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def already_adapted(model: nn.Module) -> bool:
+    """Whether `model` carries peft adapters (a PeftModel, injected in place, or loaded by transformers)."""
+    return hasattr(model, "peft_config") or any("lora_" in n or "vera_" in n for n, _ in model.named_parameters())
+
+
 def get_submodule(model: nn.Module, path: str) -> nn.Module | None:
     mod = model
     for part in path.split("."):

@@ -93,7 +93,10 @@ def prepare(model: nn.Module, method) -> nn.Module:
 
     Call it before creating the Trainer and give the Trainer the model it returns (VeRA wraps the
     model in a PeftModel). Idempotent: a model that already carries adapters is kept as it is.
+    A method that updates base weights refuses a model carrying adapters (`Method.check_model`):
+    Trainer.save_model would save the adapter alone and lose those updates.
     """
+    method.check_model(model)
     model = method.prepare_model(model)
     for p in model.parameters():
         if p.is_floating_point() or p.is_complex():
@@ -245,6 +248,7 @@ class DynatuneCallback(TrainerCallback):
         if self.tuner is not None:  # a new Trainer (or optimizer) for the same callback: start over
             self.tuner.close()
             self.tuner = None
+        self.method.check_model(model)  # before anything trains, also when prepare() was skipped
         names = {n for n, _ in model.named_parameters()}
         n_groups = len(optimizer.param_groups)
         tuner = Tuner(model, self.method, optimizer=optimizer, **self.tuner_kwargs)

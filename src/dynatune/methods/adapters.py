@@ -1,18 +1,22 @@
 """Adapter baselines through peft: LoRA, DoRA, VeRA on every linear module inside the blocks.
 
 A model that already carries peft adapters is accepted as it is; otherwise adapters are injected
-in place (the model keeps its own class, so saving, evaluation and generation do not change).
+in place (the model keeps its own class, so evaluation and generation do not change). A finished
+run saves a peft adapter (`export`), with the fresh task head as `modules_to_save`, and on request
+the merged model.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from ..errors import DynatuneError
 from ..plan import Plan
-from ..units import find_blocks_path
+from ..units import already_adapted, find_blocks_path, unwrap_peft
 from .base import Method, MethodConfig, opt, register
 
 
@@ -37,10 +41,6 @@ def target_linears(model: nn.Module, targets: str) -> dict[str, nn.Linear]:
     return found
 
 
-def already_adapted(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") or any("lora_" in n or "vera_" in n for n, _ in model.named_parameters())
-
-
 @register
 class Lora(Method):
     name = "lora"
@@ -48,6 +48,7 @@ class Lora(Method):
     granularity = "adapter"
     summary = "peft LoRA on every linear in the blocks (rank capped at min(d_in, d_out)); task head trains"
     default_lr = 5e-4
+    updates_base_weights = False
 
     def peft_config(self, linears: dict[str, nn.Linear]):
         from peft import LoraConfig as PeftLora
@@ -73,6 +74,62 @@ class Lora(Method):
     def cheaper_settings(self, largest):
         return (f"{self.name}.r",)
 
+    def export(self, model, out_dir, tokenizer=None, merged=False):
+        """A peft adapter (adapter_config.json naming the base model, adapter_model.safetensors) that
+        `PeftModel.from_pretrained(base, out_dir)` loads, with the fresh task head as modules_to_save
+        (the base model has none); with `merged`, the merged model in out_dir/merged as well, loadable
+        with plain from_pretrained (merged in place: `model` keeps no adapters afterwards)."""
+        from peft import PeftModel, get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        inner = unwrap_peft(model)
+        if not inner.name_or_path:
+            raise DynatuneError("the adapter cannot name its base model: model.name_or_path is empty; set it to the "
+                                "base model's directory before saving.")
+        prefix = "base_model.model."  # how a PeftModel names the wrapped model's weights
+        tensors = get_peft_model_state_dict(model)
+        if not isinstance(model, PeftModel):  # injected in place
+            tensors = {prefix + k: v for k, v in tensors.items()}
+        config = copy.deepcopy(model.peft_config["default"])
+        heads = set(config.modules_to_save or ())
+        params = dict(model.named_parameters())
+        for name in (p for u in self.units.fresh_heads for p in u.param_names):
+            if "modules_to_save" in name:  # peft's own copy of a head: in the adapter state already
+                continue
+            key = name if name.startswith(prefix) else prefix + name
+            tensors[key] = params[name]
+            heads.add(key[len(prefix):].rsplit(".", 1)[0])
+        config.modules_to_save = sorted(heads) or None
+        config.base_model_name_or_path = inner.name_or_path
+        config.inference_mode = True
+        # lets AutoPeftModelFor... pick the model class
+        config.task_type = next((t for cls, t in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"))
+                                 if type(inner).__name__.endswith(cls)), None)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, out_dir / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        config.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+        if merged:
+            plain = model.merge_and_unload() if isinstance(model, PeftModel) else merge_injected(inner)
+            super().export(plain, out_dir / "merged", tokenizer)
+
+
+def merge_injected(model: nn.Module) -> nn.Module:
+    """Merge adapters injected in place (no PeftModel to call merge_and_unload on) into their base
+    layers and put the base layers back: a plain transformers model again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    del model.peft_config
+    return model
+
 
 @register
 class Dora(Lora):
@@ -96,9 +153,11 @@ class Vera(Lora):
     def prepare_model(self, model):
         if already_adapted(model):
             return model
-        # VeRA's projections are shared state on peft's tuner, so it needs the PeftModel wrapper
+        # VeRA's projections are shared state on peft's tuner, so it needs the PeftModel wrapper; its
+        # adapters take the model's dtype, as injected LoRA's do (pure bf16 is bf16 throughout)
         from peft import get_peft_model
-        return get_peft_model(model, self.peft_config(target_linears(model, self.config.targets)))
+        return get_peft_model(model, self.peft_config(target_linears(model, self.config.targets)),
+                              autocast_adapter_dtype=False)
 
     def peft_config(self, linears):
         from peft import VeraConfig as PeftVera

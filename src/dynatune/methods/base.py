@@ -7,6 +7,7 @@ import torch
 
 from ..errors import DynatuneError
 from ..plan import Plan
+from ..units import already_adapted
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -60,6 +61,8 @@ class Method:
     # True: the method chooses each plan within the budget itself (tuner.predict_peak); False: its
     # plans are fixed by its options, so a budget below its largest plan is refused before training
     schedules_under_budget = False
+    # False for adapter methods: the base model's weights stay as loaded, only the adapters train
+    updates_base_weights = True
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):
@@ -70,6 +73,17 @@ class Method:
         self.generator = torch.Generator().manual_seed(seed)
 
     # -- before training ---------------------------------------------------------------------------
+    def check_model(self, model) -> None:
+        """Once, before prepare_model (integrations.hf.prepare, and the Trainer callback at train
+        begin; the CLI refuses a model directory holding an adapter when it loads it): refuse a model
+        whose training with this method could not be saved. Default: a method that updates base
+        weights refuses a model carrying peft adapters, since saving a peft model (what
+        Trainer.save_model does) writes the adapter alone and would drop those updates."""
+        if self.updates_base_weights and already_adapted(model):
+            raise DynatuneError(f"method={self.name} updates base weights, but the model carries peft adapters "
+                                "and saving it would keep only the adapter; merge the adapter first "
+                                "(merge_and_unload, or a run's save_merged=true) or use method=lora, dora or vera.")
+
     def prepare_model(self, model):
         """Once, before the model is partitioned: wrap or modify it (adapters are injected here)."""
         return model
@@ -132,6 +146,15 @@ class Method:
     # -- after training ----------------------------------------------------------------------------
     def close_hooks(self) -> None:
         """When training ends: remove any hook the method registered itself."""
+
+    def export(self, model, out_dir, tokenizer=None, merged: bool = False) -> None:
+        """Once, after training (close_hooks done, an exit still in place), when the run saves its
+        model: write into `out_dir` what loads the trained model back. Default: the whole model with
+        save_pretrained (safetensors) and the tokenizer; `merged` (adapter methods also write a
+        merged model) changes nothing here, since this model holds every trained weight itself."""
+        model.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
 
     @classmethod
     def plots(cls, run_dir, log: list[dict]) -> list:
