@@ -8,6 +8,7 @@ atomically after it, so a write killed midway leaves the previous checkpoint loa
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -20,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DynatuneError
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class LoopState:
@@ -29,6 +32,7 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     evals: list = field(default_factory=list)
+    resumed_from_step: int | None = None  # the step this process resumed at (None: a fresh run)
 
 
 def _rng_state() -> dict:
@@ -94,4 +98,6 @@ def load(path, tuner, scheduler) -> LoopState:
     tuner.load_state_dict(state["tuner"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return LoopState(**state["loop"])
+    loop = LoopState(**{**state["loop"], "resumed_from_step": state["loop"]["step"]})
+    logger.warning("resuming at step %d from %s.", loop.step, ckpt)
+    return loop

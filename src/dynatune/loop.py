@@ -278,7 +278,7 @@ def train(cfg) -> dict:
     model = tuner.model
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,
-        "steps": state.step, "train_seconds": round(train_s, 2),
+        "steps": state.step, "resumed_from_step": state.resumed_from_step, "train_seconds": round(train_s, 2),
         "validation": state.evals[-1] if state.evals else eval_split(model, "validation"),
         "test": eval_split(model, "test") if task.test is not None else None,
         "trainable_params": max((tuner.params_in(h["update"]) for h in tuner.history), default=0),

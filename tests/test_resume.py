@@ -1,0 +1,134 @@
+"""`dynatune train --resume RUN`: the run's own config, and a checkpoint after every kind of step
+resumes to the straight run."""
+import json
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynatune.cli import main
+
+TOTAL = 12  # optimizer steps: 48 examples / 4 per step, one epoch unless a case says otherwise
+
+
+def common(model_dir, *extra):
+    return [f"model={model_dir}", "task=trec", "data.max_train=48", "data.max_eval=16", "batch_size=4",
+            "max_length=32", "progress=false", "lr=3e-3", "budget=none", *extra]
+
+
+def train(*args):
+    return main(["train", *map(str, args)])
+
+
+def log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def weights(run, step):
+    return load_file(run / "checkpoints" / f"step-{step}" / "weights.safetensors")
+
+
+def assert_same_run(straight, resumed, steps):
+    """Every step once, with the straight run's loss and plan; the same final weights."""
+    a, b = log(straight), log(resumed)
+    assert [r["step"] for r in b] == list(range(steps))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["update"] for r in b] == [r["update"] for r in a]
+    assert [r.get("method_log") for r in b] == [r.get("method_log") for r in a]
+    wa, wb = weights(straight, steps), weights(resumed, steps)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_bert_dir, tmp_path_factory):
+    """The straight run of each method's case, trained once per module."""
+    runs = {}
+
+    def get(name, *args):
+        if name not in runs:
+            runs[name] = tmp_path_factory.mktemp(f"straight-{name}")
+            assert train(*common(tiny_bert_dir, *args), f"output_dir={runs[name]}", "save_model=false") == 0
+        return runs[name]
+    return get
+
+
+# -- a checkpoint after every kind of step, resumed by `--resume RUN` alone --------------------------
+TRIMS = ["method=trims", "trims.tau=3", f"max_steps={TOTAL}", f"checkpoint_every={TOTAL}"]
+ADA = ["method=adagradselect", "epochs=2", f"checkpoint_every={2 * TOTAL}"]
+
+
+def stop_and_resume(args, run, at, monkeypatch):
+    """Train to step `at` as if interrupted, then `dynatune train --resume RUN` alone from another
+    directory: the run's config.json is the config, and the run writes into RUN."""
+    assert train(*args, f"output_dir={run}", f"stop_after={at}", "save_model=false") == 0
+    monkeypatch.chdir(run.parent)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert not (run.parent / "runs").exists()  # no default output_dir was made
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == at
+    return metrics
+
+
+@pytest.mark.parametrize("at,decision", [(6, True), (7, False)], ids=["decision-step", "mid-period"])
+def test_trims_resumes_after_a_decision_step_and_mid_period(at, decision, tiny_bert_dir, straight, tmp_path,
+                                                           monkeypatch, one_thread):
+    args = common(tiny_bert_dir, *TRIMS)
+    a = straight("trims", *TRIMS)
+    # tau = 3: step at-1 ends a period (its record holds the action) or it does not
+    assert ("action" in log(a)[at - 1]["method_log"]) == decision
+    assert {r["method_log"].get("action") for r in log(a)[at:]} - {None, "CON"}  # a later decision moves it
+    metrics = stop_and_resume(args, tmp_path / "run", at, monkeypatch)
+    assert_same_run(a, tmp_path / "run", TOTAL)
+    assert metrics["test"] == json.loads((a / "metrics.json").read_text())["test"]
+    # budget=none stays none: train() records it as null, which alone would mean TriMS's default 60%
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["budget"] is None
+
+
+@pytest.mark.parametrize("kind", ["explore", "exploit", "epoch-boundary"])
+def test_adagradselect_resumes_after_exploration_exploitation_and_the_epoch_boundary(kind, tiny_bert_dir, straight,
+                                                                                   tmp_path, monkeypatch, one_thread):
+    args = common(tiny_bert_dir, *ADA)
+    a = straight("adagradselect", *ADA)
+    explored = [r["method_log"]["explore"] for r in log(a)]
+    assert not any(explored[TOTAL:]) and explored[0] and not all(explored[:TOTAL])  # epoch 2 only exploits
+    # the checkpoint comes right after a step of this kind
+    at = {"explore": max(s for s in range(1, TOTAL - 1) if explored[s]) + 1 if any(explored[1:TOTAL - 1]) else 1,
+          "exploit": explored.index(False) + 1, "epoch-boundary": TOTAL}[kind]
+    assert explored[at - 1] == (kind == "explore")
+    metrics = stop_and_resume(args, tmp_path / "run", at, monkeypatch)
+    assert_same_run(a, tmp_path / "run", 2 * TOTAL)
+    ma = json.loads((a / "metrics.json").read_text())
+    assert metrics["evals"] == ma["evals"] and metrics["test"] == ma["test"]
+
+
+# -- what a resume may not change -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stopped(tiny_bert_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stopped")
+    assert train(*common(tiny_bert_dir, *TRIMS), f"output_dir={run}", "stop_after=2", "save_model=false") == 0
+    return run
+
+
+@pytest.mark.parametrize("override,key,was,now", [
+    ("seed=1", "seed", "0", "1"),
+    ("trims.tau=5", "trims.tau", "3", "5"),
+    ("batch_size=8", "batch_size", "4", "8"),
+    ("max_steps=20", "max_steps", "12", "20"),
+    ("method=full", "method", "trims", "full"),
+    ("budget=0.6", "budget", "none", "0.6"),
+    ("data.max_train=40", "data.max_train", "48", "40"),
+])
+def test_a_resume_that_would_change_training_is_one_sentence(override, key, was, now, tiny_bert_dir, stopped,
+                                                             capsys):
+    before = log(stopped)
+    assert train("--resume", stopped, *common(tiny_bert_dir, *TRIMS), override) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynatune: error:") and len(err.splitlines()) == 1
+    assert f"{key} is {was} in the run but {now} here" in err
+    assert log(stopped) == before  # nothing trained
+
+
+def test_a_resume_writes_into_its_own_run(tiny_bert_dir, stopped, tmp_path, capsys):
+    assert train("--resume", stopped, *common(tiny_bert_dir, *TRIMS), f"output_dir={tmp_path / 'other'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"output_dir={tmp_path / 'other'} is not the run being resumed" in err
+    assert not (tmp_path / "other").exists()
