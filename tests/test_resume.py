@@ -1,6 +1,12 @@
-"""`dynatune train --resume RUN`: the run's own config, and a checkpoint after every kind of step
-resumes to the straight run."""
+"""`dynatune train --resume RUN`: the run's own config, a checkpoint after every kind of step, an
+honest log, damaged checkpoints and a run killed with SIGKILL all resume to the straight run."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -38,6 +44,14 @@ def assert_same_run(straight, resumed, steps):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_plots():
+    """The plots are not under test here, and drawing them takes as long as these tiny runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dynatune.loop.plot_run", lambda run_dir: [])
+        yield
+
+
 @pytest.fixture(scope="module")
 def straight(tiny_bert_dir, tmp_path_factory):
     """The straight run of each method's case, trained once per module."""
@@ -54,6 +68,7 @@ def straight(tiny_bert_dir, tmp_path_factory):
 # -- a checkpoint after every kind of step, resumed by `--resume RUN` alone --------------------------
 TRIMS = ["method=trims", "trims.tau=3", f"max_steps={TOTAL}", f"checkpoint_every={TOTAL}"]
 ADA = ["method=adagradselect", "epochs=2", f"checkpoint_every={2 * TOTAL}"]
+FULL = ["method=full", "max_steps=8", "checkpoint_every=2"]
 
 
 def stop_and_resume(args, run, at, monkeypatch):
@@ -132,3 +147,86 @@ def test_a_resume_writes_into_its_own_run(tiny_bert_dir, stopped, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"output_dir={tmp_path / 'other'} is not the run being resumed" in err
     assert not (tmp_path / "other").exists()
+
+
+def test_resuming_an_earlier_checkpoint_rewinds_the_log(tiny_bert_dir, straight, tmp_path, caplog, one_thread):
+    run = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # as a kill mid-write leaves it
+    assert train("--resume", run / "checkpoints" / "step-4") == 0
+    assert any("resuming at step 4" in r.getMessage() for r in caplog.records)
+    assert_same_run(straight("full", *FULL), run, 8)  # steps 4 and 5 once, the cut record gone
+
+
+# -- damaged checkpoints ----------------------------------------------------------------------------
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated-weights": lambda ckpt: truncate(ckpt / "weights.safetensors"),
+    "truncated-state": lambda ckpt: truncate(ckpt / "state.pt"),
+    "garbage-state": lambda ckpt: (ckpt / "state.pt").write_bytes(os.urandom(4096)),
+}
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(damage, tiny_bert_dir, straight, tmp_path,
+                                                                  caplog, one_thread):
+    run = tmp_path / "run"
+    # checkpoints at steps 2 and 4, and at 5 where it stopped; keep_checkpoints=2 leaves 4 and 5
+    assert train(*common(tiny_bert_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    DAMAGE[damage](run / "checkpoints" / "step-5")
+    assert train("--resume", run) == 0
+    warned = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warned) == 1 and "step-5" in warned[0] and len(warned[0].splitlines()) == 1
+    assert any("resuming at step 4" in r.getMessage() for r in caplog.records)
+    # steps 4 and 5, logged before the fall-back, are in the log once
+    assert_same_run(straight("full", *FULL), run, 8)
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] == 4
+
+
+def test_no_intact_checkpoint_left_is_one_sentence(tiny_bert_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(*common(tiny_bert_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    truncate(run / "checkpoints" / "step-5" / "weights.safetensors")
+    (run / "checkpoints" / "step-4" / "state.pt").write_bytes(b"not a checkpoint")
+    assert train("--resume", run) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynatune: error: no intact checkpoint") and len(err.splitlines()) == 1
+    assert "step-5" in err and "step-4" in err
+
+
+# -- a run killed with SIGKILL ----------------------------------------------------------------------
+KILLED = {
+    "full": ["method=full"],
+    "lisa": ["method=lisa", "lisa.k=1", "lisa.period=2"],
+    "trims": ["method=trims", "trims.tau=3"],
+    "adagradselect": ["method=adagradselect"],
+}
+CODE = "import sys; from dynatune.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def killed_args(model_dir, method):
+    return common(model_dir, *KILLED[method], "max_steps=8", "checkpoint_every=2", "save_model=false")
+
+
+@pytest.mark.parametrize("method", sorted(KILLED))
+def test_a_run_killed_mid_run_resumes_to_the_straight_runs_weights(method, tiny_bert_dir, tmp_path, one_thread):
+    args, killed, err = killed_args(tiny_bert_dir, method), tmp_path / "killed", tmp_path / "killed.err"
+    proc = subprocess.Popen([sys.executable, "-c", CODE, "train", *args, f"output_dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=err.open("w"),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as the straight run here
+    try:
+        deadline = time.monotonic() + 180
+        while not (killed / "checkpoints" / "latest").is_file():  # killed as soon as step-2 is written
+            assert proc.poll() is None, "it ended before its first checkpoint: " + err.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists()  # it died mid-run
+    assert train("--resume", killed) == 0
+    assert train(*args, f"output_dir={tmp_path / 'straight'}") == 0
+    assert_same_run(tmp_path / "straight", killed, 8)
