@@ -97,8 +97,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     base = OmegaConf.structured(_schema_class())
     cfg = _merged(base, base, path, overrides)
     if cfg.resume:
-        run = resumed_run(cfg.resume)
-        saved = OmegaConf.merge(base, _run_config(run, base))
+        run = _resumed_run(cfg.resume)
+        saved = _run_config(run, base)
         cfg = _merged(base, OmegaConf.merge(saved, {"output_dir": str(run)}), path, overrides)
         _check_resume(saved, cfg, run)
     obj = OmegaConf.to_object(cfg)
@@ -134,14 +134,14 @@ RESUME_FREE = ("progress", "stop_after", "log_every", "checkpoint_every", "keep_
                "save_model", "resume")
 
 
-def resumed_run(resume: str) -> Path:
+def _resumed_run(resume: str) -> Path:
     """The run directory of `resume`: the directory itself, or the run above a checkpoints/step-N."""
     p = Path(resume)
     return p.parent.parent if p.parent.name == "checkpoints" else p.parent if p.name == "checkpoints" else p
 
 
-def _run_config(run: Path, base) -> dict:
-    """The config.json a run wrote, as the start of its resumed config."""
+def _run_config(run: Path, base):
+    """The config a run wrote to its config.json, as its resumed run starts from it."""
     if not (run / "config.json").is_file():
         raise DynatuneError(f"cannot resume '{run}': it holds no config.json; pass a run directory that "
                             "`dynatune train` wrote, or one of its checkpoints/step-N folders.")
