@@ -106,7 +106,7 @@ def test_adagradselect_resumes_after_exploration_exploitation_and_the_epoch_boun
     explored = [r["method_log"]["explore"] for r in log(a)]
     assert not any(explored[TOTAL:]) and explored[0] and not all(explored[:TOTAL])  # epoch 2 only exploits
     # the checkpoint comes right after a step of this kind
-    at = {"explore": max(s for s in range(1, TOTAL - 1) if explored[s]) + 1 if any(explored[1:TOTAL - 1]) else 1,
+    at = {"explore": max(s for s in range(TOTAL - 1) if explored[s]) + 1,
           "exploit": explored.index(False) + 1, "epoch-boundary": TOTAL}[kind]
     assert explored[at - 1] == (kind == "explore")
     metrics = stop_and_resume(args, tmp_path / "run", at, monkeypatch)
@@ -149,9 +149,16 @@ def test_a_resume_writes_into_its_own_run(tiny_bert_dir, stopped, tmp_path, caps
     assert not (tmp_path / "other").exists()
 
 
-def test_resuming_an_earlier_checkpoint_rewinds_the_log(tiny_bert_dir, straight, tmp_path, caplog, one_thread):
+def stopped_at_5(model_dir, tmp_path):
+    """A full run stopped at step 5 of 8: checkpoints at steps 2 and 4, and at 5 where it stopped;
+    keep_checkpoints=2 leaves 4 and 5."""
     run = tmp_path / "run"
-    assert train(*common(tiny_bert_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    assert train(*common(model_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    return run
+
+
+def test_resuming_an_earlier_checkpoint_rewinds_the_log(tiny_bert_dir, straight, tmp_path, caplog, one_thread):
+    run = stopped_at_5(tiny_bert_dir, tmp_path)
     with (run / "log.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # as a kill mid-write leaves it
     assert train("--resume", run / "checkpoints" / "step-4") == 0
@@ -169,12 +176,12 @@ DAMAGE = {
     "truncated-state": lambda ckpt: truncate(ckpt / "state.pt"),
     "garbage-state": lambda ckpt: (ckpt / "state.pt").write_bytes(os.urandom(4096)),
 }
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(damage, tiny_bert_dir, straight, tmp_path,
                                                                   caplog, one_thread):
-    run = tmp_path / "run"
-    # checkpoints at steps 2 and 4, and at 5 where it stopped; keep_checkpoints=2 leaves 4 and 5
-    assert train(*common(tiny_bert_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    run = stopped_at_5(tiny_bert_dir, tmp_path)
     DAMAGE[damage](run / "checkpoints" / "step-5")
     assert train("--resume", run) == 0
     warned = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
@@ -186,8 +193,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(damage, tiny_b
 
 
 def test_no_intact_checkpoint_left_is_one_sentence(tiny_bert_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train(*common(tiny_bert_dir, *FULL), f"output_dir={run}", "stop_after=5", "save_model=false") == 0
+    run = stopped_at_5(tiny_bert_dir, tmp_path)
     truncate(run / "checkpoints" / "step-5" / "weights.safetensors")
     (run / "checkpoints" / "step-4" / "state.pt").write_bytes(b"not a checkpoint")
     assert train("--resume", run) == 2
