@@ -4,10 +4,13 @@ A checkpoint is a folder `checkpoints/step-N` holding the weights (safetensors, 
 by name, exited blocks included), the engine's state (optimizer state resident and offloaded,
 method state, plan, history), the scheduler, the loop's data position and every RNG state. It is
 written under a temporary name and renamed into place, and `checkpoints/latest` is replaced
-atomically after it, so a write killed midway leaves the previous checkpoint loadable.
+atomically after it, so a write killed midway leaves the previous checkpoint loadable. A
+checkpoint damaged after the fact (a truncated file) is skipped for the one before it.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -21,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from .errors import DynatuneError
 from .files import usual_permissions
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class LoopState:
@@ -30,6 +35,7 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     evals: list = field(default_factory=list)
+    resumed_from_step: int | None = None  # the step this process resumed at (None: a fresh run)
 
 
 def _rng_state() -> dict:
@@ -63,28 +69,64 @@ def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2) 
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
-    done = sorted((d for d in root.glob("step-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
+    done = sorted((d for d in root.glob("step-*") if d.is_dir()), key=_step)
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _pointed(path: str | Path) -> tuple[Path | None, Path]:
+    """(the checkpoints folder whose `latest` names the checkpoint, or None when `path` names one
+    itself; the checkpoint) for a run directory, its checkpoints folder or a checkpoint folder."""
+    p = Path(path)
+    for root in (p / "checkpoints", p):
+        if (root / "latest").is_file():
+            return root, root / (root / "latest").read_text().strip()
+    return None, p
+
+
 def resolve(path: str | Path) -> Path:
     """A run directory (its latest checkpoint) or a checkpoint directory."""
-    p = Path(path)
-    if (p / "checkpoints" / "latest").is_file():
-        p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
-    elif (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
+    p = _pointed(path)[1]
     if not (p / "state.pt").is_file() or not (p / "weights.safetensors").is_file():
         raise DynatuneError(f"no checkpoint found at '{path}'; pass a run directory written with "
                             "checkpoint_every > 0, or one of its checkpoints/step-N folders.")
     return p
 
 
+def _step(d: Path) -> int:
+    return int(d.name.split("-")[1])
+
+
+def _candidates(path: str | Path) -> list[Path]:
+    """The checkpoints to try, best first: a run's latest, then its older ones, newest first; a
+    checkpoint folder named directly is the only one."""
+    root, latest = _pointed(path)
+    if root is None:
+        return [resolve(path)]
+    older = [d for d in root.glob("step-*") if d.is_dir() and _step(d) < _step(latest)]
+    return [latest, *sorted(older, key=_step, reverse=True)]
+
+
+def _read(ckpt: Path):
+    """The checkpoint's weights and state, or the reason they cannot be read."""
+    try:
+        return load_file(ckpt / "weights.safetensors"), torch.load(ckpt / "state.pt", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file raises, the checkpoint is unusable
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+
+
 def load(path, tuner, scheduler) -> LoopState:
-    ckpt = resolve(path)
-    weights = load_file(ckpt / "weights.safetensors")
+    """Restore the newest readable checkpoint at `path`; a damaged one is skipped with a warning."""
+    failures = []
+    for ckpt in _candidates(path):
+        weights, state = _read(ckpt)
+        if weights is not None:
+            break
+        failures.append(f"{ckpt.name} ({state})")
+        logger.warning("checkpoint %s cannot be read (%s); trying the one before it.", ckpt, state)
+    else:
+        raise DynatuneError(f"no intact checkpoint to resume from at '{path}': {', '.join(failures)}.")
     missing = set(tuner.params) - set(weights)
     if missing:
         raise DynatuneError(f"checkpoint {ckpt} lacks {len(missing)} parameters of this model (e.g. "
@@ -92,8 +134,27 @@ def load(path, tuner, scheduler) -> LoopState:
     with torch.no_grad():
         for n, p in tuner.params.items():
             p.copy_(weights[n])
-    state = torch.load(ckpt / "state.pt", weights_only=False)
     tuner.load_state_dict(state["tuner"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return LoopState(**state["loop"])
+    loop = LoopState(**{**state["loop"], "resumed_from_step": state["loop"]["step"]})
+    logger.warning("resuming at step %d from %s.", loop.step, ckpt)
+    return loop
+
+
+def keep_log_until(log: Path, step: int) -> None:
+    """A resumed run's log.jsonl keeps the records of the steps before `step` (the checkpoint's),
+    so the steps a killed run logged after its checkpoint do not appear twice. Written atomically."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] >= step:
+                break
+        except ValueError:  # a line cut short by the kill: after the checkpoint too
+            break
+        kept.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log)

@@ -6,6 +6,7 @@ unknown key anywhere is rejected with the list of valid keys at that level.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -96,10 +97,26 @@ def _explain(err: OmegaConfBaseException, base) -> DynatuneError:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Any:
-    """Schema <- YAML file <- `key=value` overrides, checked at every step; returns an object config."""
+    """Schema <- YAML file <- `key=value` overrides, checked at every step; returns an object config.
+
+    With `resume` set, the run's own config.json comes first (schema <- config.json <- YAML <-
+    overrides): a resumed run is that run, so a setting that would change what it trains is refused."""
     base = OmegaConf.structured(_schema_class())
+    cfg = _merged(base, base, path, overrides)
+    if cfg.resume:
+        run = _resumed_run(cfg.resume)
+        saved = _run_config(run, base)
+        cfg = _merged(base, OmegaConf.merge(saved, {"output_dir": str(run)}), path, overrides)
+        _check_resume(saved, cfg, run)
+    obj = OmegaConf.to_object(cfg)
+    check(obj)
+    return obj
+
+
+def _merged(base, start, path, overrides):
+    """start <- YAML file <- `key=value` overrides."""
     try:
-        cfg = base
+        cfg = start
         if path is not None:
             p = Path(path)
             if not p.is_file():
@@ -115,9 +132,60 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise _explain(err, base) from None
-    obj = OmegaConf.to_object(cfg)
-    check(obj)
-    return obj
+    return cfg
+
+
+# What a resumed run may set anew: how it is shown, logged, checkpointed and saved, and where it
+# runs; none of them changes an update. Everything else is the run's own.
+RESUME_FREE = ("progress", "stop_after", "log_every", "checkpoint_every", "keep_checkpoints", "device",
+               "save_model", "save_merged", "resume")
+
+
+def _resumed_run(resume: str) -> Path:
+    """The run directory of `resume`: the directory itself, or the run above a checkpoints/step-N."""
+    p = Path(resume)
+    return p.parent.parent if p.parent.name == "checkpoints" else p.parent if p.name == "checkpoints" else p
+
+
+def _run_config(run: Path, base):
+    """The config a run wrote to its config.json, as its resumed run starts from it."""
+    if not (run / "config.json").is_file():
+        raise DynatuneError(f"cannot resume '{run}': it holds no config.json; pass a run directory that "
+                            "`dynatune train` wrote, or one of its checkpoints/step-N folders.")
+    saved = json.loads((run / "config.json").read_text())
+    saved.update(stop_after=-1, resume=None)  # they were the interrupted invocation's, not the run's
+    if saved.get("budget") is None:  # train() records a run without a budget as null; unset means the default
+        saved["budget"] = "none"
+    try:
+        return OmegaConf.merge(base, saved)
+    except OmegaConfBaseException as err:
+        raise _explain(err, base) from None
+
+
+def _check_resume(saved, cfg, run: Path) -> None:
+    """Refuse a resumed config that differs from the run's own in a setting that changes training."""
+    if run_dir(cfg).resolve() != run.resolve():
+        raise DynatuneError(f"output_dir={cfg.output_dir} is not the run being resumed ({run}); a resumed run "
+                            "writes into its own directory, so drop output_dir or give that one.")
+    old, new = _flat(saved, cfg.method), _flat(cfg, cfg.method)
+    changed = [k for k in sorted(old.keys() | new.keys())
+               if k.split(".")[0] not in (*RESUME_FREE, "output_dir") and old.get(k) != new.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k} is {old.get(k)} in the run but {new.get(k)} here" for k in changed)
+        raise DynatuneError(f"cannot resume {run} exactly with a setting that changes its training ({diffs}); "
+                            "drop the override, or start a new run in another output_dir.")
+
+
+def _flat(cfg, method: str) -> dict:
+    """Dotted key -> value over the run settings and the method's own section."""
+    out = {}
+    for k, v in OmegaConf.to_container(cfg).items():
+        if isinstance(v, dict):
+            if k not in METHODS or k == method:
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def _read_yaml(p: Path, path: str):

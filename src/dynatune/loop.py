@@ -86,9 +86,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     state = state or LoopState()
     if getattr(cfg, "resume", None):
         state = checkpoint.load(cfg.resume, tuner, scheduler)
+        if out_dir:
+            checkpoint.keep_log_until(out_dir / "log.jsonl", state.step)
 
     stop = min(total, cfg.stop_after) if getattr(cfg, "stop_after", -1) > 0 else total
-    # a resumed run appends to its log; a fresh run in a reused directory starts a new one
+    # a resumed run appends to its log (cut back to its checkpoint); a fresh run in a reused directory starts a new one
     log = open(out_dir / "log.jsonl", "a" if getattr(cfg, "resume", None) else "w") if out_dir else None
     bar = _progress(total, state.step, cfg.progress)
     model.train()
@@ -292,7 +294,7 @@ def train(cfg) -> dict:
     model = tuner.model
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,
-        "steps": state.step, "train_seconds": round(train_s, 2),
+        "steps": state.step, "resumed_from_step": state.resumed_from_step, "train_seconds": round(train_s, 2),
         # the last epoch's evaluation when the run ended with it, else the final (saved) model's
         "validation": (state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step
                        else eval_split(model, "validation")),
