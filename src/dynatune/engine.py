@@ -313,9 +313,8 @@ class Tuner:
         everything = frozenset(self.method.candidates()) - largest.update
         if not everything:  # no unit can leave the plan (full, topk, adapters): keep holds nothing extra
             return
-        alone = memory_model.predict(largest).predicted_peak_bytes
         worst = memory_model.predict(largest, kept_state=everything).predicted_peak_bytes
-        if alone <= self.usable_budget < worst:  # the kept state, not the plan itself, would not fit
+        if worst > self.usable_budget:
             self.states.set_policy("offload")
             self.policy_note = (
                 f"{self.method.name}: state_policy=keep would hold the optimizer state of every unit that has "
