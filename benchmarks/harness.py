@@ -1,14 +1,18 @@
 """Shared benchmark harness: run dynatune configs in-process, collect figures, print and save tables.
 
-Every result file names the machine it ran on; tables quote the mean and spread over seeds of
-figures measured in the same invocation.
+Every result file records its provenance (`provenance()`): the git commit and whether the tree had
+uncommitted changes, the exact command, the machine, and the load average when the script started
+and when it wrote the file (other processes on the cores slow every timing). Tables quote the mean
+and spread over seeds of figures measured in the same invocation.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +20,38 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages: on this 2-core machine, above ~1 means others shared the cores."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# read when a benchmark script imports this module, before it measures anything: the code it runs is
+# this commit's (plus uncommitted changes if dirty), whatever is edited while it runs
+_LOAD_AT_START = load_average()
+_STATUS_AT_START = git("status", "--porcelain", "--untracked-files=no")
+_COMMIT_AT_START = git("rev-parse", "HEAD")
+
+
+def provenance() -> dict:
+    """What every result file records: commit (+ dirty: tracked files changed), both as the script
+    started, the exact command, the dynatune source that ran (an editable install elsewhere would
+    not be this commit), the machine, and the load average at the script's start and now."""
+    import dynatune
+
+    status = _STATUS_AT_START
+    return {"commit": _COMMIT_AT_START, "dirty": None if status is None else bool(status),
+            "command": shlex.join(["python", *sys.argv]), "dynatune_path": str(Path(dynatune.__file__).parent),
+            "machine": machine(), "load_average": {"at_start": _LOAD_AT_START, "at_end": load_average()}}
 
 
 def machine() -> dict:
@@ -122,5 +158,5 @@ def print_table(table: list[dict], metric: str) -> None:
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    path.write_text(json.dumps({**provenance(), **payload}, indent=2))
     return path
