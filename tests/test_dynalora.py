@@ -305,3 +305,35 @@ def test_plots_and_options(tmp_path, one_thread):
     opts = {n: d for n, d, _ in config_help(METHODS["dynalora"].Config)}
     assert opts["period"] == 50 and opts["allocator"] == "discounted-stochastic" and opts["fraction"] == 0.6667
     assert opts["optimisation"] == "global" and opts["importance"] == "forward"
+
+
+def test_offload_keeps_only_active_modules_state_on_the_device(one_thread):
+    """state_policy=offload: the device holds the AdamW state of this allocation's modules only."""
+    method = build_method("dynalora", targets="q_proj,v_proj", r=R, k=3, period=1, state_policy="offload", seed=3)
+    t = Tuner(causal_lm("llama"), method, lr=1e-2)
+    data = lm_examples(6 * B, seq=S)
+    offloaded = []
+    for s in range(6):
+        step(t, collate(data[s * B:(s + 1) * B]))
+        active = [t.params[n] for n in t.units.param_names(t.plan.update)]
+        assert t.record.optimizer == adam_state_bytes(active)
+        offloaded.append(t.record.offloaded)
+    assert len({tuple(h["update"]) for h in t.history}) > 1 and max(offloaded) > 0
+
+
+def test_once_schedule_reallocates_at_the_start_and_after_once_after_steps():
+    method = build_method("dynalora", schedule="once", once_after=5)
+    assert [s for s in range(20) if method.reallocates(s)] == [0, 5]
+    method = build_method("dynalora", period=4)
+    assert [s for s in range(13) if method.reallocates(s)] == [0, 4, 8, 12]
+
+
+def test_a_peft_model_handed_in_is_used_as_it_is(one_thread):
+    from peft import LoraConfig as PeftLora, get_peft_model
+
+    model = get_peft_model(causal_lm("llama"), PeftLora(r=2, target_modules=["k_proj", "o_proj"]))
+    t = Tuner(model, build_method("dynalora", k=3))  # its own targets (q_proj, v_proj) are not injected
+    assert t.model is model
+    assert sorted(n.rsplit(".", 1)[-1] for n in t.method.modules) == ["k_proj"] * 4 + ["o_proj"] * 4
+    step(t, collate(lm_examples(B, seq=S)))
+    assert len(t.plan.update) == 3

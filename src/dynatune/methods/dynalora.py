@@ -109,6 +109,7 @@ class DynaLora(Method):
         self.scores: list[float] = []        # importance at the last reallocation (logged, plotted)
         self._handles: list = []
         self._resolved = False  # k checked against (or derived from) the budget at the first plan
+        self._owners_of: list[str] | None = None  # the allocation backward importance's indices are for
 
     # -- adapters ----------------------------------------------------------------------------------
     def prepare_model(self, model):
@@ -334,21 +335,20 @@ class DynaLora(Method):
 
     # -- each step ---------------------------------------------------------------------------------
     def after_backward(self, step, signals):
-        if self.config.importance == "backward":
-            # each active module's adapter-weight gradient norm, summed on the device (no host sync)
-            grads, owners = [], []
-            for n in self.active:
-                for p in self.units[n].param_names:
-                    g = self.tuner.params[p].grad
-                    if g is not None:
-                        grads.append(g)
-                        owners.append(self.index[n])
-            if grads:
-                sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
-                per = torch.zeros_like(self.acc).index_add_(0, torch.tensor(owners, device=sq.device), sq)
-                self.acc += per.sqrt()  # modules without a gradient add 0
-                trained = torch.tensor(sorted(set(owners)), device=sq.device)
-                self.seen.index_add_(0, trained, torch.ones(len(trained), device=sq.device))
+        if self.config.importance != "backward":
+            return None
+        # each active module's adapter-weight gradient norm, summed on the device (no host sync); the
+        # index tensors change only with the allocation
+        if self._owners_of != self.active:
+            pairs = [(self.tuner.params[p], self.index[n]) for n in self.active for p in self.units[n].param_names]
+            self._owner_params = [p for p, _ in pairs]
+            self._owner_idx = torch.tensor([i for _, i in pairs], device=self.acc.device)
+            self._active_idx = torch.tensor([self.index[n] for n in self.active], device=self.acc.device)
+            self._owners_of = list(self.active)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._owner_params]
+        sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+        self.acc += torch.zeros_like(self.acc).index_add_(0, self._owner_idx, sq).sqrt()
+        self.seen[self._active_idx] += 1
         return None
 
     def lr_factors(self) -> dict[str, float] | None:
