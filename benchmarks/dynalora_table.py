@@ -2,6 +2,7 @@
 
     python benchmarks/dynalora_table.py                 # the full table: 3 tasks x 8 methods x 3 seeds + lr sweep
     python benchmarks/dynalora_table.py --smoke         # 2 steps per run, tiny data, seed 0, one rate: checks the script
+    python benchmarks/dynalora_table.py --memory        # counted vs predicted bytes per term, one full-length step
 
 MiniLM-L6 on TREC, SMS spam and movie sentiment, the same seeded 1,000 training examples for every
 method, 2 epochs, batch 16, max_length 48, tested on 300 held-out examples. Every method adapts the
@@ -12,6 +13,12 @@ chosen on validation with seed 0 from its family's candidates, then used for all
 Writes benchmarks/results/dynalora_table[_smoke].json with its provenance: rows, sweep, chosen
 rates and the table (accuracy, effective trainable parameters, counted and predicted peaks,
 optimizer bytes on the device at the peak, median step time).
+
+--memory: MiniLM-L6 (6 classes), one step on a batch of 16 x 48 tokens with no padding, so what is
+counted is what the memory model prices: LoRA with all 12 query/value modules, and DynaLoRA with 8
+of 12 drawn by five seeds (random importance, stochastic allocator), keep and offload. Writes
+benchmarks/results/dynalora_memory.json: counted and predicted weights, gradients, optimizer
+state and saved activations per run.
 """
 import argparse
 import statistics
@@ -40,6 +47,44 @@ def methods() -> dict[str, tuple[list[str], tuple[str, ...]]]:
     return out
 
 
+def memory_rows() -> list[dict]:
+    from dynatune.engine import Tuner
+    from dynatune.memory import MemoryModel
+    from dynatune.methods import build_method
+    from dynatune.models import load_model
+
+    batch_shape = (16, 48)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 20000, batch_shape, generator=g),
+             "attention_mask": torch.ones(batch_shape, dtype=torch.long),
+             "labels": torch.randint(0, 6, (batch_shape[0],), generator=g)}
+    runs = [("lora", 0, "keep", {"targets": TARGETS})]
+    runs += [("dynalora", seed, policy, {"targets": TARGETS, "importance": "random", "allocator": "stochastic"})
+             for policy in ("keep", "offload") for seed in range(5)]
+    rows = []
+    for name, seed, policy, opts in runs:
+        model, _ = load_model("minilm-l6", "classification", num_labels=6, seed=0)
+        t = Tuner(model, build_method(name, seed=seed, state_policy=policy, **opts), lr=1e-3)
+        mm = MemoryModel.from_tuner(t, batch_shape=batch_shape, device_type="cpu")
+        t.begin_step()
+        t.model(**batch).loss.backward()
+        t.after_backward()
+        t.optimizer.step()
+        t.after_optimizer_step()
+        pred = mm.predict(t.plan)
+        rec = t.record
+        rows.append({"method": name, "seed": seed, "state_policy": policy,
+                     "active": sorted(u for u in t.plan.update if u != "head"),
+                     "counted": {"weights": rec.weights, "gradients": rec.gradients, "optimizer": rec.optimizer,
+                                 "activations": rec.activations},
+                     "predicted": {"weights": pred.weights, "gradients": pred.gradients, "optimizer": pred.optimizer,
+                                   "activations": pred.activations + pred.activations_outside},
+                     "block_states": pred.block_states})
+        print(name, seed, policy, rows[-1]["counted"], rows[-1]["predicted"], flush=True)
+        t.close_hooks()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, the middle rate")
@@ -47,8 +92,12 @@ def main():
     ap.add_argument("--labels", default="", help="comma-separated subset of the methods")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
+    ap.add_argument("--memory", action="store_true", help="counted vs predicted bytes of one full-length step")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.memory:
+        print(save("dynalora_memory", {"batch_shape": [16, 48], "rows": memory_rows()}))
+        return
     common = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
               "max_length=48", "budget=none"]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -105,6 +105,7 @@ class DynaLora(Method):
         self.counts: list[int] = []          # C^(m): steps each module trained
         self.clocks: list[int] = []          # local optimisation: each module's learning-rate clock
         self.horizon: float | None = None    # local: expected active steps of a module
+        self.total_steps: int | None = None  # the run's optimizer steps (configure_schedule)
         self.warmup_ratio = 0.0
         self.scores: list[float] = []        # importance at the last reallocation (logged, plotted)
         self._handles: list = []
@@ -178,11 +179,12 @@ class DynaLora(Method):
             if not (mod.training and torch.is_grad_enabled()):
                 return  # importance is the training samples' (eq. 1's D_t), not evaluation's
             with torch.no_grad():
-                h = out.detach().float()
-                if h.dim() == 3 and self._mask is not None and self._mask.shape == h.shape[:2]:
-                    h = h * self._mask.to(h.dtype).unsqueeze(-1)  # padding tokens count nothing
-                per_sample = (h.abs().sum(dim=tuple(range(1, h.dim()))) if p == 1
-                              else h.pow(2).sum(dim=tuple(range(1, h.dim()))).sqrt())
+                # per-token norms first (B x S, fp32): no fp32 copy of the whole output
+                tok = torch.linalg.vector_norm(out.detach(), ord=p, dim=-1, dtype=torch.float32)
+                if tok.dim() == 2 and self._mask is not None and self._mask.shape == tok.shape:
+                    tok = tok * self._mask.to(tok.dtype)  # padding tokens count nothing
+                tok = tok.reshape(len(tok), -1)
+                per_sample = tok.sum(1) if p == 1 else tok.pow(2).sum(1).sqrt()  # the sample's L_p norm
                 self.acc[i] += per_sample.sum()
         return hook
 
@@ -361,7 +363,7 @@ class DynaLora(Method):
         return {n: linear_factor(self.clocks[self.index[n]], warm, max(1, round(H))) for n in self.active}
 
     def _horizon(self) -> float:
-        total = getattr(self, "total_steps", None)
+        total = self.total_steps
         if total is None:
             raise DynatuneError(f"{self.name}.optimisation=local needs the run's length; the training loop gives "
                                 "it (configure_schedule).")
