@@ -14,11 +14,12 @@ Writes benchmarks/results/dynalora_table[_smoke].json with its provenance: rows,
 rates and the table (accuracy, effective trainable parameters, counted and predicted peaks,
 optimizer bytes on the device at the peak, median step time).
 
---memory: MiniLM-L6 (6 classes), one step on a batch of 16 x 48 tokens with no padding, so what is
-counted is what the memory model prices: LoRA with all 12 query/value modules, and DynaLoRA with 8
-of 12 drawn by five seeds (random importance, stochastic allocator), keep and offload. Writes
-benchmarks/results/dynalora_memory.json: counted and predicted weights, gradients, optimizer
-state and saved activations per run.
+--memory: MiniLM-L6 (6 classes) in training mode, two steps on a batch of 16 x 48 tokens with no
+padding, so what is counted is what the memory model prices: LoRA with all 12 query/value modules,
+and DynaLoRA with 8 of 12 drawn anew each step by five seeds (random importance, stochastic
+allocator), keep and offload. Writes benchmarks/results/dynalora_memory.json: the second step's
+counted and predicted weights, gradients, optimizer state (keep: the first draw's too) and saved
+activations per run.
 """
 import argparse
 import statistics
@@ -59,19 +60,24 @@ def memory_rows() -> list[dict]:
              "attention_mask": torch.ones(batch_shape, dtype=torch.long),
              "labels": torch.randint(0, 6, (batch_shape[0],), generator=g)}
     runs = [("lora", 0, "keep", {"targets": TARGETS})]
-    runs += [("dynalora", seed, policy, {"targets": TARGETS, "importance": "random", "allocator": "stochastic"})
+    runs += [("dynalora", seed, policy, {"targets": TARGETS, "importance": "random", "allocator": "stochastic",
+                                         "period": 1})
              for policy in ("keep", "offload") for seed in range(5)]
     rows = []
     for name, seed, policy, opts in runs:
         model, _ = load_model("minilm-l6", "classification", num_labels=6, seed=0)
+        model.train()  # dropout on, as in training: it decides what attention saves
         t = Tuner(model, build_method(name, seed=seed, state_policy=policy, **opts), lr=1e-3)
-        mm = MemoryModel.from_tuner(t, batch_shape=batch_shape, device_type="cpu")
-        t.begin_step()
-        t.model(**batch).loss.backward()
-        t.after_backward()
-        t.optimizer.step()
-        t.after_optimizer_step()
-        pred = mm.predict(t.plan)
+        t.set_budget(MemoryModel.from_tuner(t, batch_shape=batch_shape, device_type="cpu"), None)  # prices, no budget
+        for _ in range(2):  # the second step's draw differs: keep then holds the first draw's state too
+            t.begin_step()
+            t.model(**batch).loss.backward()
+            t.after_backward()
+            t.optimizer.step()
+            t.after_optimizer_step()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.end_step(None)
+        pred = t.predict(t.plan)  # kept optimizer state included
         rec = t.record
         rows.append({"method": name, "seed": seed, "state_policy": policy,
                      "active": sorted(u for u in t.plan.update if u != "head"),
