@@ -337,3 +337,26 @@ def test_a_peft_model_handed_in_is_used_as_it_is(one_thread):
     assert sorted(n.rsplit(".", 1)[-1] for n in t.method.modules) == ["k_proj"] * 4 + ["o_proj"] * 4
     step(t, collate(lm_examples(B, seq=S)))
     assert len(t.plan.update) == 3
+
+
+def test_trainer_callback_matches_the_plain_loop_and_refuses_local(tmp_path, one_thread):
+    from dynatune.errors import DynatuneError
+    from dynatune.integrations.hf import DynatuneCallback, prepare
+    from test_hf import loop_like_trainer
+
+    cfg = loop_cfg(max_steps=6)
+    data = lm_examples()
+    opts = dict(targets="q_proj,v_proj", r=R, k=3, period=2, seed=1)
+    loop_tuner, _ = fit(causal_lm(), build_method("dynalora", **opts), data, collate, cfg)
+    method = build_method("dynalora", **opts)
+    callback = DynatuneCallback(method)
+    trainer = loop_like_trainer(prepare(causal_lm(), method), data, cfg, tmp_path, callback)
+    trainer.train()
+    assert len({tuple(h["update"]) for h in loop_tuner.history}) > 1  # reallocated within the run
+    assert [h["update"] for h in callback.tuner.history] == [h["update"] for h in loop_tuner.history]
+    assert [h["loss"] for h in callback.tuner.history] == [h["loss"] for h in loop_tuner.history]
+
+    local = build_method("dynalora", optimisation="local", **opts)
+    trainer = loop_like_trainer(prepare(causal_lm(), local), data, cfg, tmp_path / "local", DynatuneCallback(local))
+    with pytest.raises(DynatuneError, match="per-unit learning rates"):
+        trainer.train()
