@@ -18,6 +18,7 @@ from tiny import causal_lm, classifier, cls_examples, collate, lm_examples, loop
 B, S = 3, 20
 R = 4
 I, H = 64, 32  # tiny Llama's MLP and hidden widths (tests/tiny.py)
+PRICED_S = 48  # the probe runs S in {16, 24, 32}: priced at a length it never ran
 
 
 def down_proj_run(k, **kw):
@@ -82,10 +83,10 @@ def test_memory_model_prices_each_adapter_module(arch, targets, one_thread):
     q, v = targets.split(",")
     if arch == "bert":
         q, v = f"attention.self.{q}", f"attention.self.{v}"
-        make, batch = (lambda: classifier("bert")), collate(cls_examples(B, seq=S))
+        make, batch = (lambda: classifier("bert")), collate(cls_examples(B, seq=PRICED_S))
     else:
         q, v = f"self_attn.{q}", f"self_attn.{v}"
-        make, batch = (lambda: causal_lm("llama")), collate(lm_examples(B, seq=S))
+        make, batch = (lambda: causal_lm("llama")), collate(lm_examples(B, seq=PRICED_S))
     plans = [[f"block.1.{v}", f"block.2.{q}"],
              [f"block.0.{q}", f"block.2.{q}", f"block.2.{v}", f"block.3.{v}"],
              [f"block.1.{q}"]]
@@ -94,7 +95,7 @@ def test_memory_model_prices_each_adapter_module(arch, targets, one_thread):
                               allocator="topk", train_head=False)
         t = Tuner(make(), method)
         method.active, method._resolved, method.reallocates = list(active), True, (lambda s: False)
-        mm = MemoryModel.from_tuner(t, batch_shape=(B, S), device_type="cpu")
+        mm = MemoryModel.from_tuner(t, batch_shape=(B, PRICED_S), device_type="cpu")
         step(t, batch)
         pred = mm.predict(t.plan)
         assert pred.weights == t.record.weights

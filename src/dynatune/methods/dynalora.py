@@ -27,7 +27,6 @@ The memory model prices each module on its own (memory/probe.py, block_states).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
