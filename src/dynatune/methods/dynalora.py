@@ -332,6 +332,11 @@ class DynaLora(Method):
         return Plan.of({best.name} | self.fresh_heads(units))
 
     def largest_plan(self, units) -> Plan:
+        """The worst k-module plan; under a budget k is settled first (set_budget asks this before the
+        first plan, to know whether keep's state fits), so a derived k is not priced as all M."""
+        if not self._resolved and self.tuner.usable_budget is not None:
+            self._resolve_k()
+            self._resolved = True
         return self.worst_plan(self.k) if self.k is not None else super().largest_plan(units)
 
     # -- each step ---------------------------------------------------------------------------------
