@@ -271,11 +271,36 @@ def test_k_from_a_budget_is_the_largest_whose_worst_plan_fits(one_thread):
     k3 = probe_mm.predict(probe.method.worst_plan(3)).predicted_peak_bytes  # no optimizer state yet
     t = tuner_with(f"{int(k3 / 0.97) + 8}B", k=None, fraction=None)
     fit(t.model, t.method, lm_examples(4 * B, seq=S), collate, cfg, tuner=t)
-    assert t.method.k >= 3
-    assert t.predict_peak(t.method.worst_plan(t.method.k)) <= t.usable_budget
-    if t.method.k < len(t.method.modules):
-        assert t.predict_peak(t.method.worst_plan(t.method.k + 1)) > t.usable_budget
+    m = t.method
+    assert m.k >= 3
+    assert t.predict_peak(m.worst_plan(m.k)) <= t.usable_budget
+    if m.k < len(m.pool()):
+        assert t.predict_peak(m.worst_plan(m.k + 1)) > t.usable_budget
     assert all(h["memory"]["counted"] <= t.budget_bytes for h in t.history)
+
+
+def test_a_budget_below_backward_through_every_block_keeps_the_draws_above_a_depth(one_thread):
+    """Budget between a top-block module's plan and any block-0 module's: k comes with a lowest depth,
+    the one admitting the largest k, and every draw stays above it, within the budget."""
+    cfg = loop_cfg(max_steps=6, batch_size=B, max_length=S, budget=None, margin=0.03, precision="fp32")
+    opts = dict(targets="q_proj,v_proj", r=R, period=2, k=None, fraction=None)
+    probe = Tuner(causal_lm("llama"), build_method("dynalora", **opts))
+    probe.set_budget(MemoryModel.from_tuner(probe, batch_shape=(B, S), device_type="cpu"), None)
+    deepest = probe.predict_peak(probe.method.worst_plan(1, 0))
+    top = probe.predict_peak(probe.method.worst_plan(1, 3))
+    assert top < deepest
+    budget = int((top + deepest) / 2 / 0.97)
+    t = make_tuner(causal_lm("llama"), build_method("dynalora", **opts),
+                   loop_cfg(**{**vars(cfg), "budget": f"{budget}B"}), torch.device("cpu"))
+    fit(t.model, t.method, lm_examples(6 * B, seq=S), collate, cfg, tuner=t)
+    m = t.method
+    assert m.lowest_depth > 0
+    by_depth = {d: m._largest_k(d) for d in range(4)}
+    assert by_depth[0] == 0 and m.k == max(by_depth.values())
+    assert m.lowest_depth == min(d for d, k in by_depth.items() if k == m.k)
+    for h in t.history:
+        assert all(t.units[u].depth >= m.lowest_depth for u in h["update"])
+        assert h["memory"]["counted"] <= budget
 
 
 # -- adapters ----------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ The memory model prices each module on its own (memory/probe.py, block_states).
   the run's schedule shape over its expected active steps, k/M of the run). AdamW's moments and
   bias-correction step are per parameter in both: they only move when the module steps.
 - k: `k` modules, else `fraction` of them; both null under a budget: the largest k whose worst
-  plan the memory model admits (a drawn plan above the budget loses its least important modules).
+  plan the memory model admits. When backward through every block does not fit, modules below a
+  depth are never drawn (`lowest_depth`). A drawn plan still above the budget loses its least
+  important modules.
 """
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ class DynaLora(Method):
             raise DynatuneError(f"{self.name}.threshold={c.threshold} must be in (0, 1].")
         self.per_unit_lr = c.optimisation == "local"
         self.k: int | None = None
+        self.lowest_depth = 0                # under a tight budget: modules below it are never drawn
         self.active: list[str] = []
         self.counts: list[int] = []          # C^(m): steps each module trained
         self.clocks: list[int] = []          # local optimisation: each module's learning-rate clock
@@ -221,9 +224,11 @@ class DynaLora(Method):
         self.scores = y.tolist()
         return y
 
-    def allocate(self, y_hat: torch.Tensor, k: int) -> list[int]:
-        """Indices of the modules to activate, from normalised importance y_hat (§3.2)."""
+    def allocate(self, y_hat: torch.Tensor, k: int, counts: list[int] | None = None) -> list[int]:
+        """Indices (into y_hat) of the modules to activate, from normalised importance y_hat (§3.2);
+        `counts`: their activation counters (default: every module's)."""
         c = self.config
+        counts = self.counts if counts is None else counts
         order = sorted(range(len(y_hat)), key=lambda i: (-float(y_hat[i]), i))  # ties: model order
         if c.allocator == "topk":
             return sorted(order[:k])
@@ -237,7 +242,7 @@ class DynaLora(Method):
             return sorted(chosen)
         q = y_hat
         if c.allocator == "discounted-stochastic":  # eq. 3, with C + 1 so an untrained module is defined
-            q = y_hat / (torch.tensor(self.counts, dtype=torch.float64) + 1)
+            q = y_hat / (torch.tensor(counts, dtype=torch.float64) + 1)
             q = q / q.sum()
         if c.independent:
             u = torch.rand(len(q), generator=self.generator, dtype=torch.float64)
@@ -259,9 +264,18 @@ class DynaLora(Method):
             self._resolve_k()
             self._resolved = True
         if self.reallocates(step) or not self.active:
-            chosen = self.allocate(self.importance(), self.k)
-            self.active = self._within_budget([self.modules[i] for i in chosen])
+            y_hat = self.importance()
+            pool = self.pool()
+            sub = y_hat[pool]
+            sub = sub / sub.sum() if float(sub.sum()) > 0 else torch.full_like(sub, 1.0 / len(pool))
+            chosen = self.allocate(sub, self.k, [self.counts[i] for i in pool])
+            self.active = self._within_budget([self.modules[pool[j]] for j in chosen])
         return Plan.of(self.with_head(self.active))
+
+    def pool(self) -> list[int]:
+        """Indices of the modules that may be drawn: all, or under a tight budget those at or above
+        `lowest_depth` (backward through every block would not fit)."""
+        return [i for i, n in enumerate(self.modules) if self.units[n].depth >= self.lowest_depth]
 
     def _within_budget(self, active: list[str]) -> list[str]:
         """A draw priced above the budget drops its least important modules until it fits."""
@@ -276,13 +290,16 @@ class DynaLora(Method):
     def _sizes(self) -> dict[str, int]:
         return {n: sum(self.tuner.params[p].numel() for p in self.units[n].param_names) for n in self.modules}
 
-    def worst_plan(self, k: int) -> Plan:
-        """The most memory a k-module plan can need, found greedily: the lowest module (backward runs
-        deepest), then the module that raises the predicted peak most, k - 1 times; without a memory
-        model, the lowest and the largest modules."""
+    def worst_plan(self, k: int, lowest_depth: int | None = None) -> Plan:
+        """The most memory a k-module plan of the modules at or above `lowest_depth` (default: the
+        method's) can need, found greedily: the lowest module (backward runs deepest), then the module
+        that raises the predicted peak most, k - 1 times; without a memory model, the lowest module
+        and the largest ones."""
+        d = self.lowest_depth if lowest_depth is None else lowest_depth
         sizes = self._sizes()
-        chosen = [min(self.modules, key=lambda n: (self.units[n].depth, -sizes[n], self.index[n]))]
-        rest = [n for n in self.modules if n not in chosen]
+        rest = [n for n in self.modules if self.units[n].depth >= d]
+        chosen = [min(rest, key=lambda n: (self.units[n].depth, -sizes[n], self.index[n]))]
+        rest.remove(chosen[0])
         while len(chosen) < k:
             if self.tuner.has_memory_model:
                 best = max(rest, key=lambda n: (self.tuner.predict_peak(Plan.of(self.with_head(chosen + [n]))),
@@ -293,36 +310,54 @@ class DynaLora(Method):
             rest.remove(best)
         return Plan.of(self.with_head(chosen))
 
-    def _resolve_k(self) -> None:
-        """At the first plan: check k against the budget, or derive the largest k that fits."""
-        limit = self.tuner.usable_budget
-        if self.k is not None:
-            if limit is not None:
-                worst = self.worst_plan(self.k)
-                peak = self.tuner.predict_peak(worst)
-                if peak > limit:
-                    raise BudgetError(
-                        f"{self.name} with k={self.k} of {len(self.modules)} modules is predicted to peak at {peak} "
-                        f"bytes at its worst, above the budget's usable {limit} bytes; lower k or fraction, or set "
-                        "both to null to derive k from the budget.", predicted_bytes=peak,
-                        budget_bytes=self.tuner.budget_bytes)
-            return
-        if limit is None:
-            raise DynatuneError(f"{self.name}: k and fraction are both null, so k comes from the memory budget; "
-                                "give a budget (budget=0.6) or set k or fraction.")
-        best = 0
-        lo, hi = 1, len(self.modules)
-        while lo <= hi:  # worst-plan peaks grow with k: the largest k that fits, by bisection
+    def _fits(self, k: int, depth: int) -> bool:
+        return self.tuner.predict_peak(self.worst_plan(k, depth)) <= self.tuner.usable_budget
+
+    def _largest_k(self, depth: int) -> int:
+        """The largest k whose worst plan above `depth` fits (0: none); peaks grow with k: bisection."""
+        best, lo, hi = 0, 1, sum(self.units[n].depth >= depth for n in self.modules)
+        while lo <= hi:
             mid = (lo + hi) // 2
-            if self.tuner.predict_peak(self.worst_plan(mid)) <= limit:
+            if self._fits(mid, depth):
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
-        if best == 0:
-            peak = self.tuner.predict_peak(self.worst_plan(1))
-            raise BudgetError(f"{self.name}: not even one adapter module fits the budget (predicted {peak} bytes, "
-                              f"usable {limit}).", predicted_bytes=peak, budget_bytes=self.tuner.budget_bytes)
-        self.k = best
+        return best
+
+    def _resolve_k(self) -> None:
+        """At the first plan (or set_budget's largest_plan): check k against the budget, or derive the
+        largest k that fits. When backward through every block does not fit, modules below a depth are
+        never drawn: the lowest depth where the given k fits, or, for a derived k, the depth that
+        admits the largest k (the lowest on ties)."""
+        limit = self.tuner.usable_budget
+        if limit is None:
+            if self.k is None:
+                raise DynatuneError(f"{self.name}: k and fraction are both null, so k comes from the memory budget; "
+                                    "give a budget (budget=0.6) or set k or fraction.")
+            return
+        depths = sorted({self.units[n].depth for n in self.modules})
+        best = None  # (k, lowest depth)
+        for d in depths:
+            size = sum(self.units[n].depth >= d for n in self.modules)
+            if self.k is not None:
+                if size >= self.k and self._fits(self.k, d):
+                    best = (self.k, d)
+                    break
+                continue
+            k = self._largest_k(d)
+            if k and (best is None or k > best[0]):
+                best = (k, d)
+            if k == size:  # every module above d fits: a higher depth cannot admit more
+                break
+        if best is None:
+            k = self.k or 1
+            top = max(d for d in depths if sum(self.units[n].depth >= d for n in self.modules) >= k)
+            peak = self.tuner.predict_peak(self.worst_plan(k, top))
+            raise BudgetError(
+                f"{self.name}: {k} adapter module(s) do not fit the budget even in the top blocks (predicted at "
+                f"{peak} bytes at worst, above the budget's usable {limit} bytes); lower k or fraction, or raise "
+                "the budget.", predicted_bytes=peak, budget_bytes=self.tuner.budget_bytes)
+        self.k, self.lowest_depth = best
 
     def smallest_plan(self, units) -> Plan:
         """The cheapest one-module plan: the highest module (backward stops soonest), the smallest."""
@@ -380,21 +415,22 @@ class DynaLora(Method):
             self.clocks[self.index[n]] += 1
 
     def log_fields(self, step):
-        out = {"active": list(self.active), "k": self.k}
+        out = {"active": list(self.active), "k": self.k, "lowest_depth": self.lowest_depth}
         if self.reallocates(step):
             out["importance"] = [round(s, 6) for s in self.scores]
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self):
-        return {**super().state_dict(), "k": self.k, "active": list(self.active), "counts": list(self.counts),
+        return {**super().state_dict(), "k": self.k, "lowest_depth": self.lowest_depth, "active": list(self.active),
+                "counts": list(self.counts),
                 "clocks": list(self.clocks), "scores": list(self.scores), "measured": list(self.measured),
                 "horizon": self.horizon, "acc": self.acc.detach().cpu().clone(),
                 "seen": self.seen.detach().cpu().clone()}
 
     def load_state_dict(self, sd):
         super().load_state_dict(sd)
-        self.k, self.active = sd["k"], list(sd["active"])
+        self.k, self.lowest_depth, self.active = sd["k"], sd["lowest_depth"], list(sd["active"])
         self.counts, self.clocks = list(sd["counts"]), list(sd["clocks"])
         self.scores, self.measured, self.horizon = list(sd["scores"]), list(sd["measured"]), sd["horizon"]
         self.acc.copy_(sd["acc"])
