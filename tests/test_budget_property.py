@@ -109,6 +109,8 @@ OPTIONS = {
     "gradselect": dict(k=None),      # m derived from the budget
     "adagradselect": dict(k=0.3),    # m = 2 of 6 blocks, checked against the budget
     "trims": dict(tau=2),            # a decision every 2 steps: the plan changes within the run
+    "dynalora": dict(k=None, fraction=None, period=3),  # k derived from the budget, reallocated within the run
+    "dynavera": dict(period=3),      # 2/3 of the modules, checked against the budget at the first plan
 }
 
 

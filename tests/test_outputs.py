@@ -25,8 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # each method's quickest options; a method registered without an entry here fails the first test
 OPTIONS = {"full": [], "topk": ["topk.k=1"], "bottomk": ["bottomk.k=1"], "lisa": ["lisa.k=1", "lisa.period=2"],
            "random": [], "lora": ["lora.r=4"], "dora": ["dora.r=4"], "vera": ["vera.r=8"], "trims": ["trims.tau=1"],
-           "gradselect": [], "adagradselect": []}
-ADAPTER_METHODS = {"lora", "dora", "vera"}
+           "gradselect": [], "adagradselect": [], "dynalora": ["dynalora.r=4", "dynalora.period=2"],
+           "dynavera": ["dynavera.r=8", "dynavera.period=2"]}
+ADAPTER_METHODS = {"lora", "dora", "vera", "dynalora", "dynavera"}
 # 40 examples in batches of 8 is 5 steps an epoch: 4 steps end mid-epoch, so every figure is the final model's
 DATA = ["task=trec", "data.max_train=40", "data.max_eval=24", "batch_size=8", "max_length=32", "max_steps=4"]
 

@@ -109,7 +109,17 @@ class Tuner:
         for n, p in self.params.items():  # never a candidate: frozen for the whole run
             if n not in self.candidate_params:
                 p.requires_grad_(False)
-        if optimizer is None:
+        self._unit_groups: dict[str, dict] = {}  # per_unit_lr: each candidate unit's parameter group
+        if method.per_unit_lr and optimizer is not None:
+            raise DynatuneError(f"{method.name}'s per-unit learning rates need one optimizer group per unit, which "
+                                "dynatune builds itself; it cannot use an optimizer made elsewhere (a Trainer's).")
+        if optimizer is None and method.per_unit_lr:
+            groups = [{"params": [self.params[p] for p in self.units[u].param_names], "lr": lr}
+                      for u in method.candidates()]
+            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+            self._unit_groups = dict(zip(method.candidates(), optimizer.param_groups))
+            self.peak_lr = lr
+        elif optimizer is None:
             optimizer = torch.optim.AdamW(list(self.candidate_params.values()), lr=lr, weight_decay=weight_decay)
         else:
             ensure_in_optimizer(optimizer, self.candidate_params)
@@ -190,6 +200,9 @@ class Tuner:
         self._leave_after_backward = set()
         self.states.enter(sorted(promoted_params))
         self.states.ready()
+        # per-unit rates replace the run's schedule for those units (the scheduler resets them after the step)
+        for unit, factor in (self.method.lr_factors() or {}).items():
+            self._unit_groups[unit]["lr"] = self.peak_lr * factor
 
     def after_optimizer_step(self) -> None:
         """Count live bytes while gradients still exist (the step's high-water mark)."""

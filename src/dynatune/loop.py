@@ -31,6 +31,7 @@ from .losses import chunked_causal_lm_loss
 from .memory import MemoryModel, install_budget, largest_prediction
 from .methods import METHODS, build_method
 from .models import load_model
+from .optim import linear_factor
 from .precision import autocast_for
 from .report import plot_run
 
@@ -45,11 +46,7 @@ def seed_everything(seed: int) -> None:
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
     """Linear warm-up to the peak rate, then linear decay to zero."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_factor(step, warmup_steps, total_steps))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -78,6 +75,7 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     # methods that count backward passes or schedule by epoch learn the loop's shape here
     method.configure_loop(cfg.grad_accum, steps_per_epoch)
+    method.configure_schedule(total, int(cfg.warmup_ratio * total))
 
     if tuner is None:
         tuner = make_tuner(model, method, cfg, device)

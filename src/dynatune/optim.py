@@ -18,6 +18,13 @@ from .offload import HostStateStore
 STATE_POLICIES = ("keep", "drop", "offload")
 
 
+def linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The run's learning-rate shape: linear warm-up to the peak, then linear decay to zero."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 def ensure_in_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> list[str]:
     """Add candidate parameters the optimizer was built without (e.g. frozen when a Trainer made it).
 

@@ -211,6 +211,16 @@ FIRST_STATES = ("first_update", "first_adapter", "first_probe")
 MID_STATES = ("update", "adapter", "frozen")
 
 
+def base_state(state: str) -> str:
+    """'adapter:attention.self.query' -> 'adapter' (a state with some of a block's adapters active)."""
+    return state.split(":", 1)[0]
+
+
+def adapter_subset(state: str) -> frozenset[str] | None:
+    """The active adapters (relative to their block) of an 'adapter:a,b' state; None: all of them."""
+    return frozenset(state.split(":", 1)[1].split(",")) if ":" in state else None
+
+
 def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
     """What each block does under `plan`, for pricing its saved activations.
 
@@ -220,7 +230,10 @@ def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
     first_adapter (the lowest block backward reaches, which trains: its input needs no gradient),
     first_probe (the lowest block is only probed at its output: saves nothing), update / adapter
     (trains, input needs a gradient), frozen (on the backward path without training). Module-level
-    units make their block an `update` block (an upper bound); adapter units an `adapter` block.
+    units make their block an `update` block (an upper bound). Adapter units are priced per module:
+    a block with only some of its adapters active is `adapter:<names>` (first_adapter:<names>), the
+    active adapters' module names relative to the block, measured with exactly those active (two
+    adapters reading the same input save it once, so their costs do not add up).
     """
     n = units.n_blocks
     e = plan.exit_depth or n
@@ -229,7 +242,10 @@ def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
     outside = frozenset(u for u in grad_units if not 0 <= units[u].depth < n)
     embed_on_path = any(units[u].kind == "embedding" for u in need) and not plan.detach_tied_input
     trained_depths = {units[u].depth for u in grad_units if 0 <= units[u].depth < n}
-    adapter_depths = {units[u].depth for u in grad_units if 0 <= units[u].depth < n and units[u].kind == "adapter"}
+    active: dict[int, set[str]] = {}
+    for u in grad_units:
+        if 0 <= units[u].depth < n and units[u].kind == "adapter":
+            active.setdefault(units[u].depth, set()).add(u)
     depths = [units[u].depth for u in need if 0 <= units[u].depth < n]
     lowest = -1 if embed_on_path else (min(depths) if depths else None)
     states = []
@@ -240,7 +256,12 @@ def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
         if lowest is None or i < lowest:
             states.append("idle")
             continue
-        kind = "adapter" if i in adapter_depths else "update"
+        kind = "adapter" if i in active else "update"
+        if i in active:
+            block_adapters = {u.name for u in units.in_block(i) if u.kind == "adapter"}
+            if active[i] != block_adapters:
+                prefix = f"block.{i}."
+                kind += ":" + ",".join(sorted(u[len(prefix):] for u in active[i]))
         if i == lowest:
             states.append(f"first_{kind}" if i in trained_depths else "first_probe")
         else:
@@ -290,6 +311,7 @@ class ActivationProbe:
         self.build_small = build_small
         self.fast = fast
         self.n_layers = max(1, min(n_blocks, n_layers + (1 if gradient_checkpointing else 0)))
+        self.max_layers = n_blocks
         self.granularity, self.layers = granularity, layers
         self.precision, self.device_type = precision, device_type
         self.loss, self.chunk_tokens = loss, chunk_tokens
@@ -362,13 +384,19 @@ class ActivationProbe:
         (counted once)."""
         idle = ["idle"] if (self.gradient_checkpointing and "idle" in states) else []
         path = [s for s in states if s not in ("none", "idle")]
-        first = [s for s in path if s in FIRST_STATES][:1]
-        mids = sorted({s for s in path if s in MID_STATES})
+        first = [s for s in path if base_state(s) in FIRST_STATES][:1]
+        mids = sorted({s for s in path if base_state(s) in MID_STATES})
         layout = idle + first + mids
         if layout:
             h = 1 if (layout[0] == "first_probe" and len(layout) > 1) else 0
             holder = layout[h]
-            if states.count(holder) > 1 and len(layout) < self.n_layers:
+            repeated = states.count(holder) > 1
+            # per-module adapter states can outnumber the probe's blocks: it grows (never past the
+            # target's block count, which bounds the distinct states of any plan)
+            if len(layout) + repeated > self.n_layers and self.n_layers < self.max_layers:
+                self.n_layers = min(self.max_layers, len(layout) + repeated)
+                self._model = None
+            if repeated and len(layout) < self.n_layers:
                 layout.insert(h + 1, holder)
         if len(layout) > self.n_layers:
             raise DynatuneError(f"the probe needs {len(layout)} blocks for states {layout}; build it with more layers.")
@@ -393,8 +421,10 @@ class ActivationProbe:
             if name in units.by_name:
                 update.add(name)
         for i, s in enumerate(layout):
-            in_block = [u.name for u in units.in_block(i)]
-            if s in ("first_update", "update", "first_adapter", "adapter"):
+            subset = adapter_subset(s)
+            in_block = [u.name for u in units.in_block(i)
+                        if subset is None or u.name[len(f"block.{i}."):] in subset]
+            if base_state(s) in ("first_update", "update", "first_adapter", "adapter"):
                 update.update(in_block)
             elif s == "first_probe":
                 probe.add(f"block.{i}")

@@ -63,6 +63,9 @@ class Method:
     schedules_under_budget = False
     # False for adapter methods: the base model's weights stay as loaded, only the adapters train
     updates_base_weights = True
+    # True: the engine gives each candidate unit its own optimizer parameter group, whose rate
+    # `lr_factors` sets before each optimizer step (DynaLoRA's local optimisation)
+    per_unit_lr = False
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):
@@ -101,6 +104,10 @@ class Method:
         """Once, before the first step, by the loop or the Trainer callback: backward passes per
         optimizer step (gradient accumulation) and optimizer steps per epoch."""
 
+    def configure_schedule(self, total_steps: int, warmup_steps: int) -> None:
+        """Once, before the first step, by the plain loop: the run's optimizer steps and warm-up steps
+        (the learning-rate schedule's shape, for methods that keep their own clocks)."""
+
     def smallest_plan(self, units) -> Plan:
         """Before training under a budget: the least memory this method can run with (a budget below
         its price is refused up front). Default: the fresh task head alone, else the last block."""
@@ -131,6 +138,12 @@ class Method:
     def after_backward(self, step: int, signals: dict) -> frozenset | None:
         """After the step's last backward, before the optimizer step: `signals` maps each declared
         signal to {unit or block name: float}. Returns probed units promoted to update this step."""
+        return None
+
+    def lr_factors(self) -> dict[str, float] | None:
+        """After `after_backward`, before the optimizer step, when `per_unit_lr`: {unit: factor}, each
+        unit's rate as a factor of the run's peak rate (replacing the run's schedule for that unit);
+        None: every unit steps at the run's scheduled rate."""
         return None
 
     def retry_step(self, step: int, micro_batches: int) -> None:
