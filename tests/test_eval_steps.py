@@ -160,3 +160,15 @@ def test_loss_plot_shows_validation_points_at_their_steps(tmp_path, monkeypatch)
     assert list(lines["validation loss"].get_ydata()) == [1.5, 1.2]
     assert list(lines["validation accuracy"].get_ydata()) == [0.4, 0.6]
     assert list(lines["training loss"].get_xdata()) == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_steps_with_epoch_ends_evaluates_each_step_once(tiny_bert_dir, tmp_path, scripted, one_thread):
+    scripted({4: 0.3, 8: 0.5, 12: 0.6, 16: 0.2, 20: 0.1, 24: 0.1})
+    run = tmp_path / "run"
+    # 12 steps an epoch: every 4 steps and at the end of each epoch, which step 12 and 24 are anyway
+    assert main(common(tiny_bert_dir, run, "epochs=2", "eval_steps=4", "eval_each_epoch=true",
+                       "save_model=false")) == 0
+    m = metrics(run)
+    assert [(e["epoch"], e["step"]) for e in m["evals"]] == [(0, 4), (0, 8), (0, 12), (1, 16), (1, 20), (1, 24)]
+    assert m["best"] == {"step": 12, "metric": "accuracy", "value": 0.6} and m["stopped_early_at_step"] is None
+    assert m["validation"] == m["evals"][-1]  # without load_best: the final weights' evaluation
