@@ -145,11 +145,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
 def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None) -> None:
     """Record one validation evaluation; update the best one, the best weights and early stopping."""
     model.train()
-    state.evals.append({"epoch": state.epoch, "step": state.step, **result})
     metric = getattr(cfg, "metric_for_best", None) or next(iter(result))
     if metric not in result:
         raise DynatuneError(f"metric_for_best={metric} is not among this task's validation metrics "
                             f"({', '.join(result)}); choose one of them.")
+    state.evals.append({"epoch": state.epoch, "step": state.step, **result})
     value = result[metric]
     threshold = getattr(cfg, "early_stopping_threshold", 0.0)
     if state.best is None or improves(metric, value, state.best["value"], threshold):
