@@ -62,7 +62,7 @@ def plot_run(run_dir) -> list[Path]:
             ax2.plot(eval_steps, [e[metric] for e in evals], "s--", color="tab:green", ms=4, lw=1,
                      label=f"validation {metric}")
             ax2.set_ylabel(f"validation {metric}")
-            fig.legend(loc="upper right", bbox_to_anchor=(1, 1), bbox_transform=ax.transAxes, fontsize=8)
+            fig.legend(loc="center right", bbox_to_anchor=(1, 0.5), bbox_transform=ax.transAxes, fontsize=8)
         else:
             ax.legend(loc="upper right", fontsize=8)
     out.append(_save(fig, run_dir / "loss.png"))
