@@ -46,6 +46,8 @@ REFUSED = [
     ("budget below the floor (encoder)", ["budget=50MB"]),
     ("budget below the floor (causal LM)", ["model=smollm2-135m", "task=trec-sft", "method=lora", "budget=200MB"]),
     ("fixed plans above the budget", ["method=topk", "topk.k=6", "budget=0.3"]),
+    ("unknown metric_for_best", ["metric_for_best=bleu"]),
+    ("metric_for_best not the task's", ["metric_for_best=perplexity"]),
     ("missing config file", ["--config", "nope.yaml"]),
     ("malformed YAML", ["--config", "broken.yaml"]),
     ("config not UTF-8", ["--config", "latin1.yaml"]),

@@ -36,6 +36,37 @@ class LoopState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     evals: list = field(default_factory=list)
     resumed_from_step: int | None = None  # the step this process resumed at (None: a fresh run)
+    best: dict | None = None  # the best evaluation so far: {step, metric, value}
+    bad_evals: int = 0  # evaluations in a row since `best` that did not improve on it
+    best_path: str | None = None  # the best evaluation's weights (load_best), relative to the run directory
+    stopped_early_at_step: int | None = None
+
+
+def save_best(run_dir: Path, tuner, best: dict) -> str:
+    """The weights of the best evaluation in `checkpoints/best`, outside the step-N rotation; the
+    new one is complete before the old one goes. Returns its path relative to `run_dir`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = root / ".best.tmp", root / "best", root / ".best.old"
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    tmp.mkdir()
+    save_file({n: p.detach().contiguous().cpu() for n, p in tuner.params.items()}, tmp / "weights.safetensors")
+    usual_permissions(tmp / "weights.safetensors")
+    (tmp / "best.json").write_text(json.dumps(best))
+    if final.exists():  # a directory cannot be replaced in one rename: move the old one aside first
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return str(final.relative_to(run_dir))
+
+
+def load_weights(ckpt: Path, tuner) -> None:
+    """Copy a checkpoint's weights (every parameter by name) into the tuner's parameters."""
+    weights = load_file(Path(ckpt) / "weights.safetensors")
+    with torch.no_grad():
+        for n, p in tuner.params.items():
+            p.copy_(weights[n])
 
 
 def _rng_state() -> dict:

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .data.metrics import higher_is_better
 from .data.tasks import DataConfig, read_text, task_kind
 from .errors import DynatuneError
 from .memory import check_margin, parse_budget
@@ -51,6 +52,16 @@ class RunConfig:
     output_dir: str = opt("runs/{method}-{task}", "where logs, metrics, plots and the model go")
     log_every: int = opt(1, "write a JSONL record every this many steps")
     eval_each_epoch: bool = opt(True, "evaluate on validation at the end of each epoch")
+    eval_steps: int = opt(0, "also evaluate on validation every this many optimizer steps (records in "
+                             "metrics.json's evals and evals.jsonl); 0 = only at epoch ends")
+    metric_for_best: Optional[str] = opt(None, "validation metric that picks the best evaluation and drives early "
+                                               "stopping (accuracy, macro_f1, mcc, pearson, exact_match: higher is "
+                                               "better; loss, perplexity, mse: lower); default: the task's first")
+    early_stopping_patience: int = opt(0, "stop when this many evaluations in a row do not improve metric_for_best; "
+                                          "0 = never stop early")
+    early_stopping_threshold: float = opt(0.0, "an evaluation improves only if it beats the best by more than this")
+    load_best: bool = opt(False, "keep the weights of the best evaluation in checkpoints/best and load them back "
+                                 "before the final test evaluation and the model save")
     checkpoint_every: int = opt(0, "save a resumable checkpoint every this many steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: Optional[str] = opt(None, "a run directory or checkpoint to resume from")
@@ -212,6 +223,14 @@ def check(cfg) -> None:
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise DynatuneError(f"{name} must be at least 1, got {getattr(cfg, name)}.")
+    for name in ("eval_steps", "early_stopping_patience", "early_stopping_threshold"):
+        if getattr(cfg, name) < 0:
+            raise DynatuneError(f"{name} must be at least 0, got {getattr(cfg, name)}.")
+    if cfg.metric_for_best is not None:
+        higher_is_better(cfg.metric_for_best)  # raises, listing the known metrics
+    if (cfg.early_stopping_patience or cfg.load_best) and not (cfg.eval_steps or cfg.eval_each_epoch):
+        raise DynatuneError("early_stopping_patience and load_best need evaluations; set eval_steps > 0 or "
+                            "eval_each_epoch=true.")
     if cfg.batch_size % cfg.grad_accum:
         raise DynatuneError(f"batch_size={cfg.batch_size} is not divisible by grad_accum={cfg.grad_accum}.")
     if run_budget(cfg.budget, METHODS[cfg.method]) is not None:

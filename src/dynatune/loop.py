@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from . import checkpoint
 from .batching import largest_shape, split_batches
 from .checkpoint import LoopState
 from .config import method_config, run_budget, run_dir, to_dict
-from .data.metrics import evaluate
+from .data.metrics import evaluate, improves
 from .data.tasks import load_task, task_kind
 from .engine import Tuner
 from .errors import DynatuneError
@@ -65,7 +66,10 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
 
     cfg needs: batch_size, grad_accum, epochs, max_steps, lr, weight_decay, warmup_ratio,
     grad_clip, precision, seed, log_every, checkpoint_every, keep_checkpoints, progress.
-    `evaluate(model, epoch)` is called at the end of each epoch when given.
+    `evaluate(model, epoch)` (a dict of metrics) is called at the end of each epoch when given, and
+    every `cfg.eval_steps` steps; each evaluation updates the best one (`cfg.metric_for_best`, by
+    default the first metric evaluate returns), early stopping and, with `cfg.load_best`, the
+    best weights in checkpoints/best (see `_after_eval`).
     """
     device = next(model.parameters()).device
     micro = cfg.batch_size // cfg.grad_accum
@@ -92,12 +96,14 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     log = open(out_dir / "log.jsonl", "a" if getattr(cfg, "resume", None) else "w") if out_dir else None
     bar = _progress(total, state.step, cfg.progress)
     model.train()
+    eval_steps = getattr(cfg, "eval_steps", 0)
     try:
-        while state.step < stop:
+        # a run that stopped early stays stopped when resumed
+        while state.step < stop and state.stopped_early_at_step is None:
             order = epoch_order(len(train_set), cfg.seed, state.epoch)
             starts = range(state.batch_in_epoch * cfg.batch_size, len(order), cfg.batch_size)
             for start in starts:
-                if state.step >= stop:
+                if state.step >= stop or state.stopped_early_at_step is not None:
                     break
                 batches = batcher(train_set, order[start:start + cfg.batch_size], collate)
                 loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches)
@@ -114,12 +120,15 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if on_step:
                     on_step(tuner, state)
+                # before the checkpoint, so that it holds this evaluation's best and patience
+                if evaluate is not None and eval_steps and state.step % eval_steps == 0:
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir)
                 if out_dir and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
             else:  # the epoch ran to its end
-                if evaluate is not None and getattr(cfg, "eval_each_epoch", True):
-                    state.evals.append({"epoch": state.epoch, "step": state.step, **evaluate(model, state.epoch)})
-                    model.train()
+                evaluated = state.evals and state.evals[-1]["step"] == state.step  # by eval_steps just now
+                if evaluate is not None and getattr(cfg, "eval_each_epoch", True) and not evaluated:
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir)
                 state.epoch += 1
                 state.batch_in_epoch = 0
     finally:
@@ -128,7 +137,42 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
             log.close()
     if out_dir and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
         checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
+    if out_dir:  # the checkpoint's evaluations: a resumed run's file drops those of the steps it redid
+        _write_evals(out_dir, state.evals)
     return tuner, state
+
+
+def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None) -> None:
+    """Record one validation evaluation; update the best one, the best weights and early stopping."""
+    model.train()
+    metric = getattr(cfg, "metric_for_best", None) or next(iter(result))
+    if metric not in result:
+        raise DynatuneError(f"metric_for_best={metric} is not among this task's validation metrics "
+                            f"({', '.join(result)}); choose one of them.")
+    state.evals.append({"epoch": state.epoch, "step": state.step, **result})
+    value = result[metric]
+    threshold = getattr(cfg, "early_stopping_threshold", 0.0)
+    if state.best is None or improves(metric, value, state.best["value"], threshold):
+        state.best = {"step": state.step, "metric": metric, "value": value}
+        state.bad_evals = 0
+        if out_dir and getattr(cfg, "load_best", False):
+            state.best_path = checkpoint.save_best(out_dir, tuner, state.best)
+    else:
+        state.bad_evals += 1
+        patience = getattr(cfg, "early_stopping_patience", 0)
+        if patience and state.bad_evals >= patience:
+            state.stopped_early_at_step = state.step
+            logger.warning("stopping early at step %d: %s has not improved on %g (step %d) in %d evaluations.",
+                           state.step, metric, state.best["value"], state.best["step"], state.bad_evals)
+    if out_dir:
+        _write_evals(out_dir, state.evals)
+
+
+def _write_evals(out_dir: Path, evals: list[dict]) -> None:
+    """evals.jsonl: one record per validation evaluation, rewritten whole (atomically) from the loop state."""
+    tmp = out_dir / ".evals.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in evals))
+    os.replace(tmp, out_dir / "evals.jsonl")
 
 
 def make_tuner(model, method, cfg, device) -> Tuner:
@@ -264,6 +308,9 @@ def train(cfg) -> dict:
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
     model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
                                   label_names=task.label_names)
+    if cfg.metric_for_best is not None and cfg.metric_for_best not in task.metric_names:
+        raise DynatuneError(f"metric_for_best={cfg.metric_for_best} is not among task {cfg.task}'s validation "
+                            f"metrics ({', '.join(task.metric_names)}); choose one of them.")
     device = resolve_device(cfg.device)
     model.to(device)
     if cfg.precision == "bf16":
@@ -290,11 +337,15 @@ def train(cfg) -> dict:
                        evaluate=lambda m, epoch: eval_split(m, "validation"))
     train_s = time.perf_counter() - t0
     model = tuner.model
+    if cfg.load_best and state.best_path:
+        checkpoint.load_weights(out_dir / state.best_path, tuner)
+    best_eval = next((e for e in state.evals if state.best and e["step"] == state.best["step"]), None)
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,
         "steps": state.step, "resumed_from_step": state.resumed_from_step, "train_seconds": round(train_s, 2),
-        # the last epoch's evaluation when the run ended with it, else the final (saved) model's
-        "validation": (state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step
+        # the evaluation of the weights the run ends with (the best ones with load_best), else the final model's
+        "validation": (best_eval if cfg.load_best and best_eval is not None
+                       else state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step
                        else eval_split(model, "validation")),
         "test": eval_split(model, "test") if task.test is not None else None,
         "trainable_params": max((tuner.params_in(h["update"]) for h in tuner.history), default=0),
@@ -303,6 +354,8 @@ def train(cfg) -> dict:
         "final_state": tuner.history[-1].get("method_log") if tuner.history else None,
         "memory": {**counted_memory(tuner), **predicted_memory(tuner, cfg, device)},
         "evals": state.evals,
+        "best": state.best,
+        "stopped_early_at_step": state.stopped_early_at_step,
         "truncated": task.truncated,
         # what `dynatune eval` needs to reproduce the figures above: the batches they were computed in
         # (the budget may have lowered eval_batch_size) and the class names

@@ -18,6 +18,21 @@ def read_log(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_evals(run_dir: Path) -> list[dict]:
+    """The run's validation evaluations (evals.jsonl, written by eval_steps / eval_each_epoch), if any."""
+    path = Path(run_dir) / "evals.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def selection_metric(run_dir: Path, evals: list[dict]) -> str:
+    """The metric the run selected on: metrics.json's best, else the config's metric_for_best, else the
+    task's first (the first metric an evaluation records after its epoch and step)."""
+    metrics, config = Path(run_dir) / "metrics.json", Path(run_dir) / "config.json"
+    best = json.loads(metrics.read_text()).get("best") if metrics.is_file() else None
+    chosen = json.loads(config.read_text()).get("metric_for_best") if config.is_file() else None
+    return (best or {}).get("metric") or chosen or next(k for k in evals[0] if k not in ("epoch", "step"))
+
+
 def plot_run(run_dir) -> list[Path]:
     """Write loss.png, memory.png and units.png into run_dir; returns their paths."""
     import matplotlib
@@ -34,9 +49,22 @@ def plot_run(run_dir) -> list[Path]:
     out = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in log], lw=1)
-    ax.set(xlabel="step", ylabel="training loss", title=f"loss — {run_dir.name}")
+    ax.plot(steps, [r["loss"] for r in log], lw=1, label="training loss")
+    ax.set(xlabel="step", ylabel="loss", title=f"loss — {run_dir.name}")
     ax.grid(alpha=0.3)
+    evals = read_evals(run_dir)
+    if evals:
+        eval_steps = [e["step"] for e in evals]
+        ax.plot(eval_steps, [e["loss"] for e in evals], "o-", color="tab:orange", ms=4, lw=1, label="validation loss")
+        metric = selection_metric(run_dir, evals)
+        if metric != "loss":  # the chosen metric on its own scale
+            ax2 = ax.twinx()
+            ax2.plot(eval_steps, [e[metric] for e in evals], "s--", color="tab:green", ms=4, lw=1,
+                     label=f"validation {metric}")
+            ax2.set_ylabel(f"validation {metric}")
+            fig.legend(loc="center right", bbox_to_anchor=(1, 0.5), bbox_transform=ax.transAxes, fontsize=8)
+        else:
+            ax.legend(loc="upper right", fontsize=8)
     out.append(_save(fig, run_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -10,8 +10,24 @@ import torch.nn.functional as F
 from dynatune.data.tasks import column
 from dynatune.errors import DynatuneError
 
-# Metrics where smaller is better; every other metric is better when larger.
+# Which way each metric improves: model selection and early stopping need to know.
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mse"})
+HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1", "mcc", "pearson", "exact_match"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """True when larger values of `metric` are better; an unknown name is refused."""
+    if metric in HIGHER_IS_BETTER:
+        return True
+    if metric in LOWER_IS_BETTER:
+        return False
+    known = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
+    raise DynatuneError(f"unknown metric '{metric}' for metric_for_best; choose one of: {known}.")
+
+
+def improves(metric: str, value: float, best: float, threshold: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `threshold` in `metric`'s direction (NaN never does)."""
+    return value > best + threshold if higher_is_better(metric) else value < best - threshold
 
 
 def classification_metrics(preds, labels) -> dict[str, float]:
