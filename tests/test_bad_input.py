@@ -157,11 +157,13 @@ def test_fixed_plans_above_the_budget_advise_a_smaller_setting(tiny_bert_dir, tm
     assert "topk's largest plan" in msg and "lower topk.k" in msg and "chunked" not in msg
 
 
-@pytest.mark.parametrize("case", ["model", "data", "budget"])
+@pytest.mark.parametrize("case", ["model", "data", "budget", "first_plan"])
 def test_a_refused_run_leaves_no_directory_and_a_users_directory_as_it_was(case, tiny_bert_dir, tmp_path, stderr):
     args = {"model": ["model=no-such-model"],
             "data": [f"model={tiny_bert_dir}", "task=classification", f"data.train={tmp_path / 'none.csv'}"],
-            "budget": [f"model={tiny_bert_dir}", "budget=10KB"]}[case]
+            "budget": [f"model={tiny_bert_dir}", "budget=10KB"],
+            # passes the floor (the fresh head alone fits) but not gradselect's first plan: every block at once
+            "first_plan": [f"model={tiny_bert_dir}", "method=gradselect", "gradselect.k=1.0", "budget=0.3"]}[case]
     refused(stderr, tmp_path / "run", *args)
     own = tmp_path / "mine"
     own.mkdir()
@@ -188,3 +190,9 @@ def test_the_bad_input_doc_is_what_dynatune_prints():
     spec.loader.exec_module(doc)
     assert doc.render() == (docs / "bad-input.md").read_text()  # regenerate: python docs/bad_input.py
     assert "`docs/bad-input.md`" in (docs.parent / "README.md").read_text()
+
+
+def test_output_dir_with_an_unknown_brace_is_one_sentence(tmp_path, stderr):
+    """Today a KeyError traceback; the braces output_dir may use are {method} and {task}."""
+    msg = refused(stderr, tmp_path / "runs", f"output_dir={tmp_path / 'runs' / '{foo}'}")
+    assert "can name only {method} and {task}" in msg and "foo" in msg

@@ -219,6 +219,7 @@ def check(cfg) -> None:
     if cfg.method not in METHODS:
         raise DynatuneError(f"unknown method '{cfg.method}'; choose one of: {', '.join(sorted(METHODS))}.")
     task_kind(cfg.task)  # raises, listing the known tasks
+    run_dir(cfg)  # output_dir's braces name only {method} and {task}
     check_precision(cfg.precision)
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
@@ -242,7 +243,11 @@ def check(cfg) -> None:
 
 def run_dir(cfg) -> Path:
     """The directory a run writes to: output_dir with {method} and {task} filled in."""
-    return Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    try:
+        return Path(cfg.output_dir.format(method=cfg.method, task=cfg.task))
+    except (KeyError, IndexError, ValueError) as err:
+        raise DynatuneError(f"output_dir={cfg.output_dir!r} can name only {{method}} and {{task}} in braces "
+                            f"({type(err).__name__}: {err}); write other braces as {{{{ and }}}}.") from None
 
 
 def run_budget(budget, method):

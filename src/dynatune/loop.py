@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -294,6 +295,15 @@ def predicted_memory(tuner, cfg, device) -> dict:
     return out
 
 
+def remove_new_entries(out_dir: Path, had: set | None) -> None:
+    """Undo what a refused run wrote: the whole directory if it made it, else only what it added."""
+    if had is None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for entry in set(out_dir.iterdir()) - had:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def _progress(total, initial, enabled):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
@@ -318,23 +328,31 @@ def train(cfg) -> dict:
     tuner = make_tuner(model, method, cfg, device)
     # only now, with model, data, task and budget accepted: a refused run leaves nothing behind
     out_dir = run_dir(cfg)
+    had = set(out_dir.iterdir()) if out_dir.is_dir() else None  # a user's own directory: what it held
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     task.warn_truncated()
     # an evaluation (or generation) must fit the budget too: smaller batches when it would not
     eval_batch = tuner.eval_batch_that_fits(cfg.eval_batch_size, cfg.max_length,
                                             task.max_new_tokens if task.answers is not None else 0)
-    if eval_batch < cfg.eval_batch_size:
-        logger.warning("evaluating in batches of %d: eval_batch_size=%d is predicted above the budget.",
-                       eval_batch, cfg.eval_batch_size)
+    warned = []  # said once, at the first evaluation: a run refused at its first plan prints only its refusal
 
     def eval_split(m, split):
+        if eval_batch < cfg.eval_batch_size and not warned:
+            warned.append(True)
+            logger.warning("evaluating in batches of %d: eval_batch_size=%d is predicted above the budget.",
+                           eval_batch, cfg.eval_batch_size)
         with autocast_for(cfg.precision, device.type):
             return evaluate(m, task, split, eval_batch, device)
 
     t0 = time.perf_counter()
-    tuner, state = fit(model, method, task.train, task.collate, cfg, out_dir, tuner=tuner,
-                       evaluate=lambda m, epoch: eval_split(m, "validation"))
+    try:
+        tuner, state = fit(model, method, task.train, task.collate, cfg, out_dir, tuner=tuner,
+                           evaluate=lambda m, epoch: eval_split(m, "validation"))
+    except DynatuneError:
+        if tuner.step == 0 and not cfg.resume:  # refused at its first plan (TriMS's start, gradselect's k)
+            remove_new_entries(out_dir, had)
+        raise
     train_s = time.perf_counter() - t0
     model = tuner.model
     if cfg.load_best and state.best_path:
