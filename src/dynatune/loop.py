@@ -335,11 +335,13 @@ def train(cfg) -> dict:
     # an evaluation (or generation) must fit the budget too: smaller batches when it would not
     eval_batch = tuner.eval_batch_that_fits(cfg.eval_batch_size, cfg.max_length,
                                             task.max_new_tokens if task.answers is not None else 0)
-    warned = []  # said once, at the first evaluation: a run refused at its first plan prints only its refusal
+    warn_eval_batch = eval_batch < cfg.eval_batch_size  # said at the first evaluation, so a run refused
+    # at its first plan prints only its refusal
 
     def eval_split(m, split):
-        if eval_batch < cfg.eval_batch_size and not warned:
-            warned.append(True)
+        nonlocal warn_eval_batch
+        if warn_eval_batch:
+            warn_eval_batch = False
             logger.warning("evaluating in batches of %d: eval_batch_size=%d is predicted above the budget.",
                            eval_batch, cfg.eval_batch_size)
         with autocast_for(cfg.precision, device.type):

@@ -163,7 +163,7 @@ class RandomUnits(Method):
     def smallest_plan(self, units):
         """The cheapest draw: the smallest units, the highest among them (backward stops soonest)."""
         pool = self._pool(units)
-        size = {n: sum(self.tuner.params[p].numel() for p in units[n].param_names) for n in pool}
+        size = {n: self.tuner.params_in([n]) for n in pool}
         cheapest = sorted(pool, key=lambda n: (size[n], -units[n].depth))[:self._draw_size(pool)]
         return Plan.of(set(cheapest) | self.fresh_heads(units))
 
@@ -171,7 +171,7 @@ class RandomUnits(Method):
         """The largest draw: the biggest units, with one of the lowest among them so backward runs
         as deep as any draw can make it."""
         pool = self._pool(units)
-        size = {n: sum(self.tuner.params[p].numel() for p in units[n].param_names) for n in pool}
+        size = {n: self.tuner.params_in([n]) for n in pool}
         biggest = sorted(pool, key=lambda n: -size[n])[:self._draw_size(pool)]
         lowest = min(pool, key=lambda n: (units[n].depth, -size[n]))
         if lowest not in biggest:
