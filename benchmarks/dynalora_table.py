@@ -1,6 +1,6 @@
 """DynaLoRA / DynaVeRA at 2/3 of the modules active against LoRA / VeRA with every module active (CPU).
 
-    python benchmarks/dynalora_table.py                 # the full table: 3 tasks x 8 methods x 3 seeds + lr sweep
+    python benchmarks/dynalora_table.py                 # the full table: 3 tasks x 8 methods x 3 seeds + a 4-rate lr sweep
     python benchmarks/dynalora_table.py --smoke         # 2 steps per run, tiny data, seed 0, one rate: checks the script
     python benchmarks/dynalora_table.py --memory        # counted vs predicted bytes per term, one full-length step
 
@@ -33,8 +33,8 @@ from harness import print_table, run_one, save, summarise  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 TARGETS = "query,value"
-LORA_RATES = ("3e-4", "1e-3", "3e-3")
-VERA_RATES = ("1e-3", "4e-3", "1e-2")
+LORA_RATES = ("1e-3", "3e-3", "1e-2", "3e-2")
+VERA_RATES = ("3e-3", "1e-2", "3e-2", "1e-1")
 
 
 def methods() -> dict[str, tuple[list[str], tuple[str, ...]]]:
