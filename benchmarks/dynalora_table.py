@@ -3,6 +3,7 @@
     python benchmarks/dynalora_table.py                 # the full table: 3 tasks x 8 methods x 3 seeds + a 4-rate lr sweep
     python benchmarks/dynalora_table.py --smoke         # 2 steps per run, tiny data, seed 0, one rate: checks the script
     python benchmarks/dynalora_table.py --memory        # counted vs predicted bytes per term, one full-length step
+    python benchmarks/dynalora_table.py --budget        # at 80% of LoRA's counted peak: DynaLoRA vs the best LoRA that fits
 
 MiniLM-L6 on TREC, SMS spam and movie sentiment, the same seeded 1,000 training examples for every
 method, 2 epochs, batch 16, max_length 48, tested on 300 held-out examples. Every method adapts the
@@ -14,6 +15,15 @@ Writes benchmarks/results/dynalora_table[_smoke].json with its provenance: rows,
 rates and the table (accuracy, effective trainable parameters, counted and predicted peaks,
 optimizer bytes on the device at the peak, median step time).
 
+--budget (after the table's runs, which it reads back): per task, the budget is 80% of the counted
+peak of LoRA (query/value, r=8, every block) at its chosen rate, seed 0. DynaLoRA (forward
+importance, at DynaLoRA-F's chosen rate) derives k and the lowest depth it may draw from from that
+budget (`fraction=null`). Every LoRA that could compete is priced by dynatune itself (a fixed plan
+over the budget is refused before training): rank 8, 4 and 2 on every block or on the top N
+blocks. Those that fit and adapt the most blocks are trained at LoRA's chosen rate on seed 0, the
+best on validation is "the best LoRA that fits", and it and DynaLoRA run three seeds. Writes
+benchmarks/results/dynalora_budget.json.
+
 --memory: MiniLM-L6 (6 classes) in training mode, two steps on a batch of 16 x 48 tokens with no
 padding, so what is counted is what the memory model prices: LoRA with all 12 query/value modules,
 and DynaLoRA with 8 of 12 drawn anew each step by five seeds (random importance, stochastic
@@ -22,6 +32,7 @@ counted and predicted weights, gradients, optimizer state (keep: the first draw'
 activations per run.
 """
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import print_table, run_one, save, summarise  # noqa: E402
+from harness import RESULTS, print_table, run_one, save, summarise  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 TARGETS = "query,value"
@@ -99,6 +110,7 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
     ap.add_argument("--memory", action="store_true", help="counted vs predicted bytes of one full-length step")
+    ap.add_argument("--budget", action="store_true", help="at 80%% of LoRA's counted peak, vs the best LoRA that fits")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.memory:
@@ -110,6 +122,9 @@ def main():
     if args.smoke:
         common += ["data.max_train=32", "data.max_eval=16", "max_steps=2", "eval_each_epoch=false"]
         seeds = [0]
+    if args.budget:
+        budget_table(common, args.tasks.split(","), seeds, args.smoke)
+        return
     table_methods = methods()
     if args.labels:
         table_methods = {k: v for k, v in table_methods.items() if k in args.labels.split(",")}
@@ -140,9 +155,79 @@ def main():
         row["lr"] = chosen[f"{row['task']}/{row['label']}"]
         row["predicted_peak_MiB"] = statistics.mean(r["predicted_peak_bytes"] for r in mine) / 2**20
         row["optimizer_MiB_at_peak"] = statistics.mean(r["optimizer_bytes_at_peak"] for r in mine) / 2**20
+        base = "lora" if row["label"].startswith("dynalora") else "vera" if row["label"].startswith("dynavera") else None
+        if base:  # same seed, same data order: the paired difference removes the split's luck
+            row[f"paired_vs_{base}"], row[f"paired_vs_{base}_std"] = paired(rows, row["task"], row["label"], base)
     print_table(table, "accuracy")
     name = "dynalora_table" + ("_smoke" if args.smoke else "")
     print(save(name, {"rows": rows, "sweep": sweep, "chosen_lr": chosen, "table": table}))
+
+
+def paired(rows, task, label, base):
+    """Mean and spread over seeds of accuracy(label) - accuracy(base), seed by seed."""
+    acc = {(r["label"], r["seed"]): r["test"]["accuracy"] for r in rows if r["task"] == task}
+    diffs = [acc[(label, s)] - acc[(base, s)] for (lab, s) in acc if lab == label and (base, s) in acc]
+    return (statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0) if diffs else (None, None)
+
+
+def budget_table(common, tasks, seeds, smoke):
+    """DynaLoRA at 80% of LoRA's counted peak against the best LoRA that fits that budget."""
+    from dynatune.errors import BudgetError
+
+    root = "runs/dynalora-bench" + ("-smoke" if smoke else "")
+    saved = json.loads((RESULTS / ("dynalora_table_smoke.json" if smoke else "dynalora_table.json")).read_text())
+    chosen = saved["chosen_lr"]
+    rows, tried = [], []
+    for task in tasks:
+        # the rates as the table wrote them, so its run directories are found again
+        lr_lora, lr_dyn = (next(x for x in LORA_RATES if float(x) == chosen[f"{task}/{m}"]) for m in ("lora", "dynalora_F"))
+        opts, _ = methods()["lora"]
+        ref = run_one([*common, f"task={task}", *opts, f"lr={lr_lora}", "seed=0",
+                       f"output_dir={root}/{task}-lora-lr{lr_lora}-0"], reuse=True)
+        budget = int(0.8 * ref["counted_peak_bytes"])
+        on_budget = [x for x in common if not x.startswith("budget=")] + [f"task={task}", f"budget={budget}"]
+        fits = {}
+        for r in (8, 4, 2):  # every block, then the top N: backward stops below the lowest adapter
+            for blocks in ("all", *(f"top:{n}" for n in range(5, 0, -1))):
+                label = f"lora_r{r}_{blocks.replace(':', '')}"
+                over = [*on_budget, "method=lora", f"lora.targets={TARGETS}", f"lora.r={r}", f"lora.blocks={blocks}",
+                        f"lr={lr_lora}", "seed=0", f"output_dir={root}/budget-{task}-{label}-0"]
+                try:
+                    fits[label] = (over, run_one(over, reuse=True), blocks)
+                    tried.append({"task": task, "label": label, "fits": True})
+                    print("fits", task, label, flush=True)
+                    break  # fewer blocks at this rank fit too, and adapt less
+                except BudgetError as e:
+                    tried.append({"task": task, "label": label, "fits": False, "why": str(e)})
+                    print("over", task, label, flush=True)
+        most = max(len_blocks(b) for _, _, b in fits.values())
+        best = max((k for k, v in fits.items() if len_blocks(v[2]) == most),
+                   key=lambda k: (fits[k][1]["validation"] or {}).get("accuracy", 0))
+        dyn = [*on_budget, "method=dynalora", f"dynalora.targets={TARGETS}", "dynalora.r=8", "dynalora.fraction=null",
+               f"lr={lr_dyn}"]
+        for seed in seeds:
+            for label, over in ((best, fits[best][0]), ("dynalora_F", dyn + [f"output_dir={root}/budget-{task}-dynalora_F-0"])):
+                over = [x for x in over if not x.startswith(("seed=", "output_dir="))]
+                over += [f"seed={seed}", f"output_dir={root}/budget-{task}-{label}-{seed}"]
+                r = run_one(over, reuse=True)
+                rows.append({**r, "label": label if label == "dynalora_F" else "best_fitting_lora", "config": label,
+                             "budget_bytes": budget, "lora_counted_peak_bytes": ref["counted_peak_bytes"]})
+                print(task, label, seed, r["test"].get("accuracy"), r["counted_peak_bytes"], budget, flush=True)
+    table = summarise(rows, "accuracy")
+    for row in table:
+        mine = [r for r in rows if r["task"] == row["task"] and r["label"] == row["label"]]
+        row["config"] = mine[0]["config"]
+        row["budget_MiB"] = mine[0]["budget_bytes"] / 2**20
+        row["final_plan"] = mine[0]["final_plan"]
+        if row["label"] == "dynalora_F":
+            row["paired_vs_best_lora"], row["paired_vs_best_lora_std"] = paired(rows, row["task"], row["label"],
+                                                                                "best_fitting_lora")
+    print_table(table, "accuracy")
+    print(save("dynalora_budget" + ("_smoke" if smoke else ""), {"rows": rows, "priced": tried, "table": table}))
+
+
+def len_blocks(blocks: str) -> int:
+    return 6 if blocks == "all" else int(blocks[4:])  # MiniLM-L6
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Budgets: the accepted forms, plans refused above budget x (1 - margin), the floor named."""
 import pytest
+import torch
 
 from dynatune.errors import DynatuneError
 from dynatune.memory import (BudgetError, MemoryModel, check_budget_floor, parse_budget, resolve_budget, smallest_plan,
@@ -230,3 +231,42 @@ def test_fixed_plans_above_the_budget_are_refused_before_training_naming_the_min
         installed(4, f"{budget}B")
     assert err.value.predicted_bytes == big and err.value.required_budget_bytes > budget
     assert str(err.value.required_budget_bytes) in str(err.value)
+
+
+def test_estimate_prices_dynalora_at_its_worst_and_cheapest_placement(capsys):
+    """dynatune estimate's DynaLoRA rows: k in M/3, 2M/3, M of the M q/v modules. The worst placement
+    is block 0's largest module then the largest others (backward through every block); the
+    cheapest is the k highest modules; k = M is one plan. The worst k=3 row is what a tuner training
+    that very plan counts."""
+    import json
+
+    from dynatune.engine import Tuner
+    from dynatune.planner import run_estimate
+    args = ["model=arch:tiny-llama", "batch_size=4", "seq_len=32", "device_type=cpu", "families=dynalora",
+            "dynalora_r=4"]
+    assert run_estimate(args, as_json=True) == 0
+    by = {r["config"]: r for r in json.loads(capsys.readouterr().out) if r["family"].startswith("dynalora")}
+    assert sorted({r["setting"] for r in by.values()}) == [3, 5, 8]  # M = 4 blocks x (q_proj, v_proj)
+    for k in (3, 5):
+        worst, top = by[f"dynalora_k{k}"], by[f"dynalora_k{k}_top"]
+        assert worst["block_states"][0].startswith("first_adapter")
+        assert top["block_states"][0] == "idle"
+        assert top["predicted_counted_bytes"] < worst["predicted_counted_bytes"]
+    assert by["dynalora_k8"]["predicted_counted_bytes"] == by["dynalora_k8_top"]["predicted_counted_bytes"]
+    # q_proj (64 -> 64) carries more LoRA parameters than v_proj (64 -> 32): block 0's, then blocks 1 and 2's
+    worst = [f"block.{i}.self_attn.q_proj" for i in range(3)]
+    method = build_method("dynalora", r=4, k=3, importance="random", allocator="topk")
+    from transformers import AutoModelForCausalLM
+
+    from dynatune.models import resolve_config
+    torch.manual_seed(0)
+    t = Tuner(AutoModelForCausalLM.from_config(resolve_config("arch:tiny-llama")), method)
+    method.active, method._resolved, method.reallocates = list(worst), True, (lambda s: False)
+    step(t, collate(lm_examples(4, seq=32)))
+    assert set(t.plan.update) == set(worst)
+    row = by["dynalora_k3"]
+    assert row["trainable_params"] == sum(t.params[p].numel() for u in worst for p in t.units[u].param_names)
+    c = row["counted_terms"]
+    assert (c["weights"], c["gradients"], c["optimizer"]) == (t.record.weights, t.record.gradients, t.record.optimizer)
+    acts = c["activations"]
+    assert abs(acts - t.record.activations) <= 0.02 * t.record.activations

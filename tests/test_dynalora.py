@@ -386,3 +386,45 @@ def test_trainer_callback_matches_the_plain_loop_and_refuses_local(tmp_path, one
     trainer = loop_like_trainer(prepare(causal_lm(), local), data, cfg, tmp_path / "local", DynatuneCallback(local))
     with pytest.raises(DynatuneError, match="per-unit learning rates"):
         trainer.train()
+
+
+@pytest.mark.parametrize("arch,how", [("bert", "blocks=top:2"), ("llama", "blocks=1,3"),
+                                      ("llama", "peft layers_to_transform=[2, 3]")])
+def test_adapters_on_some_blocks_are_priced_as_counted(arch, how, one_thread):
+    """LoRA on some blocks only (`lora.blocks`, or a user's peft model with layers_to_transform):
+    backward stops below the lowest adapted block, and the memory model prices exactly that. The
+    probe once adapted its own few blocks by the target's block indices, so a plan of the top
+    blocks was priced as if they carried no adapters (a 6-block MiniLM with top:1 at 25 KB of
+    activations for 18 MB counted)."""
+    targets = "query,value" if arch == "bert" else "q_proj,v_proj"
+    make = (lambda: classifier("bert")) if arch == "bert" else (lambda: causal_lm("llama"))
+    batch = collate(cls_examples(B, seq=PRICED_S)) if arch == "bert" else collate(lm_examples(B, seq=PRICED_S))
+    model = make()
+    if how.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=R, target_modules=targets.split(","), layers_to_transform=[2, 3]))
+        method = build_method("lora", train_head=False)
+    else:
+        method = build_method("lora", targets=targets, r=R, train_head=False, blocks=how.split("=", 1)[1])
+    t = Tuner(model, method)
+    adapted = sorted({u.depth for u in t.units.of_kind("adapter")})
+    assert adapted == {"blocks=top:2": [2, 3], "blocks=1,3": [1, 3]}.get(how, [2, 3])
+    mm = MemoryModel.from_tuner(t, batch_shape=(B, PRICED_S), device_type="cpu")
+    step(t, batch)
+    pred = mm.predict(t.plan)
+    assert (pred.weights, pred.gradients, pred.optimizer) == (t.record.weights, t.record.gradients,
+                                                              t.record.optimizer)
+    acts = pred.activations + pred.activations_outside
+    assert abs(acts - t.record.activations) <= 0.02 * t.record.activations, (acts, t.record.activations)
+    assert pred.block_states[:adapted[0]] == ["idle"] * adapted[0]  # below the lowest adapter: nothing saved
+
+
+def test_blocks_option_names_valid_blocks():
+    from dynatune.errors import DynatuneError
+    from dynatune.methods.adapters import adapted_blocks
+    assert adapted_blocks("all", 4) == {0, 1, 2, 3}
+    assert adapted_blocks("top:1", 4) == {3}
+    assert adapted_blocks("0,2", 4) == {0, 2}
+    for bad in ("top:0", "top:x", "4", "", "1,9"):
+        with pytest.raises(DynatuneError, match="names no valid blocks"):
+            adapted_blocks(bad, 4)

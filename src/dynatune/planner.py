@@ -5,7 +5,10 @@
 For a model (or an architecture) and a batch shape, the memory model (memory/model.py) prices:
 full fine-tuning; top-k blocks (+ final norm) for each k; bottom-k; LISA with k blocks (+ embeddings
 and final norm); LoRA on all linear layers at each power-of-two rank; early exit at each depth e
-with the top k blocks below it training (k in 1, n/4, e/2, e). Each row has the predicted peak
+with the top k blocks below it training (k in 1, n/4, e/2, e); DynaLoRA with k of its M adapter
+modules active (k in M/3, 2M/3, M), at the worst placement (the lowest module in block 0, then the
+largest: what any draw may cost) and at the cheapest (the k modules highest up: what a budget
+that keeps draws above a depth buys). Each row has the predicted peak
 (torch.cuda.max_memory_allocated on the target device) and the predicted counted bytes, per term.
 With a budget, rows that fit are marked and each family's largest fitting setting has
 `fits_best: true`.
@@ -29,7 +32,7 @@ from .models import ENCODER_TYPES, resolve_config
 from .plan import Plan
 from .precision import check_precision
 
-FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit")
+FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit", "dynalora")
 
 # key: (default, parser, help)
 OPTIONS = {
@@ -48,6 +51,8 @@ OPTIONS = {
     "device_type": ("cuda", str, "the device whose peak is predicted: cuda or cpu"),
     "families": (",".join(FAMILIES), str, "comma list of " + ", ".join(FAMILIES)),
     "lora_ranks": ("", str, "comma list of LoRA ranks; default: every power of two up to the largest min(d_in, d_out)"),
+    "dynalora_r": (8, int, "rank of DynaLoRA's LoRA modules"),
+    "dynalora_targets": ("query,value,q_proj,v_proj", str, "DynaLoRA's adapted linears (its default: query/value)"),
     "lora_cap": (True, bool, "cap each module's LoRA rank at min(d_in, d_out), as dynatune's lora method does"),
     "hold_logits": (False, bool, "the caller keeps the model output alive through backward"),
     "gradient_checkpointing": (False, bool, "blocks recompute their activations in backward"),
@@ -120,7 +125,10 @@ def parse_options(overrides) -> SimpleNamespace:
     bad = [f for f in fams if f not in FAMILIES]
     if bad or not fams:
         raise DynatuneError(f"unknown families {bad or o.families!r}; use a comma list of {', '.join(FAMILIES)}.")
+    o.families_given = o.families != ",".join(FAMILIES)
     o.families = fams
+    if o.dynalora_r < 1:
+        raise DynatuneError(f"dynalora_r must be at least 1, got {o.dynalora_r}.")
     try:
         o.lora_ranks = [int(r) for r in str(o.lora_ranks or "").split(",") if r.strip()]
     except ValueError:
@@ -207,6 +215,26 @@ def estimate(cfg_like) -> list[dict]:
             lm = MemoryModel.from_config(config, kind=kind, num_labels=o.num_labels, method=method, **kw)
             add("lora", r, f"lora_r{r}", lm, Plan.of({u.name for u in lm.units.of_kind("adapter")}
                                                       | {u.name for u in lm.units.fresh_heads}))
+    if "dynalora" in fams:
+        try:
+            method = build_method("dynalora", targets=o.dynalora_targets, r=o.dynalora_r)
+            dm = MemoryModel.from_config(config, kind=kind, num_labels=o.num_labels, method=method, **kw)
+        except DynatuneError:
+            if o.families_given:  # asked for by name: say why it cannot be priced
+                raise
+            dm = None  # every family by default: a model without DynaLoRA's targets has no such rows
+    if "dynalora" in fams and dm is not None:
+        mods = dm.units.of_kind("adapter")
+        heads = {u.name for u in dm.units.fresh_heads}
+        size = {u.name: dm.param_bytes(u.param_names) for u in mods}
+        M = len(mods)
+        for k in sorted({max(1, round(M / 3)), max(1, round(2 * M / 3)), M}):
+            lowest = min(mods, key=lambda u: (u.depth, -size[u.name], u.name))
+            rest = sorted((u for u in mods if u is not lowest), key=lambda u: (-size[u.name], u.name))
+            worst = [lowest, *rest[:k - 1]]
+            highest = sorted(mods, key=lambda u: (-u.depth, -size[u.name], u.name))[:k]
+            add("dynalora", k, f"dynalora_k{k}", dm, Plan.of({u.name for u in worst} | heads))
+            add("dynalora-top", k, f"dynalora_k{k}_top", dm, Plan.of({u.name for u in highest} | heads))
     if "full" not in fams:
         rows = [r for r in rows if r["family"] != "full"] if o.budget is None else rows
 

@@ -184,7 +184,8 @@ class Prediction:
                 "peak_phase": self.peak_phase, "terms": dict(self.terms), "counted_terms": self.counted_terms,
                 "activations_blocks": self.activations, "activations_outside": self.activations_outside,
                 "offloaded": self.offloaded, "phases": dict(self.phases), "batch_shape": list(self.batch_shape),
-                "attention_kernel": self.kernel, "trainable_params": self.trainable_params}
+                "attention_kernel": self.kernel, "trainable_params": self.trainable_params,
+                "block_states": list(self.block_states)}
 
 
 # ---------------------------------------------------------------------------------------------

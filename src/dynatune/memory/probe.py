@@ -9,6 +9,7 @@ is CUDA, the probe is rerun with an attention that saves exactly what the fused 
 from __future__ import annotations
 
 import copy
+import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -279,15 +280,37 @@ def _set_num_layers(cfg, n: int) -> None:
         cfg.layer_types = list(types)[:n]
 
 
+def _in_every_block(cfg):
+    """A peft config whose targets name modules relative to their block, so the probe's few blocks
+    all carry the target's adapters whichever blocks of the target do ('bert.encoder.layer.4.
+    attention.self.query' -> 'attention.self.query'; layers_to_transform dropped). Blocks are
+    identical, and the plan, not the probe's adapters, says which of them train."""
+    cfg = copy.deepcopy(cfg)
+
+    def relative(name: str) -> str:
+        return re.sub(r"^.*?\\?\.\d+\\?\.", "", name)  # up to the block index (escaped or not)
+
+    if isinstance(cfg.target_modules, (list, set, tuple)):
+        cfg.target_modules = sorted({relative(t) for t in cfg.target_modules})
+    for attr in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(cfg, attr, None)
+        if pattern:
+            setattr(cfg, attr, {relative(k): v for k, v in pattern.items()})
+    if getattr(cfg, "layers_to_transform", None) is not None:
+        cfg.layers_to_transform = None
+        cfg.layers_pattern = None
+    return cfg
+
+
 def _default_prepare(target: nn.Module):
-    """Mirror the target's adapters on a fresh model: re-inject the same peft config."""
+    """Mirror the target's adapters on a fresh model: re-inject the same peft config, in every block."""
     if hasattr(target, "peft_config") and hasattr(target, "get_base_model"):  # PeftModel wrapper
         from peft import get_peft_model
-        cfg = copy.deepcopy(target.peft_config[target.active_adapter])
-        return lambda m: get_peft_model(m, cfg)
+        cfg = _in_every_block(target.peft_config[target.active_adapter])
+        return lambda m: get_peft_model(m, copy.deepcopy(cfg))
     if hasattr(target, "peft_config"):  # inject_adapter_in_model
         from peft import inject_adapter_in_model
-        cfgs = copy.deepcopy(target.peft_config)
+        cfgs = {name: _in_every_block(c) for name, c in target.peft_config.items()}
 
         def prepare(m):
             for name, c in cfgs.items():
@@ -533,7 +556,9 @@ def build_small_like(target: nn.Module, precision: str, prepare: Callable | None
         cfg0.layer_types = list(layer_types)
     tied = (base.get_output_embeddings() is not None and base.get_input_embeddings() is not None
             and base.get_output_embeddings().weight is base.get_input_embeddings().weight)
-    prepare = prepare if prepare is not None else _default_prepare(target)
+    # a peft target is mirrored from its own config in every block (a method's prepare would adapt
+    # the probe's few blocks by the target's block indices); other adapters come from `prepare`
+    prepare = _default_prepare(target) or prepare
 
     def fresh(n: int) -> nn.Module:
         from transformers.initialization import no_init_weights

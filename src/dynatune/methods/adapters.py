@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import DynatuneError
 from ..plan import Plan
-from ..units import already_adapted, find_blocks_path, unwrap_peft
+from ..units import already_adapted, find_blocks_path, get_submodule, unwrap_peft
 from .base import Method, MethodConfig, opt, register
 
 
@@ -27,13 +27,36 @@ class LoraConfig(MethodConfig):
     dropout: float = opt(0.0, "dropout on the adapter input")
     targets: str = opt("all-linear", "'all-linear' (every linear inside the blocks) or a comma list of module "
                                      "names such as 'q_proj,v_proj'")
+    blocks: str = opt("all", "blocks that carry adapters: 'all', 'top:N' (the N highest: backward stops below "
+                             "them) or a comma list of block indices from 0")
 
 
-def target_linears(model: nn.Module, targets: str) -> dict[str, nn.Linear]:
+def adapted_blocks(blocks: str, n_blocks: int) -> set[int]:
+    """Block indices named by a `blocks` option: 'all', 'top:N' or '0,3,5'."""
+    spec = str(blocks).strip()
+    try:
+        if spec == "all":
+            chosen = set(range(n_blocks))
+        elif spec.startswith("top:"):
+            n = int(spec[4:])
+            chosen = set(range(max(n_blocks - n, 0), n_blocks)) if n >= 1 else set()
+        else:
+            chosen = {int(b) for b in spec.split(",") if b.strip()}
+    except ValueError:
+        chosen = set()
+    if not chosen or not chosen <= set(range(n_blocks)):
+        raise DynatuneError(f"blocks='{blocks}' names no valid blocks of this model's {n_blocks}; use 'all', "
+                            f"'top:N' with 1 <= N <= {n_blocks}, or block indices from 0 to {n_blocks - 1}.")
+    return chosen
+
+
+def target_linears(model: nn.Module, targets: str, blocks: str = "all") -> dict[str, nn.Linear]:
     blocks_path = find_blocks_path(model)
     wanted = None if targets == "all-linear" else {t.strip() for t in targets.split(",") if t.strip()}
+    keep = adapted_blocks(blocks, len(get_submodule(model, blocks_path)))
     found = {name: mod for name, mod in model.named_modules()
              if isinstance(mod, nn.Linear) and name.startswith(blocks_path + ".")
+             and int(name[len(blocks_path) + 1:].split(".", 1)[0]) in keep
              and (wanted is None or name.rsplit(".", 1)[-1] in wanted)}
     if not found:
         raise DynatuneError(f"no linear module inside the blocks matches targets='{targets}'; "
@@ -63,7 +86,7 @@ class Lora(Method):
         if already_adapted(model):
             return model
         from peft import inject_adapter_in_model
-        return inject_adapter_in_model(self.peft_config(target_linears(model, self.config.targets)), model)
+        return inject_adapter_in_model(self.peft_config(target_linears(model, self.config.targets, self.config.blocks)), model)
 
     def plan(self, step):
         return self.smallest_plan(self.units)
@@ -156,7 +179,7 @@ class Vera(Lora):
         # VeRA's projections are shared state on peft's tuner, so it needs the PeftModel wrapper; its
         # adapters take the model's dtype, as injected LoRA's do (pure bf16 is bf16 throughout)
         from peft import get_peft_model
-        return get_peft_model(model, self.peft_config(target_linears(model, self.config.targets)),
+        return get_peft_model(model, self.peft_config(target_linears(model, self.config.targets, self.config.blocks)),
                               autocast_adapter_dtype=False)
 
     def peft_config(self, linears):

@@ -122,7 +122,7 @@ class DynaLora(Method):
             return model
         c = self.config
         base = {"lora": Lora, "dora": Dora, "vera": Vera}[c.adapter]
-        fields = {f: getattr(c, f) for f in ("r", "alpha", "dropout", "train_head", "state_policy")}
+        fields = {f: getattr(c, f) for f in ("r", "alpha", "dropout", "train_head", "state_policy", "blocks")}
         if c.adapter == "vera":
             cfg = VeraConfig(**fields, d_initial=getattr(c, "d_initial", 0.1), targets=self._targets(model))
         else:
