@@ -208,7 +208,7 @@ def test_local_clocks_advance_only_when_selected(one_thread):
     t = make_tuner(causal_lm("llama"), method, cfg, torch.device("cpu"))
     used = []  # the rate each active unit's group steps at
     t.optimizer.register_step_pre_hook(lambda opt, a, kw: used.append(
-        {u: g["lr"] for u, g in t._unit_groups.items() if any(p.grad is not None for p in g["params"])}))
+        {u: g["lr"] for u, (g,) in t._unit_groups.items() if any(p.grad is not None for p in g["params"])}))
     fit(t.model, method, lm_examples(steps * B, seq=S), collate, cfg, tuner=t)
     M = len(method.modules)
     horizon = steps * 3 / M
@@ -382,10 +382,55 @@ def test_trainer_callback_matches_the_plain_loop_and_refuses_local(tmp_path, one
     assert [h["update"] for h in callback.tuner.history] == [h["update"] for h in loop_tuner.history]
     assert [h["loss"] for h in callback.tuner.history] == [h["loss"] for h in loop_tuner.history]
 
+    # local optimisation needs a group per unit: a stock Trainer's optimizer is refused in one sentence
     local = build_method("dynalora", optimisation="local", **opts)
     trainer = loop_like_trainer(prepare(causal_lm(), local), data, cfg, tmp_path / "local", DynatuneCallback(local))
-    with pytest.raises(DynatuneError, match="per-unit learning rates"):
+    with pytest.raises(DynatuneError, match="use dynatune.integrations.hf.DynatuneTrainer"):
         trainer.train()
+
+
+def local_trainer(tmp_path, data, cfg, opts, **args):
+    """DynatuneTrainer building its own optimizer (split by unit) with the plain loop's settings."""
+    from dynatune.integrations.hf import DynatuneCallback, prepare
+    from test_hf import OrderedDynatuneTrainer, hf_args
+    from dynatune.loop import epoch_order
+
+    method = build_method("dynalora", optimisation="local", **opts)
+    callback = DynatuneCallback(method)
+    ordered = [data[i] for i in epoch_order(len(data), cfg.seed, 0)]
+    targs = hf_args(tmp_path, max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+                    max_grad_norm=cfg.grad_clip, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+                    warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), optim="adamw_torch", **args)
+    return OrderedDynatuneTrainer(model=prepare(causal_lm(), method), args=targs, train_dataset=ordered,
+                                  callbacks=[callback]), callback
+
+
+def test_local_optimisation_in_dynatune_trainer_matches_the_plain_loop_and_resumes(tmp_path, one_thread):
+    """DynatuneTrainer gives each adapter module optimizer groups of its own, so dynalora's local
+    clocks drive them as in the plain loop: the same plans and losses (to float rounding of the
+    Trainer's AdamW implementation), unlike the global schedule's; a resume from a checkpoint saved
+    mid-run ends on the straight run's weights, bit for bit."""
+    cfg = loop_cfg(max_steps=6)
+    data = lm_examples()
+    opts = dict(targets="q_proj,v_proj", r=R, k=3, period=2, seed=1)
+    loop_local, _ = fit(causal_lm(), build_method("dynalora", optimisation="local", **opts), data, collate, cfg)
+    loop_global, _ = fit(causal_lm(), build_method("dynalora", **opts), data, collate, cfg)
+    trainer, callback = local_trainer(tmp_path / "straight", data, cfg, opts)
+    trainer.train()
+    assert len(callback.tuner._unit_groups) == 8  # 4 blocks x (q_proj, v_proj), each in groups of its own
+    assert [h["update"] for h in callback.tuner.history] == [h["update"] for h in loop_local.history]
+    ours = [h["loss"] for h in callback.tuner.history]
+    assert ours == pytest.approx([h["loss"] for h in loop_local.history], rel=1e-5, abs=1e-6)
+    assert ours[-1] != pytest.approx(loop_global.history[-1]["loss"], rel=1e-6)  # local clocks took effect
+
+    first, _ = local_trainer(tmp_path / "resumed", data, cfg, opts, save_strategy="steps", save_steps=3)
+    first.args.max_steps = 6
+    first.train()  # saves checkpoint-3 and checkpoint-6; resume from 3
+    resumed, rcb = local_trainer(tmp_path / "resumed", data, cfg, opts, save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert [h["update"] for h in rcb.tuner.history][-3:] == [h["update"] for h in callback.tuner.history][-3:]
+    for (n, a), (_, b) in zip(trainer.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
 
 
 @pytest.mark.parametrize("arch,how", [("bert", "blocks=top:2"), ("llama", "blocks=1,3"),

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import DynatuneError
 from .memory import BudgetError, MemoryRecord, SavedTensorCounter, check_margin, grad_bytes, unique_bytes, usable_budget
-from .optim import OptimizerStates, ensure_in_optimizer
+from .optim import OptimizerStates, ensure_in_optimizer, unit_groups
 from .plan import Plan
 from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
 from .signals import SIGNALS, read_signals
@@ -109,20 +109,20 @@ class Tuner:
         for n, p in self.params.items():  # never a candidate: frozen for the whole run
             if n not in self.candidate_params:
                 p.requires_grad_(False)
-        self._unit_groups: dict[str, dict] = {}  # per_unit_lr: each candidate unit's parameter group
-        if method.per_unit_lr and optimizer is not None:
-            raise DynatuneError(f"{method.name}'s per-unit learning rates need one optimizer group per unit, which "
-                                "dynatune builds itself; it cannot use an optimizer made elsewhere (a Trainer's).")
+        self._unit_groups: dict[str, list[dict]] = {}  # per_unit_lr: each candidate unit's parameter groups
+        self.peak_lr = lr
         if optimizer is None and method.per_unit_lr:
             groups = [{"params": [self.params[p] for p in self.units[u].param_names], "lr": lr}
                       for u in method.candidates()]
             optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-            self._unit_groups = dict(zip(method.candidates(), optimizer.param_groups))
-            self.peak_lr = lr
+            self._unit_groups = {u: [g] for u, g in zip(method.candidates(), optimizer.param_groups)}
         elif optimizer is None:
             optimizer = torch.optim.AdamW(list(self.candidate_params.values()), lr=lr, weight_decay=weight_decay)
         else:
             ensure_in_optimizer(optimizer, self.candidate_params)
+            if method.per_unit_lr:  # e.g. DynatuneTrainer's optimizer, split by unit before the first step
+                self._unit_groups = unit_groups(optimizer, {u: {id(self.params[p]) for p in self.units[u].param_names}
+                                                            for u in method.candidates()}, method.name)
         self.optimizer = optimizer
         self.states = OptimizerStates(optimizer, self.candidate_params, method.config.state_policy, self.params)
         self._unit_params = {u.name: frozenset(u.param_names) for u in self.units}
@@ -202,7 +202,8 @@ class Tuner:
         self.states.ready()
         # per-unit rates replace the run's schedule for those units (the scheduler resets them after the step)
         for unit, factor in (self.method.lr_factors() or {}).items():
-            self._unit_groups[unit]["lr"] = self.peak_lr * factor
+            for group in self._unit_groups[unit]:  # the scheduler's base rate (a Trainer's groups keep theirs)
+                group["lr"] = group.get("initial_lr", self.peak_lr) * factor
 
     def after_optimizer_step(self) -> None:
         """Count live bytes while gradients still exist (the step's high-water mark)."""

@@ -148,3 +148,41 @@ class OptimizerStates:
             else:
                 self.optimizer.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
                                            for k, v in s.items()}
+
+
+def split_into_unit_groups(optimizer: torch.optim.Optimizer, unit_params: dict[str, list[nn.Parameter]]) -> None:
+    """Before any step: move each unit's parameters out of the optimizer's groups into groups of
+    their own, one per (unit, original group), with that group's hyperparameters (a Trainer's
+    decay / no-decay split survives). Per-unit learning rates need them; no state exists yet."""
+    if optimizer.state:
+        raise DynatuneError("the optimizer has already stepped; per-unit parameter groups are made before the first "
+                            "step.")
+    owner = {id(p): u for u, ps in unit_params.items() for p in ps}
+    groups = []
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        rest, by_unit = [], {}
+        for p in group["params"]:
+            if id(p) in owner:
+                by_unit.setdefault(owner[id(p)], []).append(p)
+            else:
+                rest.append(p)
+        if rest:
+            groups.append({**hyper, "params": rest})
+        groups += [{**hyper, "params": ps} for ps in by_unit.values()]
+    optimizer.param_groups = groups
+
+
+def unit_groups(optimizer: torch.optim.Optimizer, unit_param_ids: dict[str, set[int]], method: str
+                ) -> dict[str, list[dict]]:
+    """unit -> the optimizer groups holding its parameters, when every such group holds that unit's
+    parameters alone (per-unit learning rates set a group's rate); else one sentence."""
+    out: dict[str, list[dict]] = {}
+    for unit, ids in unit_param_ids.items():
+        mine = [g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+        if any(id(p) not in ids for g in mine for p in g["params"]):
+            raise DynatuneError(f"{method}'s per-unit learning rates need each unit's parameters in optimizer groups "
+                                "of their own; use dynatune.integrations.hf.DynatuneTrainer (it makes them) instead of "
+                                "a plain Trainer, or build the optimizer with one group per unit.")
+        out[unit] = mine
+    return out

@@ -82,6 +82,8 @@ from ..engine import Tuner, guard_until_tuned
 from ..errors import DynatuneError
 from ..loop import one_budget
 from ..memory import install_budget
+from ..optim import split_into_unit_groups
+from ..units import partition
 
 STATE_FILE = "dynatune_state.pt"  # the engine's state, beside the Trainer's files in each checkpoint
 
@@ -157,6 +159,8 @@ class DynatuneCallback(TrainerCallback):
         n = len(train_dataloader) if train_dataloader is not None else 0
         self.method.configure_loop(args.gradient_accumulation_steps,
                                    max(1, math.ceil(n / args.gradient_accumulation_steps)) if n else 0)
+        # the schedule's shape, for methods with clocks of their own (dynalora's local optimisation)
+        self.method.configure_schedule(state.max_steps, args.get_warmup_steps(state.max_steps))
         inner = optimizer  # accelerate's wrapper (maybe nested) shares state and groups with the torch one
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
@@ -377,6 +381,20 @@ class DynatuneTrainer(Trainer):
     split on their first dimension; out of memory in the optimizer step is not retried. On CUDA the
     memory model, if the tuner has one, is recalibrated with the retried step's measured peak.
     """
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; for a method with per-unit learning rates (dynalora's local
+        optimisation) each unit's parameters get groups of their own, with the Trainer's
+        hyperparameters. Made the same way on resume, so the Trainer's saved optimizer loads."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, DynatuneCallback)), None)
+        if fresh and cb is not None and cb.method.per_unit_lr:
+            target = self.model if model is None else model
+            params = dict(target.named_parameters())
+            units = partition(target, cb.method.granularity, cb.tuner_kwargs.get("layers"))
+            split_into_unit_groups(optimizer, {u.name: [params[p] for p in u.param_names] for u in units})
+        return optimizer
 
     def _clip_grad_norm(self, model):
         for cb in self.callback_handler.callbacks:
