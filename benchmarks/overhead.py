@@ -63,7 +63,7 @@ class Dynatune:
 
     def __init__(self, base, method: str, count_memory: bool, args, device):
         from dynatune.engine import Tuner
-        from dynatune.memory_model import install_budget
+        from dynatune.memory import install_budget
         from dynatune.methods import METHODS as REGISTRY, build_method
 
         m = build_method(method, REGISTRY[method].Config(**METHODS[method]), seed=0)
