@@ -10,7 +10,8 @@ method, 2 epochs, batch 16, max_length 48, tested on 300 held-out examples. Ever
 same targets (query, value: table 1's rows) at the same rank (LoRA r=8, VeRA r=256). DynaLoRA and
 DynaVeRA keep 8 of the 12 modules active, reallocated every 50 steps by the discounted stochastic
 allocator, with forward (F), backward (B) or random (R) importance. Each method's learning rate is
-chosen on validation with seed 0 from its family's candidates, then used for all seeds.
+chosen on validation with seed 0, then used for all seeds: LoRA and VeRA from four rates each,
+each dynamic variant from two: its all-active counterpart's chosen rate and the next higher.
 Writes benchmarks/results/dynalora_table[_smoke].json with its provenance: rows, sweep, chosen
 rates and the table (accuracy, effective trainable parameters, counted and predicted peaks,
 optimizer bytes on the device at the peak, median step time).
@@ -132,6 +133,12 @@ def main():
     root = "runs/dynalora-bench" + ("-smoke" if args.smoke else "")
     for task in args.tasks.split(","):
         for label, (opts, rates) in table_methods.items():
+            base = "lora" if label.startswith("dynalora") else "vera" if label.startswith("dynavera") else None
+            if base and f"{task}/{base}" in chosen:
+                # the dynamic variants search around their all-active counterpart's rate: it and the next
+                # higher (a module trains on ~2/3 of the steps), which keeps the sweep to 2 runs
+                i = next(j for j, x in enumerate(rates) if float(x) == chosen[f"{task}/{base}"])
+                rates = rates[i:i + 2]
             rates = rates[1:2] if args.smoke else rates
             runs = {}
             for lr in rates:  # seed 0 at every candidate; the best validation accuracy is kept
