@@ -114,7 +114,8 @@ class Ist(Method):
 
     # -- adapters ----------------------------------------------------------------------------------
     def prepare_model(self, model):
-        if already_adapted(model):
+        from ..modules.bottleneck import has_bottleneck
+        if already_adapted(model) or has_bottleneck(model):
             return model
         c = self.config
         if c.adapter in ("series", "parallel"):
