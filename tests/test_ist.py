@@ -365,3 +365,30 @@ def test_plot_of_importance_over_steps(tmp_path):
     t, _ = fit(causal_lm("llama"), ist(t_c=2), lm_examples(4 * B, seq=S), collate, cfg)
     files = t.method.plots(tmp_path, t.history)
     assert [f.name for f in files] == ["ist_importance.png"] and files[0].stat().st_size > 0
+
+
+def test_an_out_of_memory_retry_keeps_the_importance_forwards_exact(monkeypatch):
+    """Every step's first attempt runs a forward (dropout draws its masks) and then runs out of memory:
+    the retried steps, with the importance loop every step on the same examples, equal a run that split
+    every batch in two from the start (losses, importance, weights)."""
+    import dynatune.loop as loop
+
+    real = loop._forward_backward
+
+    def flaky(model, micro_batches, cfg, device):
+        if len(micro_batches[0]["labels"]) > B // 2:
+            model(**micro_batches[0])  # the failed attempt drew dropout masks from the global RNG
+            raise torch.OutOfMemoryError("injected")
+        return real(model, micro_batches, cfg, device)
+
+    data = lm_examples(4 * B, seq=S)
+    opts = dict(n_u=2, t_c=1, dropout=0.1, mu=100.0, seed=3)
+    split, _ = fit(causal_lm("llama"), ist(**opts), data, collate, loop_cfg(max_steps=4, batch_size=B, grad_accum=2))
+    monkeypatch.setattr(loop, "_forward_backward", flaky)
+    retried, _ = fit(causal_lm("llama"), ist(**opts), data, collate, loop_cfg(max_steps=4, batch_size=B))
+    assert all(h["oom_retries"] == 1 for h in retried.history)
+    assert [h["loss"] for h in split.history] == [h["loss"] for h in retried.history]
+    assert [h["method_log"] for h in split.history] == [h["method_log"] for h in retried.history]
+    assert torch.equal(split.method.importance, retried.method.importance)
+    for n, p in split.params.items():
+        assert torch.equal(p, retried.params[n]), n
