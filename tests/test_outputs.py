@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = {"full": [], "topk": ["topk.k=1"], "bottomk": ["bottomk.k=1"], "lisa": ["lisa.k=1", "lisa.period=2"],
            "random": [], "lora": ["lora.r=4"], "dora": ["dora.r=4"], "vera": ["vera.r=8"], "trims": ["trims.tau=1"],
            "gradselect": [], "adagradselect": [], "dynalora": ["dynalora.r=4", "dynalora.period=2"],
-           "dynavera": ["dynavera.r=8", "dynavera.period=2"]}
-ADAPTER_METHODS = {"lora", "dora", "vera", "dynalora", "dynavera"}
+           "dynavera": ["dynavera.r=8", "dynavera.period=2"], "ist": ["ist.r=4", "ist.t_c=2"]}
+ADAPTER_METHODS = {"lora", "dora", "vera", "dynalora", "dynavera", "ist"}
 # 40 examples in batches of 8 is 5 steps an epoch: 4 steps end mid-epoch, so every figure is the final model's
 DATA = ["task=trec", "data.max_train=40", "data.max_eval=24", "batch_size=8", "max_length=32", "max_steps=4"]
 
@@ -82,6 +82,22 @@ def test_eval_reproduces_the_runs_figures_exactly(method, run, capsys):
         assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "model.safetensors" not in saved
     else:
         assert {"config.json", "model.safetensors"} <= saved
+
+
+@pytest.mark.parametrize("adapter", ["series", "parallel"])
+def test_ist_bottleneck_adapters_save_with_safetensors_and_eval_to_the_same_figures(adapter, run, capsys):
+    out = run("ist", f"ist.adapter={adapter}", "ist.bottleneck=8")
+    metrics = metrics_of(out)
+    got = evaluated(out, capsys)
+    assert got["test"] == metrics["test"] and got["validation"] == metrics["validation"]
+    saved = {p.name for p in (out / "model").iterdir()}
+    assert {"bottleneck_config.json", "bottleneck_adapter.safetensors"} <= saved and "model.safetensors" not in saved
+    config = json.loads((out / "model" / "bottleneck_config.json").read_text())
+    assert config["kind"] == adapter and config["head"] == ["classifier"]
+    # series on the MLP's up and down projections, parallel on its up projection (BERT has no gate)
+    assert {m.split(".", 4)[-1] for m in config["modules"]} == (
+        {"intermediate.dense", "output.dense"} if adapter == "series" else {"intermediate.dense"})
+    assert all(".attention." not in m for m in config["modules"])
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "vera"])

@@ -46,6 +46,22 @@ def capture_rng() -> dict:
     return state
 
 
+def _rng_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Every module in eval mode (dropout off) for a while; each module's own flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
@@ -221,6 +237,37 @@ class Tuner:
         if r.counted >= self.peak.counted:
             self.peak = MemoryRecord(**vars(r))
 
+    def wants_extra_forwards(self) -> bool:
+        """Whether the method runs its own forwards at the open step (Method.wants_forwards)."""
+        return bool(self.method.extra_forwards and self.method.wants_forwards(self.step))
+
+    def extra_forwards(self, forward_loss) -> None:
+        """After the optimizer step (gradients freed), before end_step: the loop and the Trainer
+        callback hand over `forward_loss()`, the loss of the step's own batch as they compute it (every
+        micro-batch, under the run's autocast). When the method wants forwards at this step, it gets
+        `run()`: that loss under no_grad, with every module in eval mode (dropout off; each module's
+        flag restored after) and the global RNG forked (CPU and every initialised CUDA device), so the
+        training step's dropout masks, the data order, a resume and an out-of-memory retry see exactly
+        the draws of a run without these forwards. Their peak is in `predict_peak` (below)."""
+        if not self.wants_extra_forwards():
+            return
+        model = self.model
+
+        def run() -> float:
+            with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad(), eval_mode(model):
+                return float(forward_loss())
+        self.method.forwards(self.step, run)
+
+    def extra_forward_peak(self, plan: Plan) -> int | None:
+        """A forward of the training micro-batch under no_grad with `plan`'s optimizer state (and the
+        state the run keeps) resident and no gradient: what a method's extra forwards peak at."""
+        mm = self.memory_model
+        if mm is None or mm.batch_shape is None:
+            return None
+        B, S = mm.batch_shape
+        resident = Plan.of(plan.update | self.kept_state(plan), exit_depth=plan.exit_depth)
+        return int(mm.predict_eval(B, S, resident)["predicted_peak_bytes"])
+
     def end_step(self, loss: float | None = None) -> dict:
         self.method.end_step(self.step, loss)
         entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update | self.promoted),
@@ -364,11 +411,15 @@ class Tuner:
 
     def predict_peak(self, plan: Plan) -> int | None:
         """The predicted peak bytes the budget is checked against: the method's own price where it
-        has one (Method.plan_peak), else the memory model's; None without a memory model."""
+        has one (Method.plan_peak), else the memory model's, and for a method with `extra_forwards`
+        at least the peak of its no-grad forwards (extra_forward_peak); None without a memory model."""
         if self.memory_model is None:
             return None
         own = self.method.plan_peak(plan)
-        return int(own) if own is not None else int(self.predict(plan).predicted_peak_bytes)
+        peak = int(own) if own is not None else int(self.predict(plan).predicted_peak_bytes)
+        if self.method.extra_forwards:  # priced at every step: a plan never learns late that they do not fit
+            peak = max(peak, self.extra_forward_peak(plan) or 0)
+        return peak
 
     def apply(self, plan: Plan) -> None:
         plan.validate(self.units)

@@ -244,6 +244,8 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
     tuner.optimizer.step()
     tuner.after_optimizer_step()
     tuner.optimizer.zero_grad(set_to_none=True)
+    # a method's own no-grad forwards on this step's examples (IST's response suppression), as they ran
+    tuner.extra_forwards(lambda: _forward_loss(model, micro_batches, cfg, device))
     return loss_sum
 
 
@@ -265,6 +267,21 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
         weights.append(weight)
     # read back once per step, not between micro-batches (a device sync each); same float sum as before
     return sum(v * w for v, w in zip(torch.stack(losses).tolist(), weights))
+
+
+def _forward_loss(model, micro_batches: list[dict], cfg, device) -> torch.Tensor:
+    """The step's loss by forward alone (the caller sets no_grad): micro-batches weighted by their size."""
+    n_examples = sum(len(b["labels"]) for b in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        batch = move(batch, device)
+        with autocast_for(cfg.precision, device.type):
+            if getattr(cfg, "chunked_loss", 0):
+                loss = chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
+            else:
+                loss = model(**batch).loss
+        total = total + loss.float() * (len(batch["labels"]) / n_examples)
+    return total
 
 
 def memory_model_options(cfg, device) -> dict:

@@ -148,6 +148,10 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
     saved=True: spec is a finished run's model/ (`dynatune eval`): a peft adapter there loads onto
     the base model it names (a PeftModel), and no weight may be missing from the directory.
     """
+    from .modules.bottleneck import is_bottleneck_dir
+    if saved and is_bottleneck_dir(spec):  # IST's series/parallel adapters on the base model they name
+        return _load_bottleneck(Path(str(spec)).expanduser(), kind, num_labels, dtype, seed, tokenizer_only,
+                                label_names)
     adapter = _adapter_dir(spec)
     if adapter is not None:
         if not saved:
@@ -242,6 +246,28 @@ def _load_adapter(path: Path, kind, num_labels, dtype, seed, tokenizer_only, lab
     with assets.quiet_transformers():
         # adapters in the base model's dtype, as dynatune's methods create them (a bf16 run's are bf16)
         return PeftModel.from_pretrained(model, path, autocast_adapter_dtype=False), tokenizer
+
+
+def _load_bottleneck(path: Path, kind, num_labels, dtype, seed, tokenizer_only, label_names):
+    """A bottleneck adapter directory (modules/bottleneck.py): its base model, then the adapters and head."""
+    import json
+
+    from .modules.bottleneck import CONFIG_FILE, load_bottleneck
+
+    config = json.loads((path / CONFIG_FILE).read_text())
+    base = config.get("base_model_name_or_path") or ""
+    if not (base.startswith("arch:") or base in MODELS or (Path(base).expanduser() / "config.json").is_file()):
+        raise DynatuneError(f"{path} holds bottleneck adapters whose base model {base!r} cannot be found; restore "
+                            f"that model there (or set base_model_name_or_path in its {CONFIG_FILE}).")
+    model, tokenizer, fresh = _load(base, kind, num_labels, dtype, seed, tokenizer_only, label_names)
+    if tokenizer_only:
+        return None, tokenizer
+    heads = tuple(f"{h}." for h in config.get("head") or ())
+    lost = sorted(k for k in fresh if not k.startswith(heads))
+    if lost:
+        raise DynatuneError(f"{path} holds bottleneck adapters without {lost[0]} (its base model has none), so it "
+                            "cannot reproduce the run it came from.")
+    return load_bottleneck(model, path), tokenizer
 
 
 def _build(auto, config, source, dtype):

@@ -147,6 +147,9 @@ class DynatuneCallback(TrainerCallback):
         self._warned_clip = False
         # this step's micro-batches so far, each as the pieces it ran as (DynatuneTrainer replays them)
         self.step_inputs: list[list] = []
+        # the step's training inputs, kept only at steps whose method runs its own forwards on them
+        self._keep_inputs = False
+        self._inputs: list[dict] = []
 
     # -- the Trainer's events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
@@ -180,6 +183,8 @@ class DynatuneCallback(TrainerCallback):
         self.tuner.begin_step()
         self._losses = []
         self.step_inputs = []
+        self._inputs = []
+        self._keep_inputs = self.tuner.wants_extra_forwards()
         self._backward_done = False
         self._step_open = True
         self._in_step = True  # set after begin_step: a method's own probe forward is not a training loss
@@ -201,6 +206,9 @@ class DynatuneCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         self._in_step = self._step_open = False
+        if self._keep_inputs and self._inputs:  # the Trainer has zeroed the gradients by now
+            inputs, self._inputs = self._inputs, []
+            self.tuner.extra_forwards(lambda: self._forward_loss(inputs, args))
         entry = self.tuner.end_step(self._step_loss())
         if lr_scheduler is not None and hasattr(lr_scheduler, "get_last_lr"):
             entry["lr"] = lr_scheduler.get_last_lr()[0]
@@ -307,9 +315,24 @@ class DynatuneCallback(TrainerCallback):
             raise DynatuneError(f"{path} was saved at step {saved['global_step']}, not {state.global_step}.")
         self.tuner.load_state_dict(saved["tuner"])
 
+    def _forward_loss(self, inputs: list[dict], args) -> torch.Tensor:
+        """The step's loss by forward alone (Tuner.extra_forwards sets no_grad, eval mode and the RNG
+        fork): each micro-batch's mean loss, weighted by its examples, under the Trainer's autocast."""
+        from ..precision import autocast_for
+        total, n = 0.0, sum(n_examples(kw) or 1 for kw in inputs)
+        model = self.tuner.model
+        for kw in inputs:
+            with autocast_for("amp-bf16" if args.bf16 else "fp32", self.tuner.device.type):
+                out = model(**kw)
+            loss = out["loss"] if isinstance(out, dict) else out.loss
+            total = total + loss.float() * ((n_examples(kw) or 1) / n)
+        return total
+
     def _read_loss(self, module, args, kwargs, output):
         if not (self._in_step and module.training):
             return None
+        if self._keep_inputs:  # a method's own forwards run on them after the optimizer step
+            self._inputs.append({k: v for k, v in kwargs.items() if k != "num_items_in_batch"})
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
             self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None, 1.0))
@@ -428,7 +451,7 @@ class DynatuneTrainer(Trainer):
             # outside the except clause: the failed attempt's graph (held by the traceback) is freed by now
             size, retried = (size + 1) // 2, True
             pieces = split_batch(inputs, size)
-            cb._losses, cb._backward_done, cb._in_step = [], False, True
+            cb._losses, cb._backward_done, cb._in_step, cb._inputs = [], False, True, []
             later = max(0, int(self.current_gradient_accumulation_steps) - len(earlier) - 1)  # still to come
             cb.tuner.retry_step(sum(len(d) for d in earlier) + len(pieces) + later, largest_shape(pieces))
             logger.warning("step %d: out of device memory; retrying with the micro-batch of %d examples as %d pieces "

@@ -66,6 +66,10 @@ class Method:
     # True: the engine gives each candidate unit its own optimizer parameter group, whose rate
     # `lr_factors` sets before each optimizer step (DynaLoRA's local optimisation)
     per_unit_lr = False
+    # True: the method runs no-grad forwards of its own on the step's batch (`forwards`, IST's
+    # response suppression); the engine prices them in every plan's predicted peak, and the loop and
+    # the Trainer callback hand the step's batch over as a closure
+    extra_forwards = False
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):
@@ -148,6 +152,20 @@ class Method:
 
     def retry_step(self, step: int, micro_batches: int) -> None:
         """When the open step ran out of memory and is retried as `micro_batches` passes, same plan."""
+
+    def wants_forwards(self, step: int) -> bool:
+        """With `extra_forwards`, once per step before the step's first forward (the Trainer callback
+        keeps the step's inputs only then) and again after the optimizer step: whether `forwards`
+        runs at this step. Must not draw from the method's generator."""
+        return False
+
+    def forwards(self, step: int, run) -> None:
+        """With `extra_forwards`, after the optimizer step (gradients freed), before end_step, when
+        `wants_forwards(step)`: `run()` returns the loss (a float) of a forward of the step's own batch
+        (every micro-batch, weighted by its examples, under the run's autocast), with no gradient,
+        dropout off and the global RNG forked (Tuner.extra_forwards), so the training step's draws,
+        a resume and an out-of-memory retry stay exact. The method may call it any number of times,
+        changing the model's response in between (hooks it removes itself) but never its weights."""
 
     def end_step(self, step: int, loss: float | None) -> None:
         """After the optimizer step: the step's loss (None when the model returned none)."""

@@ -1,0 +1,1 @@
+"""Trainable modules dynatune injects itself (IST's series and parallel bottleneck adapters)."""
