@@ -87,11 +87,23 @@ def finished_same_run(cfg) -> bool:
     out_dir = run_dir(cfg)
     if not (out_dir / "metrics.json").exists():
         return False
+    from dynatune.config import load_config
+
     ignore = {"output_dir", "progress", "save_model", "budget"}
     done = json.loads((out_dir / "config.json").read_text())
     want = to_dict(cfg)
+    # an option added since the run was made, at its default, is what that run did
+    defaults = to_dict(load_config(None, [f"method={cfg.method}"]))
+
+    def same(old, new, default) -> bool:
+        if isinstance(new, dict) and isinstance(old, dict):
+            return all(same(old[k], v, (default or {}).get(k)) if k in old else v == (default or {}).get(k)
+                       for k, v in new.items())
+        return old == new
+
     same_budget = done.get("budget") == run_budget(cfg.budget, METHODS[cfg.method])
-    return same_budget and all(done.get(k) == v for k, v in want.items() if k not in ignore)
+    return same_budget and all(same(done[k], v, defaults.get(k)) if k in done else v == defaults.get(k)
+                               for k, v in want.items() if k not in ignore)
 
 
 def collect(overrides: list[str]) -> dict:
