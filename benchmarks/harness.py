@@ -123,6 +123,7 @@ def collect(overrides: list[str]) -> dict:
             "counted_peak_bytes": metrics["memory"]["counted_peak_bytes"],
             "predicted_peak_bytes": metrics["memory"].get("predicted_peak_bytes"),
             "optimizer_bytes_at_peak": (metrics["memory"]["counted_peak_terms"] or {}).get("optimizer"),
+            "counted_peak_terms": metrics["memory"]["counted_peak_terms"],
             "median_step_s": statistics.median(step_times), "final_plan": metrics.get("final_plan"),
             "final_state": metrics.get("final_state"), "budget_bytes": metrics["memory"].get("budget_bytes"),
             # methods that log each step's predicted peak (TriMS): the largest, against the budget

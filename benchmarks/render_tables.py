@@ -1,6 +1,6 @@
 """Print the README's benchmark tables (markdown) from benchmarks/results/*.json.
 
-    python benchmarks/render_tables.py [baselines|adagradselect|trims]
+    python benchmarks/render_tables.py [baselines|adagradselect|trims|dynalora]
 
 `trims` also draws benchmarks/results/trims_budgets.png (accuracy against budget per task).
 """
@@ -111,6 +111,23 @@ def trims_plot(rows, path):
     return path
 
 
+def dynalora_table(d: dict) -> str:
+    """One row per task and method: accuracy over seeds, the paired difference to the all-active
+    counterpart (same seed), the chosen rate, active trainable parameters and the counted terms a
+    plan changes (gradients + optimizer state + saved activations) at the peak step."""
+    out = ["| task | method | lr | accuracy (mean ± sd) | paired vs all-active (mean ± sd) | active params | "
+           "grads + optimizer + activations MiB | counted peak MiB |", "|" + "---|" * 8]
+    for row in d["table"]:
+        mine = [r for r in d["rows"] if r["task"] == row["task"] and r["label"] == row["label"]]
+        moving = statistics.mean(sum(r["counted_peak_terms"][k] for k in ("gradients", "optimizer", "activations"))
+                                 for r in mine) / 2**20
+        base = next((k for k in row if k.startswith("paired_vs_") and not k.endswith("_std")), None)
+        paired = f"{100 * row[base]:+.1f} ± {100 * row[base + '_std']:.1f} pt" if base and row[base] is not None else "—"
+        out.append(f"| {row['task']} | {row['label']} | {row['lr']:g} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f} "
+                   f"| {paired} | {row['trainable_params']:,} | {moving:.1f} | {row['counted_peak_MiB']:.1f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "baselines"
     if which == "baselines":
@@ -129,6 +146,8 @@ if __name__ == "__main__":
                 print(f"\n{part}, learning rate chosen on validation:")
                 print(table(sorted(swept, key=lambda r: r["label"]), metric, keys=("label",)))
             print()
+    elif which == "dynalora":
+        print(dynalora_table(json.loads((RESULTS / "dynalora_table.json").read_text())))
     elif which == "trims":
         rows = rows_of("trims_budgets*.json")
         print(trims_table(rows))
