@@ -253,13 +253,8 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
     n_examples = sum(len(b["labels"]) for b in micro_batches)
     losses, weights = [], []
     for batch in micro_batches:
-        batch = move(batch, device)
-        with autocast_for(cfg.precision, device.type):
-            # keep only the loss: holding the output would keep the logits alive through backward
-            if getattr(cfg, "chunked_loss", 0):
-                loss = chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
-            else:
-                loss = model(**batch).loss
+        # keep only the loss: holding the output would keep the logits alive through backward
+        loss = micro_batch_loss(model, batch, cfg, device)
         # weight each micro-batch by its size so accumulation equals one big batch
         weight = len(batch["labels"]) / n_examples
         (loss * weight).backward()
@@ -274,14 +269,18 @@ def _forward_loss(model, micro_batches: list[dict], cfg, device) -> torch.Tensor
     n_examples = sum(len(b["labels"]) for b in micro_batches)
     total = 0.0
     for batch in micro_batches:
-        batch = move(batch, device)
-        with autocast_for(cfg.precision, device.type):
-            if getattr(cfg, "chunked_loss", 0):
-                loss = chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
-            else:
-                loss = model(**batch).loss
+        loss = micro_batch_loss(model, batch, cfg, device)
         total = total + loss.float() * (len(batch["labels"]) / n_examples)
     return total
+
+
+def micro_batch_loss(model, batch: dict, cfg, device) -> torch.Tensor:
+    """One micro-batch's loss under the run's autocast (the model's own, or the chunked LM loss)."""
+    batch = move(batch, device)
+    with autocast_for(cfg.precision, device.type):
+        if getattr(cfg, "chunked_loss", 0):
+            return chunked_causal_lm_loss(model, batch, cfg.chunked_loss)
+        return model(**batch).loss
 
 
 def memory_model_options(cfg, device) -> dict:

@@ -50,6 +50,17 @@ def adapted_blocks(blocks: str, n_blocks: int) -> set[int]:
     return chosen
 
 
+def present_targets(model: nn.Module, targets: str) -> str:
+    """The configured module names the model has: defaults name both BERT's and Llama's linears
+    ('query,value,q_proj,v_proj'); none present: as given, so target_linears names the problem."""
+    if targets == "all-linear":
+        return targets
+    names = [n.strip() for n in targets.split(",") if n.strip()]
+    have = {name.rsplit(".", 1)[-1] for name in target_linears(model, "all-linear")}
+    present = [n for n in names if n in have]
+    return ",".join(present) if present else targets
+
+
 def target_linears(model: nn.Module, targets: str, blocks: str = "all") -> dict[str, nn.Linear]:
     blocks_path = find_blocks_path(model)
     wanted = None if targets == "all-linear" else {t.strip() for t in targets.split(",") if t.strip()}

@@ -39,7 +39,7 @@ from ..errors import BudgetError, DynatuneError
 from ..optim import linear_factor
 from ..plan import Plan
 from ..units import get_submodule, unit_sort_key
-from .adapters import Dora, Lora, LoraConfig, Vera, VeraConfig, already_adapted, target_linears
+from .adapters import Dora, Lora, LoraConfig, Vera, VeraConfig, already_adapted, present_targets
 from .base import Method, opt, register
 
 IMPORTANCE = ("forward", "backward", "random")
@@ -124,20 +124,10 @@ class DynaLora(Method):
         base = {"lora": Lora, "dora": Dora, "vera": Vera}[c.adapter]
         fields = {f: getattr(c, f) for f in ("r", "alpha", "dropout", "train_head", "state_policy", "blocks")}
         if c.adapter == "vera":
-            cfg = VeraConfig(**fields, d_initial=getattr(c, "d_initial", 0.1), targets=self._targets(model))
+            cfg = VeraConfig(**fields, d_initial=getattr(c, "d_initial", 0.1), targets=present_targets(model, self.config.targets))
         else:
-            cfg = LoraConfig(**fields, targets=self._targets(model))
+            cfg = LoraConfig(**fields, targets=present_targets(model, self.config.targets))
         return base(cfg).prepare_model(model)
-
-    def _targets(self, model) -> str:
-        """The configured names the model has (defaults name both BERT's and Llama's attention)."""
-        t = self.config.targets
-        if t == "all-linear":
-            return t
-        names = [n.strip() for n in t.split(",") if n.strip()]
-        have = {name.rsplit(".", 1)[-1] for name in target_linears(model, "all-linear")}
-        present = [n for n in names if n in have]
-        return ",".join(present) if present else t  # none: target_linears names the problem
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, tuner) -> None:

@@ -36,7 +36,7 @@ import torch
 from ..errors import BudgetError, DynatuneError
 from ..plan import Plan
 from ..units import get_submodule
-from .adapters import Dora, Lora, LoraConfig, already_adapted, target_linears
+from .adapters import Dora, Lora, LoraConfig, already_adapted, present_targets
 from .base import Method, opt, register
 
 ADAPTERS = ("lora", "dora", "series", "parallel")
@@ -121,18 +121,9 @@ class Ist(Method):
         if c.adapter in ("series", "parallel"):
             from ..modules.bottleneck import inject_bottleneck
             return inject_bottleneck(model, c.adapter, c.bottleneck, c.dropout)
-        fields = {f: getattr(c, f) for f in ("r", "alpha", "dropout", "train_head", "state_policy")}
-        cfg = LoraConfig(**fields, targets=self._targets(model))
+        fields = {f: getattr(c, f) for f in ("r", "alpha", "dropout", "train_head", "state_policy", "blocks")}
+        cfg = LoraConfig(**fields, targets=present_targets(model, self.config.targets))
         return (Dora if c.adapter == "dora" else Lora)(cfg).prepare_model(model)
-
-    def _targets(self, model) -> str:
-        t = self.config.targets
-        if t == "all-linear":
-            return t
-        names = [n.strip() for n in t.split(",") if n.strip()]
-        have = {name.rsplit(".", 1)[-1] for name in target_linears(model, "all-linear")}
-        present = [n for n in names if n in have]
-        return ",".join(present) if present else t  # none: target_linears names the problem
 
     def export(self, model, out_dir, tokenizer=None, merged=False):
         from ..modules.bottleneck import has_bottleneck, save_bottleneck
