@@ -17,11 +17,14 @@ rates and the table (accuracy, effective trainable parameters, counted and predi
 optimizer bytes on the device at the peak, median step time).
 
 --budget (after the table's runs, which it reads back): per task, the budget is 80% of the counted
-peak of LoRA (query/value, r=8, every block) at its chosen rate, seed 0. DynaLoRA (forward
-importance, at DynaLoRA-F's chosen rate) derives k and the lowest depth it may draw from from that
+peak of LoRA (query/value, r=8, every block; its chosen rate, seed 0) at a full-length batch of
+max_length tokens: the memory model's prediction, which equals the counted bytes on the CPU (a
+budget is held against that price; TREC's batches are shorter, so its run counted less). DynaLoRA (forward
+importance, at DynaLoRA-F's chosen rate; both rates read back from the table's seed-0 runs) derives k and the lowest depth it may draw from from that
 budget (`fraction=null`). Every LoRA that could compete is priced by dynatune itself (a fixed plan
-over the budget is refused before training): rank 8, 4 and 2 on every block or on the top N
-blocks. Those that fit and adapt the most blocks are trained at LoRA's chosen rate on seed 0, the
+over the budget is refused before training): rank 8 and 4 on every block or on the top N
+blocks (saved activations, not adapter size, decide what fits on MiniLM). Those that fit and
+adapt the most blocks are trained at LoRA's chosen rate on seed 0, the
 best on validation is "the best LoRA that fits", and it and DynaLoRA run three seeds. Writes
 benchmarks/results/dynalora_budget.json.
 
@@ -33,7 +36,6 @@ counted and predicted weights, gradients, optimizer state (keep: the first draw'
 activations per run.
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import RESULTS, print_table, run_one, save, summarise  # noqa: E402
+from harness import print_table, run_one, save, summarise  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 TARGETS = "query,value"
@@ -182,19 +184,29 @@ def budget_table(common, tasks, seeds, smoke):
     from dynatune.errors import BudgetError
 
     root = "runs/dynalora-bench" + ("-smoke" if smoke else "")
-    saved = json.loads((RESULTS / ("dynalora_table_smoke.json" if smoke else "dynalora_table.json")).read_text())
-    chosen = saved["chosen_lr"]
     rows, tried = [], []
+
+    def chosen(task, label, rates):
+        """The table's choice, read back from its seed-0 runs: the best validation accuracy."""
+        opts, _ = methods()[label]
+        val = {lr: (run_one([*common, f"task={task}", *opts, f"lr={lr}", "seed=0",
+                             f"output_dir={root}/{task}-{label}-lr{lr}-0"], reuse=True)["validation"] or {})
+               .get("accuracy", 0) for lr in rates}
+        return max(rates, key=lambda x: val[x])
+
     for task in tasks:
-        # the rates as the table wrote them, so its run directories are found again
-        lr_lora, lr_dyn = (next(x for x in LORA_RATES if float(x) == chosen[f"{task}/{m}"]) for m in ("lora", "dynalora_F"))
+        lr_lora = chosen(task, "lora", LORA_RATES[1:2] if smoke else LORA_RATES)
+        i = LORA_RATES.index(lr_lora)
+        lr_dyn = chosen(task, "dynalora_F", LORA_RATES[1:2] if smoke else LORA_RATES[i:i + 2])
         opts, _ = methods()["lora"]
         ref = run_one([*common, f"task={task}", *opts, f"lr={lr_lora}", "seed=0",
                        f"output_dir={root}/{task}-lora-lr{lr_lora}-0"], reuse=True)
-        budget = int(0.8 * ref["counted_peak_bytes"])
-        on_budget = [x for x in common if not x.startswith("budget=")] + [f"task={task}", f"budget={budget}"]
+        # LoRA's counted peak at a full-length batch (max_length tokens), which the memory model predicts
+        # exactly on the CPU: every run is priced at that length, whatever its batches' padding
+        budget = int(0.8 * ref["predicted_peak_bytes"])
+        on_budget = [x for x in common if not x.startswith("budget=")] + [f"task={task}", f"budget={budget}B"]
         fits = {}
-        for r in (8, 4, 2):  # every block, then the top N: backward stops below the lowest adapter
+        for r in (8, 4):  # every block, then the top N: backward stops below the lowest adapter
             for blocks in ("all", *(f"top:{n}" for n in range(5, 0, -1))):
                 label = f"lora_r{r}_{blocks.replace(':', '')}"
                 over = [*on_budget, "method=lora", f"lora.targets={TARGETS}", f"lora.r={r}", f"lora.blocks={blocks}",
@@ -218,7 +230,8 @@ def budget_table(common, tasks, seeds, smoke):
                 over += [f"seed={seed}", f"output_dir={root}/budget-{task}-{label}-{seed}"]
                 r = run_one(over, reuse=True)
                 rows.append({**r, "label": label if label == "dynalora_F" else "best_fitting_lora", "config": label,
-                             "budget_bytes": budget, "lora_counted_peak_bytes": ref["counted_peak_bytes"]})
+                             "budget_bytes": budget, "lora_counted_peak_bytes": ref["counted_peak_bytes"],
+                             "lora_predicted_peak_bytes": ref["predicted_peak_bytes"]})
                 print(task, label, seed, r["test"].get("accuracy"), r["counted_peak_bytes"], budget, flush=True)
     table = summarise(rows, "accuracy")
     for row in table:
