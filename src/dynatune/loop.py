@@ -83,6 +83,7 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     method.configure_schedule(total, int(cfg.warmup_ratio * total))
 
     if tuner is None:
+        run_calibration(model, method, train_set, collate, cfg, device)
         tuner = make_tuner(model, method, cfg, device)
     model = tuner.model
     scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
@@ -187,6 +188,61 @@ def make_tuner(model, method, cfg, device) -> Tuner:
         install_budget(tuner, budget, batch_shape=(cfg.batch_size // cfg.grad_accum, cfg.max_length),
                        precision=cfg.precision, margin=cfg.margin, **memory_model_options(cfg, device))
     return tuner
+
+
+def run_calibration(model, method, train_set, collate, cfg, device) -> None:
+    """The calibration phase (calibration.py), before the tuner exists: the method sees
+    `calibration_examples()` training examples (drawn apart from the run's order, the global RNG
+    forked), priced under the budget with the largest micro-batch that fits, then prepares its model."""
+    from .calibration import Calibration, block_price, draw, fit_micro_batch, restore
+
+    want = method.calibration_examples()
+    micro = cfg.batch_size // cfg.grad_accum
+    seq = getattr(cfg, "max_length", None)
+    budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
+    budget_bytes = usable = price = memory_model = None
+    if budget is not None and seq is not None:
+        from .memory import check_margin, full_finetuning_peak, parse_budget, resolve_budget, usable_budget
+        margin = check_margin(getattr(cfg, "margin", 0.03))
+        opts = memory_model_options(cfg, device)
+        layers = getattr(cfg, "layers", None)
+
+        def memory_model(m, prepare=None, granularity="adapter"):
+            return MemoryModel(m, granularity=granularity, layers=layers, precision=cfg.precision,
+                               batch_shape=(micro, seq), prepare=prepare, **opts)
+
+        plain = memory_model(model, granularity="block")
+        kind, _ = parse_budget(budget)
+        budget_bytes = resolve_budget(budget, full_finetuning_peak(plain) if kind == "fraction" else None)
+        usable = usable_budget(budget_bytes, margin)
+        params = dict(model.named_parameters())
+
+        def price(names, m):
+            return block_price(plain, plain.param_bytes([n for n in names if n in params]), m, seq)
+    examples = []
+    if want > 0:
+        examples = [train_set[i] for i in draw(len(train_set), want, cfg.seed)]
+        groups = method.calibration_gradients(model)
+        if price is not None and groups:
+            biggest = max(groups, key=lambda g: sum(params[n].numel() * params[n].element_size() for n in g))
+            micro = fit_micro_batch(lambda m: price(biggest, m), usable, micro, f"{method.name}'s calibration phase")
+
+    def loss(m, exs):
+        batch = move(collate(exs), device)
+        with autocast_for(cfg.precision, device.type):
+            if getattr(cfg, "chunked_loss", 0):
+                return chunked_causal_lm_loss(m, batch, cfg.chunked_loss)
+            return m(**batch).loss
+
+    calibration = Calibration(examples, micro, loss, device, budget_bytes, usable, price, memory_model)
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # dropout's RNG: the run draws as if no calibration happened
+        model.eval()
+        try:
+            method.calibrate(model, calibration)
+        finally:
+            restore(model, was)
 
 
 def one_budget(run_budget, method, where: str):
@@ -325,6 +381,7 @@ def train(cfg) -> dict:
     model.to(device)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
+    run_calibration(model, method, task.train, task.collate, cfg, device)
     tuner = make_tuner(model, method, cfg, device)
     # only now, with model, data, task and budget accepted: a refused run leaves nothing behind
     out_dir = run_dir(cfg)

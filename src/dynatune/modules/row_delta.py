@@ -13,7 +13,8 @@ saves what it saves anyway.
 
 `merge()` writes W[rows] = W0[rows] + W_f (W0's rows kept aside, so `unmerge()` restores W bit
 for bit and a later merge gives the same merged weight bit for bit); a merged module runs the
-plain linear, with no latency left. `to_plain()` hands back the original module (for saving).
+plain linear, with no latency left. `to_plain()` hands back the original module (for saving). In eval mode (module.eval()) the forward
+computes with the merged weight, so an evaluation equals the saved merged model's bit for bit.
 
 Parameter names are those of the wrapped module (`weight`, `bias`) plus `spsft_delta`, and the
 row indices are the buffer `spsft_rows`; units.py treats `spsft_` parameters as adapters.
@@ -146,6 +147,11 @@ class RowDeltaLinear(nn.Module, _Merge):
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if not self.training:
+            # evaluation computes with the merged weight (W0[rows] + W_f, the sum merge() stores), so a
+            # saved merged model reproduces the run's evaluations bit for bit
+            w = self.weight.index_add(0, getattr(self, ROWS), self.spsft_delta.to(self.weight.dtype))
+            return F.linear(x, w, self.bias)
         return row_delta_linear(x, self.weight, self.bias, self.spsft_delta, getattr(self, ROWS))
 
     def to_plain(self) -> nn.Linear:
