@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ..errors import BudgetError, DynatuneError
-from ..modules.row_delta import (DELTA, ROWS, RowDeltaLinear, RowDeltaVector, replace_module, row_delta_modules,
-                                 unwrap_all)
+from ..modules.row_delta import (DELTA, DELTAS_CONFIG, DELTAS_FILE, ROWS, RowDeltaLinear, RowDeltaVector,
+                                 replace_module, row_delta_modules, unwrap_all)
 from ..plan import Plan
 from ..units import already_adapted, find_blocks_path, unwrap_peft
 from .adapters import target_linears
@@ -43,8 +43,6 @@ from .base import Method, MethodConfig, opt, register
 
 IMPORTANCE = ("l2", "taylor", "qm-taylor", "random")
 EXPORTS = ("merged", "deltas")
-DELTAS_FILE = "spsft_deltas.safetensors"
-DELTAS_CONFIG = "spsft_config.json"
 ATTENTION_WORDS = ("attn", "attention")
 
 
@@ -351,10 +349,18 @@ class Spsft(Method):
         return {**super().state_dict(), "r": self.r, "selection": self.selection}
 
     def load_state_dict(self, sd):
+        """The checkpoint's rows replace this run's own choice (the checkpoint's W_f belong to them), so a
+        resume is exact even from a base whose importance would now pick other rows."""
         super().load_state_dict(sd)
-        if sd["selection"] != self.selection:
-            raise DynatuneError("spsft: the resumed run selected other rows than the checkpoint's (the model, the data "
-                                "or spsft's options differ); resume with the run's own config.")
+        mods = row_delta_modules(self.tuner.model)
+        saved = sd["selection"]
+        if set(saved) != set(mods) or any(len(saved[n]) != mods[n].r for n in mods):
+            raise DynatuneError("spsft: the checkpoint's row deltas do not match this model's (other targets or r); "
+                                "resume with the run's own config.")
+        with torch.no_grad():
+            for n, m in mods.items():
+                getattr(m, ROWS).copy_(torch.tensor(saved[n], dtype=torch.long))
+        self.selection = {n: list(v) for n, v in saved.items()}
         self.r = sd["r"]
 
     # -- output ----------------------------------------------------------------------------------------
@@ -393,24 +399,3 @@ class Spsft(Method):
         if merged:
             super().export(unwrap_all(model), out_dir / "merged", tokenizer)
 
-
-def load_deltas(model: nn.Module, path) -> nn.Module:
-    """Put a deltas export (spsft_deltas.safetensors) onto its base model: row deltas with the saved
-    rows and W_f, and the saved task head. Returns the model (in place)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    spec = json.loads((path / DELTAS_CONFIG).read_text())
-    tensors = load_file(path / DELTAS_FILE)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, kind in spec["modules"].items():
-            mod = model.get_submodule(name)
-            rows = tensors[f"{name}.{ROWS}"]
-            new = RowDeltaLinear(mod, rows) if kind == "linear" else RowDeltaVector(mod, rows, "weight")
-            new.spsft_delta.copy_(tensors[f"{name}.{DELTA}"])
-            replace_module(model, name, new)
-        for p in spec["heads"]:
-            params[p].copy_(tensors[p])
-    model.eval()
-    return model

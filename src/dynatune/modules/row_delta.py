@@ -21,6 +21,9 @@ row indices are the buffer `spsft_rows`; units.py treats `spsft_` parameters as 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +31,9 @@ from torch.amp import custom_bwd, custom_fwd
 
 DELTA = "spsft_delta"
 ROWS = "spsft_rows"
+# a deltas export (methods/spsft.py): rows + W_f (+ the fresh task head) and what names the base model
+DELTAS_FILE = "spsft_deltas.safetensors"
+DELTAS_CONFIG = "spsft_config.json"
 
 
 def _make_function(device_type: str):
@@ -232,4 +238,26 @@ def unwrap_all(model: nn.Module) -> nn.Module:
     """Merge every delta and put the original modules back: a plain model (for save_pretrained)."""
     for name, m in list(row_delta_modules(model).items()):
         replace_module(model, name, m.to_plain())
+    return model
+
+
+def load_deltas(model: nn.Module, path) -> nn.Module:
+    """Put a deltas export (methods/spsft.py) (spsft_deltas.safetensors) onto its base model: row deltas with the saved
+    rows and W_f, and the saved task head. Returns the model (in place)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    spec = json.loads((path / DELTAS_CONFIG).read_text())
+    tensors = load_file(path / DELTAS_FILE)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, kind in spec["modules"].items():
+            mod = model.get_submodule(name)
+            rows = tensors[f"{name}.{ROWS}"]
+            new = RowDeltaLinear(mod, rows) if kind == "linear" else RowDeltaVector(mod, rows, "weight")
+            new.spsft_delta.copy_(tensors[f"{name}.{DELTA}"])
+            replace_module(model, name, new)
+        for p in spec["heads"]:
+            params[p].copy_(tensors[p])
+    model.eval()
     return model
