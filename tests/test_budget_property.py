@@ -111,6 +111,7 @@ OPTIONS = {
     "trims": dict(tau=2),            # a decision every 2 steps: the plan changes within the run
     "dynalora": dict(k=None, fraction=None, period=3),  # k derived from the budget, reallocated within the run
     "dynavera": dict(period=3),      # 2/3 of the modules, checked against the budget at the first plan
+    "spsft": dict(r=8),              # 8 rows of 32 or 64 per linear, checked against the budget
 }
 
 

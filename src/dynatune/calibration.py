@@ -54,9 +54,12 @@ class Calibration:
         ex = self.examples if examples is None else examples
         return [ex[i:i + self.micro_batch] for i in range(0, len(ex), self.micro_batch)]
 
-    def label_of(self, example) -> int:
-        y = example["labels"]
-        return int(y.item() if isinstance(y, torch.Tensor) else y)
+    def label_of(self, example) -> int | None:
+        """The example's class, or None when its labels are not one class (a causal LM's tokens)."""
+        y = example.get("labels")
+        if isinstance(y, torch.Tensor):
+            return int(y.item()) if y.numel() == 1 and not y.is_floating_point() else None
+        return y if isinstance(y, int) else None
 
 
 def draw(n_examples: int, want: int, seed: int) -> list[int]:

@@ -219,7 +219,7 @@ class Spsft(Method):
             by_class: dict[int, list] = {}
             for e in calibration.examples:
                 by_class.setdefault(calibration.label_of(e), []).append(e)
-            if len(by_class) < 2:
+            if None in by_class or len(by_class) < 2:
                 raise DynatuneError("spsft.importance=qm-taylor needs class labels with at least two classes among "
                                     "the calibration examples (eq. 6 is per class); use importance=taylor.")
             per_class = [self._taylor(model, mods, params, calibration, by_class[t]) for t in sorted(by_class)]

@@ -97,6 +97,14 @@ def row_delta_linear(x, weight, bias, delta, rows):
     return fn.apply(x, weight, bias, delta, rows)
 
 
+def _checked(rows, d: int) -> torch.Tensor:
+    """Row indices as a sorted CPU long tensor (checked on the host: a meta-device model has no values)."""
+    rows = torch.as_tensor(rows, dtype=torch.long).detach().cpu().flatten()
+    if rows.numel() == 0 or rows.unique().numel() != rows.numel() or int(rows.min()) < 0 or int(rows.max()) >= d:
+        raise ValueError(f"rows must be distinct indices in 0..{d - 1}")
+    return rows.sort().values
+
+
 class _Merge:
     """Merge / unmerge shared by the linear and vector deltas (the base tensor's rows along dim 0)."""
 
@@ -129,14 +137,11 @@ class RowDeltaLinear(nn.Module, _Merge):
 
     def __init__(self, base: nn.Linear, rows):
         super().__init__()
-        rows = torch.as_tensor(rows, dtype=torch.long, device=base.weight.device).flatten()
-        if rows.numel() == 0 or rows.unique().numel() != rows.numel() or int(rows.min()) < 0 \
-                or int(rows.max()) >= base.out_features:
-            raise ValueError(f"rows must be distinct indices in 0..{base.out_features - 1}")
+        rows = _checked(rows, base.out_features).to(base.weight.device)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.register_buffer(ROWS, rows.sort().values)
+        self.register_buffer(ROWS, rows)
         self.spsft_delta = nn.Parameter(torch.zeros(rows.numel(), base.in_features, dtype=base.weight.dtype,
                                                     device=base.weight.device))
         self.merged = False
@@ -181,13 +186,10 @@ class RowDeltaVector(nn.Module, _Merge):
         vec = getattr(base, param)
         if not isinstance(vec, torch.Tensor) or vec.dim() != 1:
             raise ValueError(f"{type(base).__name__}.{param} is not a vector parameter")
-        rows = torch.as_tensor(rows, dtype=torch.long, device=vec.device).flatten()
-        if rows.numel() == 0 or rows.unique().numel() != rows.numel() or int(rows.min()) < 0 \
-                or int(rows.max()) >= vec.numel():
-            raise ValueError(f"rows must be distinct indices in 0..{vec.numel() - 1}")
+        rows = _checked(rows, vec.numel()).to(vec.device)
         self.inner = base
         self.param = param
-        self.register_buffer(ROWS, rows.sort().values)
+        self.register_buffer(ROWS, rows)
         self.spsft_delta = nn.Parameter(torch.zeros(rows.numel(), dtype=vec.dtype, device=vec.device))
         self.merged = False
         self._kept = None
