@@ -277,3 +277,22 @@ def test_bad_options_are_one_sentence():
             build_method("spsft", **kw)
     with pytest.raises(DynatuneError, match="r and ratio are both null"):
         Tuner(causal_lm("llama"), build_method("spsft", r=None))
+
+
+def test_trainer_callback_with_calibration_matches_the_plain_loop(tmp_path):
+    """integrations.hf.prepare runs the same calibration phase: same rows, same losses as loop.fit."""
+    from dynatune.integrations.hf import DynatuneCallback, prepare
+    from test_hf import loop_like_trainer
+
+    cfg = loop_cfg(max_steps=4, max_length=S)
+    data = lm_examples(16, seq=S)
+    opts = dict(r=3, importance="taylor", calibration_examples=8, seed=1)
+    loop_tuner, _ = fit(causal_lm(), build_method("spsft", **opts), data, collate, cfg)
+    method = build_method("spsft", **opts)
+    with pytest.raises(DynatuneError, match="train_dataset and data_collator"):
+        prepare(causal_lm(), build_method("spsft", **opts))
+    model = prepare(causal_lm(), method, data, collate, batch_size=cfg.batch_size, seed=cfg.seed)
+    callback = DynatuneCallback(method)
+    loop_like_trainer(model, data, cfg, tmp_path, callback).train()
+    assert method.selection == loop_tuner.method.selection
+    assert [h["loss"] for h in callback.tuner.history] == [h["loss"] for h in loop_tuner.history]
