@@ -174,3 +174,41 @@ def test_bad_rows_refused():
         RowDeltaLinear(_lin(), torch.tensor([1, 1]))
     with pytest.raises(ValueError):
         RowDeltaLinear(_lin(d_out=5), torch.tensor([5]))
+
+
+def test_column_delta_grads_saved_bytes_and_merge():
+    """Appendix B's dependent columns: h = W x + M W_f x + W_dep x[..., cols]; gradients equal the dense
+    reference's, backward still saves x alone, merge/unmerge stay exact."""
+    lin = _lin(d_in=10, d_out=7)
+    w0 = lin.weight.detach().clone()
+    m = RowDeltaLinear(copy.deepcopy(lin), torch.tensor([2, 5]))
+    m.add_columns(torch.tensor([9, 0, 4]))
+    m.weight.requires_grad_(False)
+    m.bias.requires_grad_(False)
+    with torch.no_grad():
+        m.spsft_delta.normal_()
+        m.spsft_col_delta.normal_()
+    d = m.spsft_delta.detach().clone().requires_grad_(True)
+    c = m.spsft_col_delta.detach().clone().requires_grad_(True)
+    dense = w0.index_add(0, m.spsft_rows, d).index_add(1, m.spsft_cols, c)
+    x = torch.randn(3, 4, 10, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    h, seen = _saved_bytes(lambda: m(x))
+    assert sum(seen.values()) == x.numel() * 4
+    h_ref = F.linear(xr, dense, lin.bias.detach())
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-5)
+    g = torch.randn_like(h)
+    h.backward(g)
+    h_ref.backward(g)
+    torch.testing.assert_close(m.spsft_delta.grad, d.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(m.spsft_col_delta.grad, c.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-5)
+    m.eval()
+    h_eval = m(x).detach()
+    m.merge()
+    merged = m.weight.detach().clone()
+    assert torch.equal(m(x), h_eval)  # eval computes with exactly the merged weight
+    m.unmerge()
+    assert torch.equal(m.weight, w0)
+    m.merge()
+    assert torch.equal(m.weight, merged)

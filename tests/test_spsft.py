@@ -296,3 +296,46 @@ def test_trainer_callback_with_calibration_matches_the_plain_loop(tmp_path):
     loop_like_trainer(model, data, cfg, tmp_path, callback).train()
     assert method.selection == loop_tuner.method.selection
     assert [h["loss"] for h in callback.tuner.history] == [h["loss"] for h in loop_tuner.history]
+
+
+# -- dependency groups (appendix B) ----------------------------------------------------------------------
+def test_dependencies_train_the_columns_a_selected_row_feeds():
+    """BERT's groups by hand: a block's intermediate rows feed that block's output.dense columns (the MLP
+    dimension); the rows of every attention.output.dense and output.dense (the residual stream) feed
+    the hidden columns of every query/key/value/intermediate. Only x is still saved, and the columns
+    are priced and counted alike."""
+    pytest.importorskip("torch_pruning")
+    method = build_method("spsft", r=3, importance="random", seed=2, dependencies=True)
+    t = Tuner(classifier("bert"), method)
+    mods = {n.split("encoder.layer.")[1]: m for n, m in row_delta_modules(t.model).items()}
+    residual = set()
+    for k, m in mods.items():
+        if k.endswith("attention.output.dense") or (k.endswith("output.dense") and "attention" not in k):
+            residual |= set(m.spsft_rows.tolist())
+    for i in range(4):
+        assert mods[f"{i}.output.dense"].cols.tolist() == mods[f"{i}.intermediate.dense"].spsft_rows.tolist()
+        for k in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"):
+            assert set(mods[f"{i}.{k}"].cols.tolist()) == residual, (i, k)
+    cfg = loop_cfg(max_length=S, max_steps=2, batch_size=4)
+    t.close_hooks()
+    method = build_method("spsft", r=3, importance="random", seed=2, dependencies=True)
+    t, _ = fit(classifier("bert"), method, cls_examples(8, seq=S), collate, cfg)
+    pred = MemoryModel.from_tuner(t, batch_shape=(4, S), device_type="cpu").predict(t.plan)
+    rec = t.record
+    assert (pred.weights, pred.gradients, pred.optimizer) == (rec.weights, rec.gradients, rec.optimizer)
+    assert abs(pred.activations + pred.activations_outside - rec.activations) <= 0.02 * rec.activations
+    assert all(t.params[n].abs().sum() > 0 for n in t.params if "spsft_col_delta" in n)
+    t.close_hooks()
+
+
+def test_dependencies_without_torch_pruning_is_one_sentence(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_tp(name, *a, **k):
+        if name == "torch_pruning":
+            raise ImportError(name)
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_tp)
+    with pytest.raises(DynatuneError, match=r"torch-pruning, which is not installed; install it with pip install"):
+        Tuner(causal_lm("llama"), build_method("spsft", r=2, dependencies=True))

@@ -18,6 +18,9 @@ x once (the probe measures the injected model as it trains).
   `ratio` x d_out; r null and ratio null: the largest r the memory budget admits.
 - FA mode (`freeze_attention`, D.5): attention linears stay frozen, MLP rows only.
 - norms (`norm_ratio` > 0): selected channels of the blocks' norm weights train too.
+- dependencies (appendix B, `dependencies=true`, needs torch-pruning): the input columns that a
+  selected row feeds (torch-pruning's DependencyGraph groups) train as column deltas on the same
+  module, in the same autograd function (still only x saved).
 - output (`export`): the merged model (plain safetensors, loadable with from_pretrained) or the
   deltas alone (indices + W_f + the fresh head, spsft_deltas.safetensors); `dynatune eval` loads
   both. An evaluation forward computes with the merged weight, so both reproduce the run exactly.
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import BudgetError, DynatuneError
-from ..modules.row_delta import (DELTA, DELTAS_CONFIG, DELTAS_FILE, ROWS, RowDeltaLinear, RowDeltaVector,
+from ..modules.row_delta import (COL_DELTA, COLS, DELTA, DELTAS_CONFIG, DELTAS_FILE, ROWS, RowDeltaLinear, RowDeltaVector,
                                  replace_module, row_delta_modules, unwrap_all)
 from ..plan import Plan
 from ..units import already_adapted, find_blocks_path, unwrap_peft
@@ -62,6 +65,9 @@ class SpsftConfig(MethodConfig):
                                      "'gate_proj,up_proj,down_proj'")
     freeze_attention: bool = opt(False, "FA mode (D.5): attention linears stay frozen, MLP rows only")
     norm_ratio: float = opt(0.0, "share of each block norm's weight channels that train too (0: norms frozen)")
+    dependencies: bool = opt(False, "appendix B: the input columns that depend on a selected row (torch-pruning's "
+                                    "DependencyGraph) train too, as column deltas on the adapted linears; the paper "
+                                    "halves the ratio when on (table 4-5: off does as well or better)")
     export: str = opt("merged", "what a finished run saves: merged (a plain model, from_pretrained) or deltas "
                                 "(row indices + W_f + the task head, loaded onto the base by `dynatune eval`)")
 
@@ -175,13 +181,56 @@ class Spsft(Method):
             return model
         gen = torch.Generator().manual_seed(self.seed)  # fresh per call: the probe's model draws the same way
         structural = False
+        chosen = {}
         for name, mod in sorted(self.target_modules(model).items()):
-            rows = self.select(name, mod, gen)
+            chosen[name] = self.select(name, mod, gen)
             structural |= self.needs_data and name not in self.scores
+        cols = self.dependent_columns(model, chosen) if self.config.dependencies else {}
+        for name, mod in sorted(self.target_modules(model).items()):
+            rows = chosen[name]
             new = RowDeltaLinear(mod, rows) if isinstance(mod, nn.Linear) else RowDeltaVector(mod, rows, "weight")
+            if name in cols:
+                new.add_columns(sorted(cols[name]))
             replace_module(model, name, new)
         model._spsft_structure_only = structural
         return model
+
+    def dependent_columns(self, model, rows: dict[str, torch.Tensor]) -> dict[str, set[int]]:
+        """Appendix B: for each adapted linear b and its selected rows, the input columns of every other
+        adapted linear a that torch-pruning's DependencyGraph puts in the same group (b's output feature
+        i is a's input feature j). Other members of a group (other layers' rows, norms, embeddings)
+        stay as they are: the paper trains the dependent columns only."""
+        try:
+            import torch_pruning as tp
+        except ImportError:
+            raise DynatuneError("spsft.dependencies=true builds dependency groups with torch-pruning, which is not "
+                                "installed; install it with pip install 'dynatune[deps]' (or pip install "
+                                "torch-pruning).") from None
+        lins = {n: m for n, m in self.target_modules(model).items() if isinstance(m, nn.Linear)}
+        if any(m.weight.is_meta for m in lins.values()):
+            raise DynatuneError("spsft.dependencies=true traces the model, which a meta-device model cannot run; set "
+                                "spsft.r or spsft.ratio rather than deriving r from the budget.")
+        name_of = {id(m): n for n, m in lins.items()}
+        inner = unwrap_peft(model)
+        vocab = int(getattr(inner.config, "vocab_size", 100) or 100)
+        device = next(model.parameters()).device
+        ids = torch.randint(3, max(4, min(vocab, 1000)), (1, 8), generator=torch.Generator().manual_seed(0))
+        was = model.training
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            model.eval()
+            try:
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs={"input_ids": ids.to(device)})
+            finally:
+                model.train(was)
+        cols: dict[str, set[int]] = {}
+        for b, mod in lins.items():
+            group = graph.get_pruning_group(mod, tp.prune_linear_out_channels, idxs=rows[b].tolist())
+            for dep, idxs in group:
+                a = name_of.get(id(dep.target.module))
+                if a is None or a == b or not graph.is_in_channel_pruning_fn(dep.handler):
+                    continue
+                cols.setdefault(a, set()).update(int(getattr(i, "idx", i)) for i in idxs)
+        return cols
 
     # -- calibration (Taylor, QM-Taylor; the budget's r) ------------------------------------------------
     def calibration_examples(self) -> int:
@@ -208,6 +257,9 @@ class Spsft(Method):
     def calibrate(self, model, calibration) -> None:
         c = self.config
         if self.r is None and c.ratio is None and calibration.budget_bytes is not None:
+            if c.dependencies:
+                raise DynatuneError("spsft.dependencies=true cannot derive r from the budget (its column counts "
+                                    "need a traced model); set spsft.r or spsft.ratio.")
             self.r = self.largest_r(model, calibration)
         if not self.needs_data:
             return
@@ -383,6 +435,9 @@ class Spsft(Method):
         for name, mod in sorted(row_delta_modules(model).items()):
             tensors[f"{name}.{ROWS}"] = getattr(mod, ROWS)
             tensors[f"{name}.{DELTA}"] = getattr(mod, DELTA)
+            if isinstance(mod, RowDeltaLinear) and mod.cols is not None:
+                tensors[f"{name}.{COLS}"] = mod.cols
+                tensors[f"{name}.{COL_DELTA}"] = getattr(mod, COL_DELTA)
             modules[name] = "linear" if isinstance(mod, RowDeltaLinear) else "vector"
         params = dict(model.named_parameters())
         for p in (p for u in self.units.fresh_heads for p in u.param_names):

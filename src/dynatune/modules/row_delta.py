@@ -31,6 +31,8 @@ from torch.amp import custom_bwd, custom_fwd
 
 DELTA = "spsft_delta"
 ROWS = "spsft_rows"
+COL_DELTA = "spsft_col_delta"
+COLS = "spsft_cols"
 # a deltas export (methods/spsft.py): rows + W_f (+ the fresh task head) and what names the base model
 DELTAS_FILE = "spsft_deltas.safetensors"
 DELTAS_CONFIG = "spsft_config.json"
@@ -43,17 +45,19 @@ def _make_function(device_type: str):
     class RowDeltaLinearFn(torch.autograd.Function):
         @staticmethod
         @custom_fwd(device_type=device_type)
-        def forward(ctx, x, weight, bias, delta, rows):
+        def forward(ctx, x, weight, bias, delta, rows, col_delta, cols):
             h = F.linear(x, weight, bias)  # under autocast: the compute dtype, W's cast not kept
-            d = F.linear(x, delta)
-            h.index_add_(-1, rows, d.to(h.dtype))
-            # only x: W and W_f are parameters (held by reference, never copied), rows is a buffer.
-            # Under autocast x is kept in the compute dtype, as a plain linear keeps it.
+            if delta is not None:
+                h.index_add_(-1, rows, F.linear(x, delta).to(h.dtype))
+            if col_delta is not None:  # a dependent layer's columns (appendix B): W_dep x[..., cols]
+                h = h + F.linear(x.index_select(-1, cols), col_delta).to(h.dtype)
+            # only x: W and the deltas are parameters (held by reference, never copied), rows and
+            # cols are buffers. Under autocast x is kept in the compute dtype, as a plain linear keeps it.
             xs = x
             if torch.is_autocast_enabled(device_type):
                 xs = x.to(torch.get_autocast_dtype(device_type))
             ctx.save_for_backward(xs)
-            ctx.weight, ctx.delta, ctx.rows = weight, delta, rows
+            ctx.weight, ctx.delta, ctx.rows, ctx.col_delta, ctx.cols = weight, delta, rows, col_delta, cols
             ctx.x_dtype = x.dtype
             return h
 
@@ -61,25 +65,33 @@ def _make_function(device_type: str):
         @custom_bwd(device_type=device_type)
         def backward(ctx, g):
             (x,) = ctx.saved_tensors
-            weight, delta, rows = ctx.weight, ctx.delta, ctx.rows
-            ctx.weight = ctx.delta = ctx.rows = None
-            g_rows = g.index_select(-1, rows)
-            need_x, need_w, need_b, need_d = ctx.needs_input_grad[:4]
-            dx = dw = db = dd = None
-            if need_x:
-                # dx = g W^T + g_rows W_f, in the dtype the matmuls run in (autocast as in forward)
-                dx = g.matmul(weight.to(g.dtype) if not torch.is_autocast_enabled(device_type) else weight)
-                dx = dx + g_rows.matmul(delta.to(g.dtype) if not torch.is_autocast_enabled(device_type) else delta)
-                dx = dx.to(ctx.x_dtype)
-            g2 = g_rows.reshape(-1, g_rows.shape[-1])
+            weight, delta, rows, col_delta, cols = ctx.weight, ctx.delta, ctx.rows, ctx.col_delta, ctx.cols
+            ctx.weight = ctx.delta = ctx.rows = ctx.col_delta = ctx.cols = None
+            amp = torch.is_autocast_enabled(device_type)
+
+            def mat(t):  # autocast casts inside matmul; without it, match g's dtype (pure bf16 or fp32)
+                return t if amp else t.to(g.dtype)
+            need_x, need_w, need_b, need_d, _, need_c = ctx.needs_input_grad[:6]
+            dx = dw = db = dd = dc = None
+            g_rows = g.index_select(-1, rows) if delta is not None else None
             x2 = x.reshape(-1, x.shape[-1])
+            if need_x:
+                # dx = g W^T + g_rows W_f (+ g W_dep into the columns), in the matmuls' dtype
+                dx = g.matmul(mat(weight))
+                if delta is not None:
+                    dx = dx + g_rows.matmul(mat(delta))
+                if col_delta is not None:
+                    dx = dx.index_add(-1, cols, g.matmul(mat(col_delta)).to(dx.dtype))
+                dx = dx.to(ctx.x_dtype)
             if need_d:
-                dd = g2.t().matmul(x2).to(delta.dtype)
+                dd = g_rows.reshape(-1, g_rows.shape[-1]).t().matmul(x2).to(delta.dtype)
+            if need_c:
+                dc = g.reshape(-1, g.shape[-1]).t().matmul(x2.index_select(-1, cols)).to(col_delta.dtype)
             if need_w:  # not SPSFT's use (W is frozen), but the function stays a correct linear
                 dw = g.reshape(-1, g.shape[-1]).t().matmul(x2).to(weight.dtype)
             if need_b:
                 db = g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
-            return dx, dw, db, dd, None
+            return dx, dw, db, dd, None, dc, None
 
     RowDeltaLinearFn.__name__ = f"RowDeltaLinearFn_{device_type}"
     return RowDeltaLinearFn
@@ -88,13 +100,13 @@ def _make_function(device_type: str):
 _FUNCTIONS: dict[str, type] = {}
 
 
-def row_delta_linear(x, weight, bias, delta, rows):
-    """W x + b + scatter_rows(W_f x), saving only x for backward."""
+def row_delta_linear(x, weight, bias, delta, rows, col_delta=None, cols=None):
+    """W x + b + scatter_rows(W_f x) (+ W_dep x[..., cols]), saving only x for backward."""
     dt = x.device.type
     fn = _FUNCTIONS.get(dt)
     if fn is None:
         fn = _FUNCTIONS[dt] = _make_function(dt)
-    return fn.apply(x, weight, bias, delta, rows)
+    return fn.apply(x, weight, bias, delta, rows, col_delta, cols)
 
 
 def _checked(rows, d: int) -> torch.Tensor:
@@ -152,8 +164,50 @@ class RowDeltaLinear(nn.Module, _Merge):
     def r(self) -> int:
         return int(getattr(self, ROWS).numel())
 
+    @property
+    def cols(self) -> torch.Tensor | None:
+        return getattr(self, COLS, None)
+
     def _base(self):
         return self.weight
+
+    def add_columns(self, cols) -> None:
+        """Appendix B's dependency: input columns `cols` of this weight train too, as W_dep (d_out x c,
+        zero-initialised) on x[..., cols]; the same function keeps saving x alone."""
+        cols = _checked(cols, self.in_features).to(self.weight.device)
+        self.register_buffer(COLS, cols)
+        self.spsft_col_delta = nn.Parameter(torch.zeros(self.out_features, cols.numel(), dtype=self.weight.dtype,
+                                                        device=self.weight.device))
+
+    def merged_weight(self) -> torch.Tensor:
+        """W with W_f added on the rows and W_dep on the columns (what merge() writes), out of place."""
+        w = self.weight.index_add(0, getattr(self, ROWS), self.spsft_delta.to(self.weight.dtype))
+        if self.cols is not None:
+            w = w.index_add(1, self.cols, self.spsft_col_delta.to(w.dtype))
+        return w
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Rows then columns, each from kept copies, so unmerge restores W bit for bit and a later
+        merge writes the same merged weight bit for bit."""
+        if self.merged:
+            return
+        super().merge()
+        self.merged = False
+        if self.cols is not None:
+            w = self.weight
+            self._kept_cols = w.index_select(1, self.cols).clone()
+            w.index_copy_(1, self.cols, self._kept_cols + self.spsft_col_delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.cols is not None:
+            self.weight.index_copy_(1, self.cols, self._kept_cols)
+            self._kept_cols = None
+        super().unmerge()
 
     def forward(self, x):
         if self.merged:
@@ -161,9 +215,9 @@ class RowDeltaLinear(nn.Module, _Merge):
         if not self.training:
             # evaluation computes with the merged weight (W0[rows] + W_f, the sum merge() stores), so a
             # saved merged model reproduces the run's evaluations bit for bit
-            w = self.weight.index_add(0, getattr(self, ROWS), self.spsft_delta.to(self.weight.dtype))
-            return F.linear(x, w, self.bias)
-        return row_delta_linear(x, self.weight, self.bias, self.spsft_delta, getattr(self, ROWS))
+            return F.linear(x, self.merged_weight(), self.bias)
+        return row_delta_linear(x, self.weight, self.bias, self.spsft_delta, getattr(self, ROWS),
+                                getattr(self, "spsft_col_delta", None), self.cols)
 
     def to_plain(self) -> nn.Linear:
         """The wrapped linear (merged first), sharing this module's weight and bias."""
@@ -174,7 +228,9 @@ class RowDeltaLinear(nn.Module, _Merge):
         return lin
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.r}, merged={self.merged}"
+        c = 0 if self.cols is None else self.cols.numel()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rows={self.r}, columns={c}, "
+                f"merged={self.merged}")
 
 
 class RowDeltaVector(nn.Module, _Merge):
@@ -258,6 +314,9 @@ def load_deltas(model: nn.Module, path) -> nn.Module:
             rows = tensors[f"{name}.{ROWS}"]
             new = RowDeltaLinear(mod, rows) if kind == "linear" else RowDeltaVector(mod, rows, "weight")
             new.spsft_delta.copy_(tensors[f"{name}.{DELTA}"])
+            if f"{name}.{COLS}" in tensors:
+                new.add_columns(tensors[f"{name}.{COLS}"])
+                new.spsft_col_delta.copy_(tensors[f"{name}.{COL_DELTA}"])
             replace_module(model, name, new)
         for p in spec["heads"]:
             params[p].copy_(tensors[p])
