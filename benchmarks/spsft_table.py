@@ -12,8 +12,9 @@ per linear, the same count. Rows: SPSFT with l2, Taylor (appendix A, 128 calibra
 and random rows (S2FT's selection), QM-Taylor on TREC (6 classes; the paper skips it for few
 labels), full fine-tuning, LoRA r=16 and SHiRA r=16 (all linear; the classifier trains in every
 row). Each method's learning rate is chosen on validation with seed 0 from its family's
-candidates, then used for seeds 1 and 2. The dependency-group rows (appendix B) are not here:
-dependency groups are not built yet.
+candidates, then used for seeds 1 and 2. Dependency groups (appendix B, needs torch-pruning): l2
+and Taylor with dependencies=true at r=16 (the paper halves the ratio; the trainable count is
+recorded per row, since the columns a group brings vary with the selection).
 Writes benchmarks/results/spsft_table[_smoke].json with its provenance.
 """
 import argparse
@@ -57,6 +58,11 @@ def methods(task: str) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     out = {"spsft_l2": ([*sp, "spsft.importance=l2"], SPSFT_RATES),
            "spsft_taylor": ([*sp, "spsft.importance=taylor"], SPSFT_RATES),
            "spsft_random": ([*sp, "spsft.importance=random"], SPSFT_RATES)}
+    # dependency groups on (appendix B): the paper halves the ratio, since each selected row brings
+    # its dependent columns (r=16 rows + their columns: about the same count as r=32 without)
+    for imp in ("l2", "taylor"):
+        out[f"spsft_{imp}_deps"] = (["method=spsft", "spsft.r=16", f"spsft.importance={imp}",
+                                     "spsft.dependencies=true"], SPSFT_RATES)
     if task == "trec":
         out["spsft_qm_taylor"] = ([*sp, "spsft.importance=qm-taylor"], SPSFT_RATES)
     out["full"] = (["method=full"], FULL_RATES)
