@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .errors import DynatuneError
+from .errors import BudgetError
 from .plan import Plan
 
 
@@ -44,11 +44,26 @@ class Calibration:
     micro_batch: int
     loss: Callable
     device: torch.device
-    budget_bytes: int | None = None
-    usable: int | None = None
+    has_budget: bool = False
+    # under a budget: () -> (budget bytes, usable bytes), resolved on first use (a fraction of full
+    # fine-tuning needs a probe: a method that never asks pays nothing)
+    resolve: Callable | None = None
     price: Callable | None = None
     memory_model: Callable | None = None
-    log: list = field(default_factory=list)
+    _resolved: tuple | None = field(default=None, repr=False)
+
+    def _budget(self) -> tuple:
+        if self._resolved is None:
+            self._resolved = self.resolve() if self.has_budget else (None, None)
+        return self._resolved
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self._budget()[0]
+
+    @property
+    def usable(self) -> int | None:
+        return self._budget()[1]
 
     def batches(self, examples=None) -> list[list]:
         ex = self.examples if examples is None else examples
@@ -83,9 +98,10 @@ def fit_micro_batch(price: Callable[[int], int], usable: int, start: int, what: 
         if p <= usable:
             return micro
         if micro == 1:
-            raise DynatuneError(f"{what} is predicted at {p} bytes even with micro-batches of one example, above the "
-                                f"budget's usable {usable} bytes; raise the budget, lower max_length, or make the "
-                                "calibration hold fewer gradients at once.")
+            raise BudgetError(f"{what} is predicted at {p} bytes even with micro-batches of one example, above the "
+                              f"budget's usable {usable} bytes; raise the budget, lower max_length, or make the "
+                              "calibration hold fewer gradients at once (spsft.layerwise or spsft.streaming).",
+                              predicted_bytes=p)
         micro = (micro + 1) // 2
 
 

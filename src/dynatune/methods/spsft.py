@@ -256,7 +256,7 @@ class Spsft(Method):
 
     def calibrate(self, model, calibration) -> None:
         c = self.config
-        if self.r is None and c.ratio is None and calibration.budget_bytes is not None:
+        if self.r is None and c.ratio is None and calibration.has_budget:
             if c.dependencies:
                 raise DynatuneError("spsft.dependencies=true cannot derive r from the budget (its column counts "
                                     "need a traced model); set spsft.r or spsft.ratio.")
@@ -389,7 +389,7 @@ class Spsft(Method):
         return self.smallest_plan(units)
 
     def cheaper_settings(self, largest: bool) -> tuple[str, ...]:
-        return ("spsft.r", "spsft.ratio", "spsft.freeze_attention")
+        return ("spsft.r", "spsft.ratio")
 
     def log_fields(self, step: int) -> dict:
         if step != 0:
