@@ -165,6 +165,10 @@ def test_a_budget_lowers_the_calibration_micro_batch():
     run_calibration(causal_lm("llama"), method, data, collate, cfg, torch.device("cpu"))
     c = seen["c"]
     assert c.micro_batch == 4 and c.price(names, 4) <= c.usable < c.price(names, 8)
+    from dynatune.errors import BudgetError
+    with pytest.raises(BudgetError, match="calibration phase is predicted at .* even with micro-batches of one"):
+        run_calibration(causal_lm("llama"), method, data, collate,
+                        loop_cfg(batch_size=16, max_length=S, budget="1000B", margin=0.03), torch.device("cpu"))
 
 
 # -- selection ----------------------------------------------------------------------------------------
