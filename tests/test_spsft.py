@@ -343,3 +343,42 @@ def test_dependencies_without_torch_pruning_is_one_sentence(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tp)
     with pytest.raises(DynatuneError, match=r"torch-pruning, which is not installed; install it with pip install"):
         Tuner(causal_lm("llama"), build_method("spsft", r=2, dependencies=True))
+
+
+def test_every_row_selected_trains_as_full_finetuning_of_the_linears():
+    """r >= every d_out: spsft through the loop equals a plain PyTorch loop that trains exactly the
+    blocks' linear weights (same AdamW, schedule, clipping, data order): losses and the merged weights
+    agree to 1e-5 (float rounding of W0 + summed updates against updates applied to W)."""
+    from dynatune.loop import epoch_order, linear_schedule
+    from dynatune.modules import unwrap_all
+
+    cfg = loop_cfg(max_length=S, max_steps=4, batch_size=4, lr=1e-2)
+    data = lm_examples(16, seq=S)
+    t, _ = fit(causal_lm("llama"), build_method("spsft", r=10_000), data, collate, cfg)
+    t.close_hooks()
+    merged = dict(unwrap_all(t.model).named_parameters())
+
+    model = causal_lm("llama")
+    lin = [m.weight for m in targets(model).values()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in lin:
+        w.requires_grad_(True)
+    opt = torch.optim.AdamW(lin, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = linear_schedule(opt, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    order = epoch_order(len(data), cfg.seed, 0)
+    torch.manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    for step in range(cfg.max_steps):
+        batch = collate([data[i] for i in order[step * 4:(step + 1) * 4]])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lin, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert [h["loss"] for h in t.history] == pytest.approx(losses, abs=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(merged[n], p.detach(), rtol=0, atol=1e-5)
