@@ -112,6 +112,7 @@ OPTIONS = {
     "dynalora": dict(k=None, fraction=None, period=3),  # k derived from the budget, reallocated within the run
     "dynavera": dict(period=3),      # 2/3 of the modules, checked against the budget at the first plan
     "ist": dict(n_u=None, fraction=None, t_c=3, r=4),  # N_u derived from the budget; importance loop within the run
+    "spsft": dict(r=8),              # 8 rows of 32 or 64 per linear, checked against the budget
 }
 
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = {"full": [], "topk": ["topk.k=1"], "bottomk": ["bottomk.k=1"], "lisa": ["lisa.k=1", "lisa.period=2"],
            "random": [], "lora": ["lora.r=4"], "dora": ["dora.r=4"], "vera": ["vera.r=8"], "trims": ["trims.tau=1"],
            "gradselect": [], "adagradselect": [], "dynalora": ["dynalora.r=4", "dynalora.period=2"],
-           "dynavera": ["dynavera.r=8", "dynavera.period=2"], "ist": ["ist.r=4", "ist.t_c=2"]}
+           "dynavera": ["dynavera.r=8", "dynavera.period=2"], "ist": ["ist.r=4", "ist.t_c=2"],
+           "spsft": ["spsft.r=4"]}
 ADAPTER_METHODS = {"lora", "dora", "vera", "dynalora", "dynavera", "ist"}
 # 40 examples in batches of 8 is 5 steps an epoch: 4 steps end mid-epoch, so every figure is the final model's
 DATA = ["task=trec", "data.max_train=40", "data.max_eval=24", "batch_size=8", "max_length=32", "max_steps=4"]
@@ -135,6 +136,31 @@ def trec_test_split():
     cfg = load_config(None, DATA)
     _, tokenizer = load_model("minilm-l6", "classification", tokenizer_only=True)
     return load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_spsft_deltas_and_merged_model_reproduce_the_run(importance, run, tiny_bert_dir, capsys):
+    """spsft.export=deltas saves rows + W_f + the head (small), loaded onto the base by `dynatune eval`;
+    save_merged=true adds the merged model, a plain from_pretrained model: both give the run's figures."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dynatune.data.metrics import evaluate
+    from dynatune.models import load_model
+
+    out = run("spsft", "spsft.export=deltas", "save_merged=true", f"spsft.importance={importance}",
+              "spsft.calibration_examples=16")
+    metrics, task = metrics_of(out), trec_test_split()
+    saved = {p.name for p in (out / "model").iterdir()}
+    assert {"spsft_deltas.safetensors", "spsft_config.json"} <= saved and "model.safetensors" not in saved
+    deltas = (out / "model" / "spsft_deltas.safetensors").stat().st_size
+    assert deltas < (out / "model" / "merged" / "model.safetensors").stat().st_size / 4
+    got = evaluated(out, capsys)
+    assert got["test"] == metrics["test"] and got["validation"] == metrics["validation"]
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "model" / "merged", num_labels=6)
+    assert not any("spsft" in n for n in merged.state_dict())
+    assert evaluate(merged, task, "test", metrics["eval_batch_size"]) == metrics["test"]
+    model, _ = load_model(str(out / "model"), "classification", num_labels=6, saved=True)
+    assert evaluate(model, task, "test", metrics["eval_batch_size"]) == metrics["test"]
 
 
 def test_adapter_run_loads_with_peft_and_its_merged_model_with_from_pretrained(run, tiny_bert_dir):

@@ -83,6 +83,7 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     method.configure_schedule(total, int(cfg.warmup_ratio * total))
 
     if tuner is None:
+        run_calibration(model, method, train_set, collate, cfg, device)
         tuner = make_tuner(model, method, cfg, device)
     model = tuner.model
     scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
@@ -187,6 +188,68 @@ def make_tuner(model, method, cfg, device) -> Tuner:
         install_budget(tuner, budget, batch_shape=(cfg.batch_size // cfg.grad_accum, cfg.max_length),
                        precision=cfg.precision, margin=cfg.margin, **memory_model_options(cfg, device))
     return tuner
+
+
+def run_calibration(model, method, train_set, collate, cfg, device) -> None:
+    """The calibration phase (calibration.py), before the tuner exists: the method sees
+    `calibration_examples()` training examples (drawn apart from the run's order, the global RNG
+    forked), priced under the budget with the largest micro-batch that fits, then prepares its model.
+    Nothing is priced unless the method draws examples or asks for the budget."""
+    from .calibration import Calibration, block_price, draw, fit_micro_batch, restore
+    from .memory import check_margin, full_finetuning_peak, parse_budget, resolve_budget, usable_budget
+
+    want = method.calibration_examples()
+    micro = cfg.batch_size // cfg.grad_accum
+    seq = getattr(cfg, "max_length", None)
+    budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
+    has_budget = budget is not None and seq is not None
+    opts = memory_model_options(cfg, device)
+    layers = getattr(cfg, "layers", None)
+    params = dict(model.named_parameters())
+    plain = {}
+
+    def memory_model(m, prepare=None, granularity="adapter"):
+        return MemoryModel(m, granularity=granularity, layers=layers, precision=cfg.precision,
+                           batch_shape=(micro, seq), prepare=prepare, **opts)
+
+    def plain_model():  # the model as loaded, priced at block granularity (built once, on first use)
+        if "mm" not in plain:
+            plain["mm"] = memory_model(model, granularity="block")
+        return plain["mm"]
+
+    def resolve():
+        kind, _ = parse_budget(budget)
+        total = resolve_budget(budget, full_finetuning_peak(plain_model()) if kind == "fraction" else None)
+        return total, usable_budget(total, check_margin(getattr(cfg, "margin", 0.03)))
+
+    def price(names, m):
+        mm = plain_model()
+        return block_price(mm, mm.param_bytes([n for n in names if n in params]), m, seq)
+
+    def loss(m, exs):
+        batch = move(collate(exs), device)
+        with autocast_for(cfg.precision, device.type):
+            if getattr(cfg, "chunked_loss", 0):
+                return chunked_causal_lm_loss(m, batch, cfg.chunked_loss)
+            return m(**batch).loss
+
+    calibration = Calibration([], micro, loss, device, has_budget, resolve if has_budget else None,
+                              price if has_budget else None, memory_model if has_budget else None)
+    if want > 0:
+        calibration.examples = [train_set[i] for i in draw(len(train_set), want, cfg.seed)]
+        groups = method.calibration_gradients(model)
+        if has_budget and groups:
+            biggest = max(groups, key=lambda g: sum(params[n].numel() * params[n].element_size() for n in g))
+            calibration.micro_batch = fit_micro_batch(lambda m: price(biggest, m), calibration.usable, micro,
+                                                      f"{method.name}'s calibration phase")
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # dropout's RNG: the run draws as if no calibration happened
+        model.eval()
+        try:
+            method.calibrate(model, calibration)
+        finally:
+            restore(model, was)
 
 
 def one_budget(run_budget, method, where: str):
@@ -341,6 +404,7 @@ def train(cfg) -> dict:
     model.to(device)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
+    run_calibration(model, method, task.train, task.collate, cfg, device)
     tuner = make_tuner(model, method, cfg, device)
     # only now, with model, data, task and budget accepted: a refused run leaves nothing behind
     out_dir = run_dir(cfg)

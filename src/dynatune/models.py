@@ -14,6 +14,7 @@ import torch
 
 from dynatune import assets
 from dynatune.errors import DynatuneError
+from dynatune.modules.row_delta import DELTAS_CONFIG, load_deltas
 
 KINDS = ("classification", "regression", "causal-lm")
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
@@ -159,6 +160,12 @@ def load_model(spec: str, kind: str, num_labels: int | None = None, dtype=torch.
                                 "that updates base weights would lose them when the adapter is saved); train from its "
                                 "base model, or from the merged model a run saves with save_merged=true.")
         return _load_adapter(adapter, kind, num_labels, dtype, seed, tokenizer_only, label_names)
+    deltas = Path(str(spec)).expanduser()
+    if (deltas / DELTAS_CONFIG).is_file():
+        if not saved:
+            raise DynatuneError(f"{deltas} holds SPSFT row deltas, not a model to train from; train from its base "
+                                "model, or from the merged model a run saves with save_merged=true.")
+        return _load_deltas(deltas, kind, num_labels, dtype, seed, tokenizer_only, label_names)
     model, tokenizer, fresh = _load(spec, kind, num_labels, dtype, seed, tokenizer_only, label_names)
     if saved and fresh:
         raise DynatuneError(f"{spec} lacks {len(fresh)} weights of its model (e.g. {sorted(fresh)[0]}), which "
@@ -268,6 +275,25 @@ def _load_bottleneck(path: Path, kind, num_labels, dtype, seed, tokenizer_only, 
         raise DynatuneError(f"{path} holds bottleneck adapters without {lost[0]} (its base model has none), so it "
                             "cannot reproduce the run it came from.")
     return load_bottleneck(model, path), tokenizer
+
+
+def _load_deltas(path: Path, kind, num_labels, dtype, seed, tokenizer_only, label_names):
+    """An SPSFT deltas export: the base model it names (an arch: base from `seed`), then its row deltas."""
+    import json
+
+    spec = json.loads((path / DELTAS_CONFIG).read_text())
+    base = spec.get("base_model_name_or_path") or ""
+    if not (base.startswith("arch:") or base in MODELS or (Path(base).expanduser() / "config.json").is_file()):
+        raise DynatuneError(f"{path} holds SPSFT deltas whose base model {base!r} cannot be found; restore that "
+                            f"model there (or set base_model_name_or_path in its {DELTAS_CONFIG}).")
+    model, tokenizer, fresh = _load(base, kind, num_labels, dtype, seed, tokenizer_only, label_names)
+    if tokenizer_only:
+        return None, tokenizer
+    lost = sorted(set(fresh) - set(spec.get("heads", ())))
+    if lost:
+        raise DynatuneError(f"{path} holds SPSFT deltas without {lost[0]} (its base model has none), so it cannot "
+                            "reproduce the run it came from.")
+    return load_deltas(model, path), tokenizer
 
 
 def _build(auto, config, source, dtype):

@@ -150,7 +150,7 @@ def find_blocks_path(model: nn.Module, layers: str | None = None) -> str:
 
 
 def _is_adapter_param(name: str) -> bool:
-    return any(t in name for t in ("lora_", "vera_", "adapter", "ia3_", "oft_", "boft_"))
+    return any(t in name for t in ("lora_", "vera_", "adapter", "ia3_", "oft_", "boft_", "shira_", "spsft_"))
 
 
 def _adapter_owner(name: str) -> str:

@@ -90,15 +90,30 @@ STATE_FILE = "dynatune_state.pt"  # the engine's state, beside the Trainer's fil
 logger = logging.getLogger(__name__)
 
 
-def prepare(model: nn.Module, method) -> nn.Module:
+def prepare(model: nn.Module, method, train_dataset=None, data_collator=None, *, batch_size: int = 8,
+            seed: int = 0, precision: str = "fp32") -> nn.Module:
     """Get `model` ready for a Trainer: inject the method's adapters, make every parameter trainable.
 
     Call it before creating the Trainer and give the Trainer the model it returns (VeRA wraps the
     model in a PeftModel). Idempotent: a model that already carries adapters is kept as it is.
     A method that updates base weights refuses a model carrying adapters (`Method.check_model`):
     Trainer.save_model would save the adapter alone and lose those updates.
+    A method with a calibration phase (SPSFT's Taylor importance) needs `train_dataset` and
+    `data_collator` here: it reads examples drawn from them (by `seed`, in micro-batches of
+    `batch_size`, under `precision`'s autocast) before its modules go in, as the plain loop does.
     """
     method.check_model(model)
+    if method.calibration_examples() > 0:
+        if train_dataset is None or data_collator is None:
+            raise DynatuneError(f"method '{method.name}' chooses its structure from calibration batches; pass "
+                                "train_dataset and data_collator to prepare(model, method, train_dataset, "
+                                "data_collator).")
+        from types import SimpleNamespace
+
+        from ..loop import run_calibration
+        device = next(model.parameters()).device
+        cfg = SimpleNamespace(batch_size=batch_size, grad_accum=1, seed=seed, precision=precision, budget=None)
+        run_calibration(model, method, train_dataset, data_collator, cfg, device)
     model = method.prepare_model(model)
     for p in model.parameters():
         if p.is_floating_point() or p.is_complex():

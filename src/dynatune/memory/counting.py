@@ -155,12 +155,17 @@ class SavedTensorCounter:
         # forward that ran out of memory). Autograd puts the grad_fn back when it unpacks.
         out = t.detach()
         if t.device.type == self.device.type:
-            key = storage_key(t)
+            if t.layout == torch.sparse_coo:  # (peft SHiRA's delta) no storage of its own: its values and indices
+                vals, idx = t._values(), t._indices()
+                key, nbytes = storage_key(vals), vals.untyped_storage().nbytes() + idx.untyped_storage().nbytes()
+            else:
+                key, nbytes = storage_key(t), None
             if key not in self._param_keys:
                 entry = self._saved.get(key)
                 if entry is None or not self._alive(entry):  # new, or an address a freed one left
                     label = self._stack[-1] if self._stack else "outside"
-                    entry = self._saved[key] = [label, t.untyped_storage().nbytes(), []]
+                    nbytes = t.untyped_storage().nbytes() if nbytes is None else nbytes
+                    entry = self._saved[key] = [label, nbytes, []]
                 entry[2].append(weakref.ref(out))
                 self._pending = True
         return out

@@ -8,6 +8,7 @@ from . import adagradselect  # noqa: F401  (registration)
 from . import trims  # noqa: F401  (registration)
 from . import dynalora  # noqa: F401  (registration)
 from . import ist  # noqa: F401  (registration)
+from . import spsft  # noqa: F401  (registration)
 
 
 def build_method(name: str, config=None, seed: int = 0, *, budget=None, **options) -> Method:

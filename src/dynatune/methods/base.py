@@ -91,6 +91,25 @@ class Method:
                                 "and saving it would keep only the adapter; merge the adapter first "
                                 "(merge_and_unload, or a run's save_merged=true) or use method=lora, dora or vera.")
 
+    def calibration_examples(self) -> int:
+        """Once, before anything else sees the model (the plain loop; integrations.hf.prepare when given
+        data): how many training examples the calibration phase draws for `calibrate` (0: none)."""
+        return 0
+
+    def calibration_gradients(self, model) -> list[list[str]]:
+        """Under a budget, before `calibrate`: groups of parameter names whose gradients calibrate holds
+        at once; the phase is priced with the largest group (calibration.py) and its micro-batch
+        lowered until it fits."""
+        return []
+
+    def calibrate(self, model, calibration) -> None:
+        """Once, before prepare_model (so before partitioning and the optimizer): `calibration`
+        (calibration.Calibration) holds the drawn training examples, a loss closure, the micro-batch
+        and, under a budget, its bytes and pricing. The method may run forwards and backwards on the
+        model as loaded; the caller forks the global RNG around it and restores requires_grad,
+        gradients and train mode afterwards. Called even when calibration_examples() is 0 (no
+        examples): a method may settle options from the budget here (SPSFT's r)."""
+
     def prepare_model(self, model):
         """Once, before the model is partitioned: wrap or modify it (adapters are injected here)."""
         return model
