@@ -75,6 +75,9 @@ class RunConfig:
                               "budget x (1 - margin)")
     chunked_loss: int = opt(0, "causal LM: compute the loss over this many tokens at a time without full fp32 "
                                  "logits (0 = the model's own loss)")
+    gradient_checkpointing: bool = opt(False, "activation checkpointing: each block that runs keeps only its input and "
+                                              "backward recomputes the rest, one block at a time (torch's "
+                                              "non-reentrant checkpoint; priced by the memory model)")
     layers: Optional[str] = opt(None, "dotted path of the block list for architectures dynatune does not know")
     count_memory: bool = opt(True, "count live bytes each step (saved tensors hooked in forward, weights, gradients "
                                    "and optimizer state after the update); false skips that work, and then "

@@ -31,7 +31,8 @@ from .errors import DynatuneError
 from .memory import BudgetError, MemoryRecord, SavedTensorCounter, check_margin, grad_bytes, unique_bytes, usable_budget
 from .optim import OptimizerStates, ensure_in_optimizer
 from .plan import Plan
-from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from .plan_mechanics import (BlockStack, add_plan_hooks, grad_param_names, input_grad_hooks_on,
+                             remove_input_grad_hooks, require_grad_only)
 from .signals import SIGNALS, read_signals
 from .units import Units, partition
 
@@ -94,7 +95,16 @@ class Tuner:
         self.budget_bytes: int | None = None
         self.budget_margin = 0.03
         self.policy_note: str | None = None  # set_budget's switch of state_policy, if any
+        users_hooks = input_grad_hooks_on(model)
         self.model = method.prepare_model(model)
+        if input_grad_hooks_on(self.model):
+            # enable_input_require_grads makes the embedding output require grad, so backward (and the
+            # saved activations) would reach every block whatever the plan trains; peft turns it on
+            # when it wraps a checkpointed model. Non-reentrant checkpointing does not need it.
+            remove_input_grad_hooks(self.model)
+            if users_hooks:
+                logger.warning("dynatune: turned off the model's enable_input_require_grads hooks, which would make "
+                               "backward run through every block whatever the plan trains.")
         release_guard(model)
         release_guard(self.model)
         self.units: Units = partition(self.model, method.granularity, layers)

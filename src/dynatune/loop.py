@@ -34,6 +34,7 @@ from .memory import MemoryModel, install_budget, largest_prediction
 from .methods import METHODS, build_method
 from .models import load_model
 from .optim import linear_factor
+from .plan_mechanics import enable_checkpointing
 from .precision import autocast_for
 from .report import plot_run
 
@@ -180,6 +181,8 @@ def make_tuner(model, method, cfg, device) -> Tuner:
     """The engine for a run: the optimizer over the method's candidates and, with a budget (the
     config's or the method's), the memory model that checks every plan."""
     lr = cfg.lr if cfg.lr is not None else method.default_lr
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_checkpointing(model)
     tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
                   count_memory=getattr(cfg, "count_memory", True))
     budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
@@ -269,7 +272,8 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
 
 def memory_model_options(cfg, device) -> dict:
     """How this loop runs, in the memory model's terms."""
-    opts = {"grad_accum": cfg.grad_accum, "device_type": device.type}
+    opts = {"grad_accum": cfg.grad_accum, "device_type": device.type,
+            "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
     if getattr(cfg, "chunked_loss", 0):
         opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
     return opts

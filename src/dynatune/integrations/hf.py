@@ -164,6 +164,7 @@ class DynatuneCallback(TrainerCallback):
             self.tuner.abort_step()
             self._step_open = self._in_step = False
         if self.tuner is None or self.tuner.model is not model or self.tuner.optimizer is not inner:
+            _check_checkpointing(args, self.budget)
             self._build(model, inner, lr_scheduler)
             if self.budget is not None:
                 self._install_budget(args, model, train_dataloader)
@@ -278,7 +279,7 @@ class DynatuneCallback(TrainerCallback):
         mm = install_budget(self.tuner, self.budget, batch_shape=(batch, seq), precision=precision,
                             margin=self.margin, grad_accum=args.gradient_accumulation_steps,
                             device_type=self.tuner.device.type,
-                            gradient_checkpointing=bool(args.gradient_checkpointing))
+                            gradient_checkpointing=checkpointing_on(args))
         self.budget_note = (f"budget {self.budget} = {self.tuner.budget_bytes} bytes, priced at batch {batch} x "
                             f"{seq} tokens ({where}), {precision}, gradient accumulation "
                             f"{args.gradient_accumulation_steps}")
@@ -337,6 +338,30 @@ def _longest_example(train_dataloader) -> tuple[int, int]:
         raise DynatuneError("DynatuneCallback cannot see the training examples' input_ids to price the budget; "
                             "pass DynatuneCallback(method, budget=..., max_length=<longest sequence>).")
     return max(lengths), len(lengths)
+
+
+def checkpointing_on(args) -> bool:
+    """Whether the Trainer checkpoints activations (activation_checkpointing, or its older name)."""
+    if hasattr(args, "activation_checkpointing"):
+        return bool(args.activation_checkpointing)
+    return bool(getattr(args, "gradient_checkpointing", False))
+
+
+def _check_checkpointing(args, budget) -> None:
+    """The Trainer's activation checkpointing must be what dynatune runs and prices: non-reentrant,
+    every block. (The Trainer also turns on enable_input_require_grads; the Tuner turns it off.)"""
+    if not checkpointing_on(args):
+        return
+    kw = dict((args.activation_checkpointing_kwargs if hasattr(args, "activation_checkpointing_kwargs")
+               else getattr(args, "gradient_checkpointing_kwargs", None)) or {})
+    if kw.get("use_reentrant", False):
+        raise DynatuneError("reentrant checkpointing (use_reentrant=True) gives the weights of a block whose input "
+                            "needs no gradient no gradient at all, so dynatune's frozen bottom blocks would break "
+                            "training; drop use_reentrant from gradient_checkpointing_kwargs (False is the default).")
+    if budget is not None and (kw.get("every_n_layers", 1) != 1 or kw.get("offload", False)):
+        raise DynatuneError("the memory model prices checkpointing of every block on the device, so a budget cannot "
+                            "be held with every_n_layers or offload in gradient_checkpointing_kwargs; drop them, or "
+                            "the budget.")
 
 
 def _extend_scheduler(scheduler, optimizer, added: int) -> None:
