@@ -21,6 +21,7 @@ from .errors import DynatuneError
 from .memory import check_margin, parse_budget
 from .methods import METHODS
 from .precision import check_precision
+from .tracking import parse_report_to
 
 
 def opt(default, help: str):
@@ -51,6 +52,9 @@ class RunConfig:
     seed: int = opt(0, "seed of the model's init, data order, dropout and the method's sampling")
     output_dir: str = opt("runs/{method}-{task}", "where logs, metrics, plots and the model go")
     log_every: int = opt(1, "write a JSONL record every this many steps")
+    report_to: str = opt("none", "also send each step's record (loss, lr, plan, counted and predicted bytes) and "
+                                 "each evaluation to tensorboard (output_dir/tensorboard), wandb (offline mode, in "
+                                 "output_dir), both (tensorboard,wandb) or none; each is an optional extra")
     eval_each_epoch: bool = opt(True, "evaluate on validation at the end of each epoch")
     eval_steps: int = opt(0, "also evaluate on validation every this many optimizer steps (records in "
                              "metrics.json's evals and evals.jsonl); 0 = only at epoch ends")
@@ -152,7 +156,7 @@ def _merged(base, start, path, overrides):
 # What a resumed run may set anew: how it is shown, logged, checkpointed and saved, and where it
 # runs; none of them changes an update. Everything else is the run's own.
 RESUME_FREE = ("progress", "stop_after", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-               "save_model", "save_merged", "resume")
+               "save_model", "save_merged", "resume", "report_to")
 
 
 def _resumed_run(resume: str) -> Path:
@@ -224,6 +228,7 @@ def check(cfg) -> None:
     task_kind(cfg.task)  # raises, listing the known tasks
     run_dir(cfg)  # output_dir's braces name only {method} and {task}
     check_precision(cfg.precision)
+    parse_report_to(cfg.report_to)  # a backend that is not installed is one sentence before anything loads
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise DynatuneError(f"{name} must be at least 1, got {getattr(cfg, name)}.")

@@ -37,6 +37,7 @@ from .optim import linear_factor
 from .plan_mechanics import enable_checkpointing
 from .precision import autocast_for
 from .report import plot_run
+from .tracking import open_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     # a resumed run appends to its log (cut back to its checkpoint); a fresh run in a reused directory starts a new one
     log = open(out_dir / "log.jsonl", "a" if getattr(cfg, "resume", None) else "w") if out_dir else None
     bar = _progress(total, state.step, cfg.progress)
+    # report_to: the step records and evaluations also go to TensorBoard / wandb (tracking.py)
+    trackers = open_trackers(getattr(cfg, "report_to", "none"), out_dir, out_dir.name if out_dir else "",
+                             _plain_config(cfg))
     model.train()
     eval_steps = getattr(cfg, "eval_steps", 0)
     try:
@@ -118,25 +122,29 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 if log and state.step % cfg.log_every == 0:
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
+                if trackers and state.step % cfg.log_every == 0:
+                    trackers.log_step(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if on_step:
                     on_step(tuner, state)
                 # before the checkpoint, so that it holds this evaluation's best and patience
                 if evaluate is not None and eval_steps and state.step % eval_steps == 0:
-                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir)
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
                 if out_dir and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
             else:  # the epoch ran to its end
                 evaluated = state.evals and state.evals[-1]["step"] == state.step  # by eval_steps just now
                 if evaluate is not None and getattr(cfg, "eval_each_epoch", True) and not evaluated:
-                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir)
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
                 state.epoch += 1
                 state.batch_in_epoch = 0
     finally:
         bar.close()
         if log:
             log.close()
+        if trackers:
+            trackers.close()
     if out_dir and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
         checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
     if out_dir:  # the checkpoint's evaluations: a resumed run's file drops those of the steps it redid
@@ -144,9 +152,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     return tuner, state
 
 
-def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None) -> None:
+def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None, trackers=None) -> None:
     """Record one validation evaluation; update the best one, the best weights and early stopping."""
     model.train()
+    if trackers:
+        trackers.log_eval(state.step, result)
     metric = getattr(cfg, "metric_for_best", None) or next(iter(result))
     if metric not in result:
         raise DynatuneError(f"metric_for_best={metric} is not among this task's validation metrics "
@@ -168,6 +178,14 @@ def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path
                            state.step, metric, state.best["value"], state.best["step"], state.bad_evals)
     if out_dir:
         _write_evals(out_dir, state.evals)
+
+
+def _plain_config(cfg) -> dict:
+    """The run's settings for a tracker's run page (a RunConfig, or the namespace a caller of fit passes)."""
+    try:
+        return to_dict(cfg)
+    except Exception:  # noqa: BLE001 - not a dataclass config: its plain attributes
+        return {k: v for k, v in vars(cfg).items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def _write_evals(out_dir: Path, evals: list[dict]) -> None:

@@ -67,6 +67,7 @@ callback lets the error through.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -82,6 +83,7 @@ from ..engine import Tuner, guard_until_tuned
 from ..errors import DynatuneError
 from ..loop import one_budget
 from ..memory import install_budget
+from ..tracking import step_scalars
 
 STATE_FILE = "dynatune_state.pt"  # the engine's state, beside the Trainer's files in each checkpoint
 
@@ -172,6 +174,18 @@ class DynatuneCallback(TrainerCallback):
                 self._resume(args, state)
         if self._hook is None:
             self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
+        _run_before_reporters(self, inspect.currentframe())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The last step's record (plan, counted and predicted bytes, the method's fields) joins the
+        Trainer's training logs as dynatune/... scalars, so its report_to loggers (TensorBoard,
+        wandb, ...) chart them next to the loss."""
+        if logs is None or "loss" not in logs or self.tuner is None or not self.tuner.history:
+            return
+        if not _reports(args):
+            return  # nothing charts them; the console's log lines stay as the Trainer prints them
+        skip = ("train/loss", "train/lr", "train/epoch")
+        logs.update({f"dynatune/{k}": v for k, v in step_scalars(self.tuner.history[-1]).items() if k not in skip})
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.tuner.begin_step()
@@ -338,6 +352,35 @@ def _longest_example(train_dataloader) -> tuple[int, int]:
         raise DynatuneError("DynatuneCallback cannot see the training examples' input_ids to price the budget; "
                             "pass DynatuneCallback(method, budget=..., max_length=<longest sequence>).")
     return max(lengths), len(lengths)
+
+
+def _reports(args) -> bool:
+    r = getattr(args, "report_to", None)
+    names = [r] if isinstance(r, str) else list(r or [])
+    return any(n not in ("none", None) for n in names)
+
+
+def _run_before_reporters(callback, frame) -> None:
+    """Move `callback` ahead of the Trainer's report_to callbacks in its callback list.
+
+    The Trainer puts its reporting callbacks before the user's, and each sees the same `logs` dict
+    in turn, so scalars added in on_log reach them only from a callback that runs first. The
+    Trainer's callback handler is the caller of on_train_begin (CallbackHandler.call_event)."""
+    from transformers.trainer_callback import CallbackHandler
+    try:
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+    except ImportError:
+        return
+    caller = frame.f_back if frame is not None else None
+    handler = caller.f_locals.get("self") if caller is not None else None
+    if not isinstance(handler, CallbackHandler) or callback not in handler.callbacks:
+        return
+    reporters = tuple(c for c in INTEGRATION_TO_CALLBACK.values() if isinstance(c, type))
+    cbs = handler.callbacks
+    first = next((i for i, c in enumerate(cbs) if isinstance(c, reporters)), None)
+    if first is not None and cbs.index(callback) > first:
+        cbs.remove(callback)
+        cbs.insert(first, callback)
 
 
 def checkpointing_on(args) -> bool:
