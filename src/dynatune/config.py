@@ -48,7 +48,8 @@ class RunConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_ratio: float = opt(0.06, "fraction of steps of linear warm-up, then linear decay to 0")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = no clipping")
-    precision: str = opt("fp32", "fp32, amp-bf16 (fp32 weights, bf16 autocast) or bf16 (pure bf16)")
+    precision: str = opt("fp32", "fp32, amp-bf16 (fp32 weights, bf16 autocast), amp-fp16 (fp32 weights, fp16 "
+                                 "autocast, dynamic loss scaling; CUDA only) or bf16 (pure bf16)")
     seed: int = opt(0, "seed of the model's init, data order, dropout and the method's sampling")
     output_dir: str = opt("runs/{method}-{task}", "where logs, metrics, plots and the model go")
     log_every: int = opt(1, "write a JSONL record every this many steps")

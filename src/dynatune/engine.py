@@ -90,6 +90,9 @@ class Tuner:
                  lr: float = 1e-4, weight_decay: float = 0.0, layers: str | None = None,
                  count_memory: bool = True, clock=time.perf_counter):
         self.method = method
+        # the loss scale backward ran under (amp-fp16's GradScaler; 1 otherwise): the loop sets it
+        # each step before after_backward, and gradient signals are read unscaled
+        self.grad_scale = 1.0
         # budget (set_budget): methods read these; apply() refuses plans priced above the budget
         self.memory_model = None
         self.budget_bytes: int | None = None
@@ -313,7 +316,12 @@ class Tuner:
     def signal_values(self) -> dict[str, dict[str, float]]:
         """signal name -> unit -> float. Hooks kept their readings on the device; this is the step's
         one host sync for signals (none when the method reads no signal)."""
-        return dict(zip(self.signals, read_signals(list(self.signals.values()))))
+        values = dict(zip(self.signals, read_signals(list(self.signals.values()))))
+        if self.grad_scale != 1.0:  # amp-fp16: backward ran on the scaled loss; scores read its gradient
+            for name, sig in self.signals.items():
+                if sig.reads_gradient:
+                    values[name] = {u: v / self.grad_scale for u, v in values[name].items()}
+        return values
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:

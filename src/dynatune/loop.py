@@ -35,7 +35,7 @@ from .methods import METHODS, build_method
 from .models import load_model
 from .optim import linear_factor
 from .plan_mechanics import enable_checkpointing
-from .precision import autocast_for
+from .precision import autocast_for, check_device, grad_scaler
 from .report import plot_run
 from .tracking import open_trackers
 
@@ -93,6 +93,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         state = checkpoint.load(cfg.resume, tuner, scheduler)
         if out_dir:
             checkpoint.keep_log_until(out_dir / "log.jsonl", state.step)
+    scaler = grad_scaler(cfg.precision, device.type)  # amp-fp16 only
+    if scaler is not None and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
 
     stop = min(total, cfg.stop_after) if getattr(cfg, "stop_after", -1) > 0 else total
     # a resumed run appends to its log (cut back to its checkpoint); a fresh run in a reused directory starts a new one
@@ -112,7 +115,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 if state.step >= stop or state.stopped_early_at_step is not None:
                     break
                 batches = batcher(train_set, order[start:start + cfg.batch_size], collate)
-                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches)
+                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches, scaler=scaler)
+                if scaler is not None:  # into every checkpoint, so a resumed run scales as this one would
+                    state.grad_scaler = scaler.state_dict()
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
@@ -199,6 +204,7 @@ def make_tuner(model, method, cfg, device) -> Tuner:
     """The engine for a run: the optimizer over the method's candidates and, with a budget (the
     config's or the method's), the memory model that checks every plan."""
     lr = cfg.lr if cfg.lr is not None else method.default_lr
+    check_device(cfg.precision, device.type)  # amp-fp16 needs CUDA: one sentence before anything trains
     if getattr(cfg, "gradient_checkpointing", False):
         enable_checkpointing(model)
     tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
@@ -226,7 +232,7 @@ def batcher(train_set, idx: list[int], collate):
     return lambda size: [collate(examples[j:j + size]) for j in range(0, len(examples), size)]
 
 
-def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None) -> float:
+def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None, scaler=None) -> float:
     """One optimizer step: plan, forward/backward over micro-batches, signals, update.
 
     Out of device memory (torch.OutOfMemoryError) in forward or backward does not end the run: the
@@ -236,12 +242,14 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
     the one a run that split this batch from the start makes. Micro-batches of one example that
     still do not fit raise DynatuneError. `rebatch(size)` returns the step's examples as
     micro-batches of at most `size` (fit's collates them afresh); without it the given ones are sliced.
+    `scaler` (amp-fp16): backward runs on the scaled loss; gradients are unscaled before the
+    signals read them and before clipping, and the scaler skips the update when they overflowed.
     """
     tuner.begin_step()
     size = max(len(b["labels"]) for b in micro_batches)
     while True:
         try:
-            loss_sum = _forward_backward(model, micro_batches, cfg, device)
+            loss_sum = _forward_backward(model, micro_batches, cfg, device, scaler)
             break
         except torch.OutOfMemoryError as err:
             if size <= 1:
@@ -259,16 +267,23 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
         logger.warning("step %d: out of device memory; retrying the same %d examples as %d micro-batches of at most %d "
                     "(retry %d)", tuner.step, sum(len(b["labels"]) for b in micro_batches), len(micro_batches),
                     size, tuner.oom_retries)
+    if scaler is not None:
+        scaler.unscale_(tuner.optimizer)
+        tuner.grad_scale = float(scaler.get_scale())
     tuner.after_backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in tuner.params.values() if p.grad is not None], cfg.grad_clip)
-    tuner.optimizer.step()
+    if scaler is not None:
+        scaler.step(tuner.optimizer)  # skipped when a gradient is inf/nan; the scale then shrinks
+        scaler.update()
+    else:
+        tuner.optimizer.step()
     tuner.after_optimizer_step()
     tuner.optimizer.zero_grad(set_to_none=True)
     return loss_sum
 
 
-def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
+def _forward_backward(model, micro_batches: list[dict], cfg, device, scaler=None) -> float:
     n_examples = sum(len(b["labels"]) for b in micro_batches)
     losses, weights = [], []
     for batch in micro_batches:
@@ -281,7 +296,8 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
                 loss = model(**batch).loss
         # weight each micro-batch by its size so accumulation equals one big batch
         weight = len(batch["labels"]) / n_examples
-        (loss * weight).backward()
+        scaled = loss * weight
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         losses.append(loss.detach())
         weights.append(weight)
     # read back once per step, not between micro-batches (a device sync each); same float sum as before
@@ -334,6 +350,7 @@ def _progress(total, initial, enabled):
 def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
     seed_everything(cfg.seed)
+    check_device(cfg.precision, resolve_device(cfg.device).type)  # before anything loads
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)

@@ -39,7 +39,7 @@ OPTIONS = {
     "batch_size": (16, int, "examples per optimizer step"),
     "grad_accum": (1, int, "micro-batches per step (the micro-batch is batch_size / grad_accum)"),
     "seq_len": (256, int, "tokens per example"),
-    "precision": ("fp32", str, "fp32, amp-bf16 or bf16"),
+    "precision": ("fp32", str, "fp32, amp-bf16, amp-fp16 (priced as amp-bf16: the same bytes) or bf16"),
     "optimizer": ("adamw", str, "adamw, adam, sgd, sgd-momentum or adafactor"),
     "budget": (None, str, "bytes with a unit (12GiB) or a fraction of full fine-tuning's peak (0.6)"),
     "margin": (DEFAULT_MARGIN, float, "fraction of the budget kept free"),

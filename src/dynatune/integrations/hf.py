@@ -35,8 +35,8 @@ or label smoothing computes it outside the model).
 
 Budgets: `DynatuneCallback(method, budget="60%")` (or "12GiB", 0.6, a byte count) prices the run as
 the plain loop does, from the Trainer's per-device batch size, gradient accumulation, precision
-(bf16=True is autocast, "amp-bf16"; a model loaded in bf16 is "bf16"; fp16 is not priced yet and
-is refused) and `max_length` (default: the longest tokenised training example it can see; it says
+(bf16=True is autocast, "amp-bf16"; fp16=True is "amp-fp16", priced as amp-bf16 byte for byte,
+with gradient signals read divided by the Trainer's loss scale; a model loaded in bf16 is "bf16") and `max_length` (default: the longest tokenised training example it can see; it says
 which it used). A budgeted method's own default (TriMS's 60%) applies here too. A budget below the
 method's smallest plan is refused at train begin; a plan above it is refused before its step runs.
 
@@ -145,6 +145,7 @@ class DynatuneCallback(TrainerCallback):
         self._step_open = False  # between begin_step and end_step
         self._backward_done = False
         self._warned_clip = False
+        self._scaler = None
         # this step's micro-batches so far, each as the pieces it ran as (DynatuneTrainer replays them)
         self.step_inputs: list[list] = []
 
@@ -159,6 +160,8 @@ class DynatuneCallback(TrainerCallback):
         n = len(train_dataloader) if train_dataloader is not None else 0
         self.method.configure_loop(args.gradient_accumulation_steps,
                                    max(1, math.ceil(n / args.gradient_accumulation_steps)) if n else 0)
+        # fp16: accelerate's optimizer wrapper holds the loss scaler backward runs under
+        self._scaler = getattr(optimizer, "scaler", None)
         inner = optimizer  # accelerate's wrapper (maybe nested) shares state and groups with the torch one
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
@@ -251,6 +254,8 @@ class DynatuneCallback(TrainerCallback):
         """Signals read the step's gradients; probed gradients that were not promoted are freed."""
         self._in_step = False
         if not self._backward_done:
+            if self._scaler is not None:  # gradient signals were read on the scaled loss
+                self.tuner.grad_scale = float(self._scaler.get_scale())
             self.tuner.after_backward()
             self._backward_done = True
 
@@ -278,12 +283,9 @@ class DynatuneCallback(TrainerCallback):
         self.tuner = tuner
 
     def _install_budget(self, args, model, train_dataloader) -> None:
-        if args.fp16:
-            raise DynatuneError("the memory model cannot price fp16 training yet, so a budget cannot be held under "
-                                "fp16=True; use bf16=True (or fp32), or no budget.")
         params = [p for p in model.parameters() if p.is_floating_point()]
         precision = ("bf16" if params and all(p.dtype == torch.bfloat16 for p in params)
-                     else "amp-bf16" if args.bf16 else "fp32")
+                     else "amp-bf16" if args.bf16 else "amp-fp16" if args.fp16 else "fp32")
         if self.max_length is not None:
             seq, where = int(self.max_length), "max_length"
         else:
