@@ -576,7 +576,8 @@ def _movie_reg(tokenizer, cfg, max_length):
                                 tokenizer, cfg, max_length, regression=True)
 
 
-@_register("classification", "your own CSV/JSONL: data.train/validation/test, columns data.text and data.label",
+@_register("classification", "your own data (CSV, JSONL, Parquet, a save_to_disk directory, a Hub name): "
+           "data.train/validation/test, columns data.text and data.label",
            "classification")
 def _user_classification(tokenizer, cfg, max_length):
     train, val, test = _user_splits(cfg, need_label=True)
@@ -586,7 +587,8 @@ def _user_classification(tokenizer, cfg, max_length):
     return _classification_task("classification", splits, names, tokenizer, cfg, max_length)
 
 
-@_register("regression", "your own CSV/JSONL with a numeric data.label column (Pearson, MSE)", "regression")
+@_register("regression", "your own data (as for classification) with a numeric data.label column (Pearson, MSE)",
+           "regression")
 def _user_regression(tokenizer, cfg, max_length):
     train, val, test = _user_splits(cfg, need_label=True)
     splits = (_float_labels(train, cfg.train), _float_labels(val, cfg.validation or cfg.train),
