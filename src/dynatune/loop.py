@@ -100,6 +100,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     stop = min(total, cfg.stop_after) if getattr(cfg, "stop_after", -1) > 0 else total
     # a resumed run appends to its log (cut back to its checkpoint); a fresh run in a reused directory starts a new one
     log = open(out_dir / "log.jsonl", "a" if getattr(cfg, "resume", None) else "w") if out_dir else None
+    if out_dir:  # every unit of the run, frozen ones too (units.png draws them all)
+        (out_dir / "units.json").write_text(json.dumps([{"name": u.name, "kind": u.kind, "depth": u.depth}
+                                                        for u in tuner.units]))
     bar = _progress(total, state.step, cfg.progress)
     # report_to: the step records and evaluations also go to TensorBoard / wandb (tracking.py)
     trackers = open_trackers(getattr(cfg, "report_to", "none"), out_dir, out_dir.name if out_dir else "",
