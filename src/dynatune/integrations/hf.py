@@ -46,6 +46,23 @@ included) into the checkpoint folder, and the full model even while an exit is a
 `trainer.train(resume_from_checkpoint=...)` it reads that state back, so the resumed run takes the
 same plans and reaches the same weights as a straight one.
 
+Evaluation, early stopping and the best checkpoint are the Trainer's own (`eval_strategy`,
+`eval_steps`, `EarlyStoppingCallback`, `metric_for_best_model`, `load_best_model_at_end`); they
+work with the callback as they are. With `load_best_model_at_end` the engine takes the best
+checkpoint's state along with its weights (plan and exit, method state, optimizer state, as
+resuming from it would; the history keeps every step run), and when an early exit was active at
+the end or at the best step, every block's weights are loaded from that checkpoint, not only those
+of the blocks running at the end (tests/test_hf_eval.py).
+
+Tracking: with the Trainer's `report_to` (tensorboard, wandb, ...), each training log also
+carries the last step's record as `dynatune/...` scalars (plan size, counted bytes by term,
+predicted bytes, budget, the method's fields); the callback runs ahead of the reporting callbacks
+so that they see them.
+
+Activation checkpointing: the Trainer's `gradient_checkpointing=True` works and is priced; it must
+be non-reentrant (`use_reentrant=True` is refused), and the `enable_input_require_grads` hook the
+Trainer turns on with it is turned off again (it would put every block on the backward path).
+
 `prepare` leaves a guard on the model: training it without the callback (which would be full
 fine-tuning, since every parameter is marked trainable) fails at the first training forward.
 
@@ -248,6 +265,38 @@ class DynatuneCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        best = getattr(state, "best_model_checkpoint", None)
+        if args.load_best_model_at_end and best and self.tuner is not None:
+            self._load_best(Path(best))
+
+    def _load_best(self, folder: Path) -> None:
+        """load_best_model_at_end: the Trainer has loaded the best checkpoint's weights; the engine
+        takes that checkpoint's state too (plan and exit, method state, optimizer state), as resuming
+        from it would, so the model, its plan and a save agree. The history keeps every step run.
+        With an exit at the end or at the best step, the Trainer loaded only the blocks running at
+        the end: every block is loaded again from the checkpoint."""
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise DynatuneError(f"the Trainer loaded its best checkpoint {folder}, which holds no {STATE_FILE}, so "
+                                "dynatune cannot restore the plan that goes with those weights; use checkpoints a "
+                                "DynatuneCallback run saved.")
+        t = self.tuner
+        history, peak = t.history, t.peak
+        end_exit = t.plan.exit_depth if t.plan is not None else None
+        t.load_state_dict(torch.load(path, weights_only=False)["tuner"])
+        t.history, t.peak = history, peak
+        if end_exit is not None or (t.plan is not None and t.plan.exit_depth is not None):
+            from safetensors.torch import load_file
+            files = sorted(folder.glob("model*.safetensors"))
+            if not files:
+                raise DynatuneError(f"the best checkpoint {folder} has no model*.safetensors to load every block "
+                                    "from after an early exit; save with save_safetensors=True.")
+            weights = {}
+            for f in files:
+                weights.update(load_file(f))
+            with t.all_blocks() as full:
+                full.load_state_dict(weights, strict=False)
+        logger.warning("dynatune: loaded the engine's state of the best checkpoint %s with its weights.", folder)
 
     # -- helpers ----------------------------------------------------------------------------------
     def after_backward(self) -> None:
