@@ -49,6 +49,8 @@ REFUSED = [
     ("budget below the floor (causal LM)", ["model=smollm2-135m", "task=trec-sft", "method=lora", "budget=200MB"]),
     ("fixed plans above the budget", ["method=topk", "topk.k=6", "budget=0.3"]),
     ("unknown metric_for_best", ["metric_for_best=bleu"]),
+    ("fp16 on the CPU", ["precision=amp-fp16", "device=cpu"]),
+    ("report_to unknown", ["report_to=mlflow"]),
     ("metric_for_best not the task's", ["metric_for_best=perplexity"]),
     ("missing config file", ["--config", "nope.yaml"]),
     ("malformed YAML", ["--config", "broken.yaml"]),

@@ -17,10 +17,17 @@ STEPS = 4
 
 
 def read_scalars(folder):
+    """tag -> {step: value}: float32 scalar events and float64 tensor summaries (dynatune's) alike."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}, acc
+    out = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        if events and events[0].tensor_proto.dtype != 7:  # not the plan's text (DT_STRING)
+            out[tag] = {e.step: tensor_util.make_ndarray(e.tensor_proto).item() for e in events}
+    return out, acc
 
 
 def test_tensorboard_event_file_holds_every_step_record(one_thread, tmp_path):
@@ -45,6 +52,7 @@ def test_tensorboard_event_file_holds_every_step_record(one_thread, tmp_path):
         assert scalars["memory/predicted_bytes"][s] == rec["predicted_bytes"]
         assert scalars["memory/budget_bytes"][s] == rec["budget_bytes"]
     assert scalars["eval/accuracy"] == {2: 0.25, 4: 0.5}
+    assert scalars["memory/counted_bytes"][1] == log[0]["memory"]["counted"]   # exact: float64, not float32
     # LISA (seed 3) draws a new block every 2 steps: the plan's text is written at each change
     texts = acc.Tags()["tensors"]
     assert "plan/update/text_summary" in texts
@@ -105,3 +113,16 @@ def test_trainer_report_to_tensorboard_gets_the_callbacks_records(one_thread, tm
         assert scalars["train/dynatune/memory/counted_bytes"][s] == rec["memory"]["counted"]
         assert scalars["train/dynatune/memory/activations"][s] == rec["memory"]["activations"]
         assert scalars["train/dynatune/plan/units_updated"][s] == len(rec["update"])
+
+
+def test_large_byte_counts_stay_exact(tmp_path):
+    """433,334,984 bytes is not a float32 (it rounds to 433,334,976): the event file keeps float64."""
+    pytest.importorskip("tensorboard")
+    from dynatune.tracking import Trackers
+    tr = Trackers(["tensorboard"], tmp_path, "run")
+    tr.log_step({"step": 0, "loss": 1.0, "update": ["block.0"],
+                 "memory": {"weights": 1, "gradients": 2, "optimizer": 3, "activations": 4, "counted": 433334984},
+                 "predicted_bytes": 433334984})
+    tr.close()
+    scalars, _ = read_scalars(tmp_path / "tensorboard")
+    assert scalars["memory/counted_bytes"] == {1: 433334984} == scalars["memory/predicted_bytes"]

@@ -4,7 +4,7 @@ Each step's log record (engine.Tuner.end_step: loss, learning rate, the plan, co
 term, predicted bytes and the budget when a memory model prices the run, the method's own
 fields) becomes a set of scalars at the optimizer step it ends; the plan's units go as text
 whenever they change; each validation evaluation goes under eval/. TensorBoard is written with
-torch.utils.tensorboard into output_dir/tensorboard; wandb runs in offline mode into output_dir
+torch.utils.tensorboard into output_dir/tensorboard, as float64 tensor summaries (exact bytes); wandb runs in offline mode into output_dir
 (`wandb sync` uploads it later), so neither needs a network.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Trackers:
         self._last_plan = plan
         if self._tb is not None:
             for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
+                self._scalar(k, v, step)
             if changed:
                 self._tb.add_text("plan/update", plan or "(nothing)", step)
         if self._wandb is not None:
@@ -93,9 +93,13 @@ class Trackers:
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
+                self._scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        # a tensor summary in float64: byte counts above 2**24 stay exact (float32 scalars round them)
+        self._tb.add_scalar(tag, value, step, new_style=True, double_precision=True)
 
     def close(self) -> None:
         if self._tb is not None:
