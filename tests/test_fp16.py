@@ -1,6 +1,7 @@
 """amp-fp16 (fp16 autocast with dynamic loss scaling): refused on the CPU in one sentence, priced by
 the memory model as amp-bf16 byte for byte. Training in fp16 needs a CUDA device and is not tested
-here (the test machine has none); the loop's GradScaler path is exercised only there."""
+here (the test machines have none); the loop's loss-scaling plumbing is tested on the CPU with a
+CPU GradScaler in an fp32 run, and the signals' unscaling directly."""
 import pytest
 
 from dynatune.cli import main
@@ -70,3 +71,34 @@ def test_gradient_signals_are_read_unscaled(one_thread):
         assert plain[name] and set(plain[name]) == set(scaled[name])
         for u in plain[name]:
             assert scaled[name][u] == pytest.approx(plain[name][u], rel=1e-6), (name, u)
+
+
+@pytest.mark.parametrize("method,options", [("topk", dict(k=2)), ("trims", {})])
+def test_the_loops_loss_scaling_path_equals_no_scaling(one_thread, tmp_path, monkeypatch, method, options):
+    """The loop's GradScaler plumbing, exercised on the CPU: a scaler with a power-of-two scale in an
+    fp32 run (scaling and unscaling by 2**10 is exact) gives the same losses, plans and weights as no
+    scaler, so gradients are unscaled before clipping (grad_clip=0.5 clips these steps: a scaled
+    norm would clip differently) and the scaler steps the optimizer. The scaler's state goes into
+    the checkpoint. (test_gradient_signals_are_read_unscaled pins the signals.)"""
+    import torch
+    import dynatune.loop as loop
+
+    def run(scaled, out):
+        if scaled:
+            monkeypatch.setattr(loop, "grad_scaler", lambda p, d: torch.amp.GradScaler("cpu", init_scale=1024.0))
+        out.mkdir()
+        cfg = loop_cfg(max_steps=6, max_length=12, grad_clip=0.5, checkpoint_every=6)
+        t, state = fit(causal_lm("llama"), build_method(method, seed=0, **options), lm_examples(24, seq=12), collate,
+                       cfg, out_dir=out)
+        t.close_hooks()
+        monkeypatch.undo()
+        return t, state
+
+    (a, sa), (b, sb) = run(False, tmp_path / "a"), run(True, tmp_path / "b")
+    assert [h["update"] for h in a.history] == [h["update"] for h in b.history]
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), n
+    assert sa.grad_scaler is None and sb.grad_scaler["scale"] == 1024.0  # 6 steps < growth_interval: no growth
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "step-6" / "state.pt", weights_only=False)
+    assert saved["loop"]["grad_scaler"]["scale"] == 1024.0
