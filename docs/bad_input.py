@@ -27,6 +27,8 @@ FILES = {
     "chat.jsonl": b"".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
                                                    {"role": "assistant", "content": "hello"}]}).encode() + b"\n"
                            for i in range(4)),
+    "no-answer.jsonl": b"".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}]}).encode() + b"\n"
+                                for i in range(4)),
 }
 
 # (case, arguments of `dynatune train`); every one is refused before training
@@ -47,6 +49,8 @@ REFUSED = [
     ("budget below the floor (causal LM)", ["model=smollm2-135m", "task=trec-sft", "method=lora", "budget=200MB"]),
     ("fixed plans above the budget", ["method=topk", "topk.k=6", "budget=0.3"]),
     ("unknown metric_for_best", ["metric_for_best=bleu"]),
+    ("fp16 on the CPU", ["precision=amp-fp16", "device=cpu"]),
+    ("report_to unknown", ["report_to=mlflow"]),
     ("metric_for_best not the task's", ["metric_for_best=perplexity"]),
     ("missing config file", ["--config", "nope.yaml"]),
     ("malformed YAML", ["--config", "broken.yaml"]),
@@ -55,7 +59,10 @@ REFUSED = [
     ("missing column", ["task=classification", "data.train=reviews.csv"]),
     ("data not UTF-8", ["task=classification", "data.train=latin1.csv"]),
     ("unknown data.encoding", ["task=classification", "data.train=latin1.csv", "data.encoding=latin-9000"]),
-    ("chat-format JSONL", ["model=smollm2-135m", "task=text", "data.train=chat.jsonl", "data.text=messages"]),
+    ("chat-format JSONL under task=text", ["model=smollm2-135m", "task=text", "data.train=chat.jsonl",
+                                           "data.text=messages"]),
+    ("chat conversation without an assistant turn", ["model=smollm2-135m", "task=chat-sft",
+                                                     "data.train=no-answer.jsonl"]),
 ]
 
 # a warning, not a refusal: the run goes on

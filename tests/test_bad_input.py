@@ -118,16 +118,16 @@ def test_truncation_counts_sft_prompts_and_answers(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("text_column", [[], ["data.text=messages"]], ids=["default-text-column", "messages-column"])
-def test_chat_jsonl_for_the_text_task_is_refused_naming_the_chat_sft_feature(tiny_llama_dir, tmp_path, stderr,
-                                                                             text_column):
+def test_chat_jsonl_for_the_text_task_is_refused_pointing_to_chat_sft(tiny_llama_dir, tmp_path, stderr, text_column):
     chat = tmp_path / "chat.jsonl"
     chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
                                                        {"role": "assistant", "content": "hello"}]})
                               for i in range(10)))
     msg = refused(stderr, tmp_path / "run", *fast(tiny_llama_dir, "method=full", "task=text", f"data.train={chat}",
                                                         *text_column))
-    assert str(chat) in msg and "chat" in msg and "not built yet" in msg
-    assert '"chat-format JSONL as an SFT task"' in msg and "plain text" in msg
+    assert msg == (f"data file {chat} is chat-format data (column 'messages' holds lists of role/content messages), "
+                   "which this task would train on as the Python text of each list; use task=chat-sft, which renders "
+                   "each conversation with the tokenizer's chat template and trains on the assistant turns.")
 
 
 def test_budget_floor_advises_only_what_applies_to_the_model(tiny_bert_dir, tiny_llama_dir, tmp_path, stderr):

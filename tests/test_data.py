@@ -53,9 +53,9 @@ def _find(td, text):
 
 def test_task_list():
     assert task_names() == ["trec", "trec-fine", "sms-spam", "movie-sentiment", "movie-sentiment-regression",
-                            "classification", "regression", "trec-sft", "dialog-sft", "text"]
+                            "classification", "regression", "trec-sft", "dialog-sft", "text", "chat-sft"]
     assert all(isinstance(d, str) and d for d in task_descriptions().values())
-    assert task_kind("trec") == "classification" and task_kind("trec-sft") == "causal-lm"
+    assert task_kind("trec") == "classification" and task_kind("trec-sft") == task_kind("chat-sft") == "causal-lm"
     assert task_kind("movie-sentiment-regression") == "regression"
     with pytest.raises(DynatuneError, match="unknown task 'glue'"):
         task_kind("glue")

@@ -165,12 +165,21 @@ def test_callback_budget_forms_agree_and_the_method_default_applies(tmp_path):
 def test_bad_callback_budgets_get_one_sentence(tmp_path):
     with pytest.raises(DynatuneError, match="both to build_method"):
         DynatuneCallback(build_method("topk", budget="1GiB"), budget="2GiB")
-    cb = DynatuneCallback(build_method("topk", k=1), budget="60%")
-    trainer = Trainer(model=causal_lm(), args=args_for(tmp_path, save_strategy="no"), train_dataset=lm_examples(),
-                      callbacks=[cb])
-    trainer.args.fp16 = True  # (a CPU cannot run fp16) the refusal comes at train begin, before anything runs
-    with pytest.raises(DynatuneError, match="cannot price fp16"):
+
+
+def test_trainer_fp16_is_priced_as_amp_bf16(tmp_path):
+    """fp16=True is priced (amp-fp16: the bytes of amp-bf16). The flags are set after the Trainer is
+    built, so its accelerator (and the run on this CPU) stays fp32: only the pricing is under test."""
+    def priced(flag):
+        cb = DynatuneCallback(build_method("topk", k=1), budget="60%")
+        trainer = Trainer(model=causal_lm(), args=args_for(tmp_path / flag, save_strategy="no", max_steps=1),
+                          train_dataset=lm_examples(), callbacks=[cb])
+        setattr(trainer.args, flag, True)
         trainer.train()
+        return cb
+    fp16, bf16 = priced("fp16"), priced("bf16")
+    assert "amp-fp16" in fp16.budget_note and "amp-bf16" in bf16.budget_note
+    assert fp16.tuner.budget_bytes == bf16.tuner.budget_bytes > 0
 
 
 # -- prepare() without the callback ---------------------------------------------------------------------

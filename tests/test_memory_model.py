@@ -11,6 +11,7 @@ from dynatune.methods.adapters import LoraConfig
 from dynatune.methods.baselines import LisaConfig, TopKConfig
 from dynatune.models import meta_model
 from dynatune.plan import Plan
+from dynatune.plan_mechanics import enable_checkpointing
 
 from scripted import plan, step, tuner
 from tiny import causal_lm, classifier, cls_examples, collate, config, lm_examples, loop_cfg
@@ -215,7 +216,7 @@ def test_fast_probe_counts_like_the_full_probe():
 def test_gradient_checkpointing_is_modelled():
     p = plan("block.2", "block.3", "norm")
     model = causal_lm("llama")
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     t = tuner(model, p)
     step(t, collate(lm_examples(B, seq=S)))
     ck = MemoryModel.from_config(lm_cfg("llama"), device_type=CPU, batch_shape=(B, S), gradient_checkpointing=True)

@@ -169,10 +169,10 @@ def test_oom_mid_accumulation_retries_that_batch_only(tmp_path, monkeypatch):
 
     real = loop.train_step
 
-    def split_step_2(tuner, model, micro_batches, cfg, device, rebatch=None):
+    def split_step_2(tuner, model, micro_batches, cfg, device, rebatch=None, **kw):
         if tuner.step == 2:  # the reference: that batch as micro-batches of one example from the start
             micro_batches = rebatch(1)
-        return real(tuner, model, micro_batches, cfg, device, rebatch=rebatch)
+        return real(tuner, model, micro_batches, cfg, device, rebatch=rebatch, **kw)
 
     monkeypatch.setattr(loop, "train_step", split_step_2)
     ref = run(make_model, make_method, data, cfg)

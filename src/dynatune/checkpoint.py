@@ -40,6 +40,7 @@ class LoopState:
     bad_evals: int = 0  # evaluations in a row since `best` that did not improve on it
     best_path: str | None = None  # the best evaluation's weights (load_best), relative to the run directory
     stopped_early_at_step: int | None = None
+    grad_scaler: dict | None = None  # amp-fp16: the loss scaler's state (scale, growth tracker)
 
 
 def save_best(run_dir: Path, tuner, best: dict) -> str:

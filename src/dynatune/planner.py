@@ -42,7 +42,7 @@ OPTIONS = {
     "batch_size": (16, int, "examples per optimizer step"),
     "grad_accum": (1, int, "micro-batches per step (the micro-batch is batch_size / grad_accum)"),
     "seq_len": (256, int, "tokens per example"),
-    "precision": ("fp32", str, "fp32, amp-bf16 or bf16"),
+    "precision": ("fp32", str, "fp32, amp-bf16, amp-fp16 (priced as amp-bf16: the same bytes) or bf16"),
     "optimizer": ("adamw", str, "adamw, adam, sgd, sgd-momentum or adafactor"),
     "budget": (None, str, "bytes with a unit (12GiB) or a fraction of full fine-tuning's peak (0.6)"),
     "margin": (DEFAULT_MARGIN, float, "fraction of the budget kept free"),
@@ -297,7 +297,42 @@ def format_table(rows: list[dict]) -> str:
     if "budget_bytes" in head and not any(r.get("fits") for r in rows):
         lines.append(f"nothing fits: the smallest plan needs {fmt_bytes(min(r['predicted_peak_bytes'] for r in rows))}"
                      f" / (1 - margin)")
+    lines += summary(rows)
     return "\n".join(lines)
+
+
+DEVICE_NOTE = {"cuda": "a CUDA device (the peak is torch.cuda.max_memory_allocated, allocator transients and cuBLAS "
+                       "workspaces included); device_type=cpu prices a CPU run",
+               "cpu": "the CPU (no cuBLAS workspaces; the peak is the largest phase, never below the counted "
+                      "bytes); device_type=cuda prices a GPU run"}
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The table's last lines: which device it prices for, and what fits the budget per family."""
+    head = rows[0]
+    out = [f"priced for {DEVICE_NOTE[head['device_type']]}"]
+    if "budget_bytes" not in head:
+        return out + ["fits: no budget given; add budget=12GiB (or a fraction such as 0.6) to see what fits"]
+    fams = {r["family"] for r in rows}
+    best = {r["family"]: r for r in rows if r.get("fits_best")}
+    n = max((r["setting"] for r in rows if r["family"] in ("top", "bottom", "lisa")), default=None)
+    parts = []
+    full = next(r for r in rows if r["config"] == "full")
+    parts.append(f"full {'yes' if full.get('fits') else 'no'}")
+    names = {"top": "top-k", "bottom": "bottom-k", "lisa": "LISA"}
+    for fam in ("top", "bottom", "lisa"):
+        if fam in fams:
+            parts.append(f"{names[fam]} up to k={best[fam]['setting']} of {n}" if fam in best else f"{names[fam]} no")
+    if "lora" in fams:
+        parts.append(f"LoRA up to r={best['lora']['setting']}" if "lora" in best else "LoRA no")
+    if "exit" in fams:
+        parts.append("early exit up to depth e={0}, top k={1}".format(*best["exit"]["setting"]) if "exit" in best
+                     else "early exit no")
+    if "top" in fams:
+        # TriMS starts from the top block alone (its start state) and grows within the budget
+        top1 = next(r for r in rows if r["config"] == "top1")
+        parts.append("TriMS yes" if top1.get("fits") else "TriMS no (its start, the top block, does not fit)")
+    return out + [f"fits in {fmt_bytes(head['budget_bytes'])}: " + "; ".join(parts)]
 
 
 def run_estimate(overrides: list[str], as_json: bool = False, out=None) -> int:

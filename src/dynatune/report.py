@@ -39,7 +39,6 @@ def plot_run(run_dir) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     run_dir = Path(run_dir)
     log = read_log(run_dir)
@@ -52,6 +51,7 @@ def plot_run(run_dir) -> list[Path]:
     ax.plot(steps, [r["loss"] for r in log], lw=1, label="training loss")
     ax.set(xlabel="step", ylabel="loss", title=f"loss — {run_dir.name}")
     ax.grid(alpha=0.3)
+    _integer_steps(ax)
     evals = read_evals(run_dir)
     if evals:
         eval_steps = [e["step"] for e in evals]
@@ -67,7 +67,27 @@ def plot_run(run_dir) -> list[Path]:
             ax.legend(loc="upper right", fontsize=8)
     out.append(_save(fig, run_dir / "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    out.append(_save(memory_figure(run_dir, log), run_dir / "memory.png"))
+    out.append(_save(units_figure(run_dir, log), run_dir / "units.png"))
+    out.extend(method_plots(run_dir, log))
+    return out
+
+
+def _integer_steps(ax) -> None:
+    """Steps are whole numbers: no 2.5 on the step axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def memory_figure(run_dir: Path, log: list[dict]):
+    """Counted bytes by term (stacked), predicted lines, the budget; the legend sits outside the axes
+    so it never covers the budget line."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = [r["step"] + 1 for r in log]
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     terms = ["weights", "gradients", "optimizer", "activations"]
     counted = all(r.get("memory") for r in log)  # count_memory=false logs no counted bytes
     if counted:
@@ -82,25 +102,56 @@ def plot_run(run_dir) -> list[Path]:
     if any(r.get("budget_bytes") for r in log):
         ax.axhline(log[0]["budget_bytes"] / 2**20, color="red", lw=1, label="budget")
     ax.set(xlabel="step", ylabel="MiB", title="counted memory by term" if counted else "predicted memory (not counted)")
+    _integer_steps(ax)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=8)
-    out.append(_save(fig, run_dir / "memory.png"))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)
+    return fig
 
-    units = sorted({u for r in log for u in r["update"]}, key=unit_sort_key)
+
+def run_units(run_dir: Path, log: list[dict]) -> list[str]:
+    """Every unit of the run in model order: units.json (written when the run starts), else those
+    that updated at some step (runs written before units.json existed)."""
+    path = Path(run_dir) / "units.json"
+    names = [u["name"] for u in json.loads(path.read_text())] if path.is_file() else []
+    seen = {u for r in log for u in r["update"]}
+    return sorted(set(names) | seen, key=unit_sort_key)
+
+
+def units_grid(run_dir: Path, log: list[dict]):
+    """(units, grid): grid[i, j] = 1 where unit i updated at the j-th logged step; frozen units are
+    rows of zeros."""
+    import numpy as np
+
+    units = run_units(run_dir, log)
     grid = np.zeros((len(units), len(log)))
     index = {u: i for i, u in enumerate(units)}
     for j, r in enumerate(log):
         for u in r["update"]:
             grid[index[u], j] = 1
+    return units, grid
+
+
+def units_figure(run_dir: Path, log: list[dict]):
+    """Which units updated at each step: every unit has a row, those that never updated in grey."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] + 1 for r in log]
+    units, grid = units_grid(run_dir, log)
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * len(units) + 1)))
-    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greens",
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greens", vmin=0, vmax=1,
               extent=(steps[0] - 0.5, steps[-1] + 0.5, len(units) - 0.5, -0.5))
     ax.set_yticks(range(len(units)))
-    ax.set_yticklabels(units, fontsize=6 if len(units) > 30 else 8)
-    ax.set(xlabel="step", title="units updated at each step")
-    out.append(_save(fig, run_dir / "units.png"))
-    out.extend(method_plots(run_dir, log))
-    return out
+    frozen = grid.sum(axis=1) == 0
+    ax.set_yticklabels([f"{u} (frozen)" if f else u for u, f in zip(units, frozen)],
+                       fontsize=6 if len(units) > 30 else 8)
+    for label, f in zip(ax.get_yticklabels(), frozen):
+        if f:
+            label.set_color("0.55")
+    n_frozen = int(frozen.sum())
+    ax.set(xlabel="step", title="units updated at each step"
+           + (f" ({n_frozen} of {len(units)} never updated)" if n_frozen else ""))
+    _integer_steps(ax)
+    return fig
 
 
 def method_plots(run_dir: Path, log: list[dict]) -> list[Path]:

@@ -30,6 +30,7 @@ class Signal:
     """
 
     name = "signal"
+    reads_gradient = False  # a score linear in the loss's gradient: divided by the loss scale (amp-fp16)
 
     def __init__(self):
         self._handles: list = []
@@ -98,6 +99,7 @@ class ActivationGradNorm(Signal):
     """
 
     name = "act_grad_norm"
+    reads_gradient = True
 
     def attach(self, model, units, params):
         blocks = get_submodule(model, units.blocks_path)
@@ -116,6 +118,7 @@ class ParamGradNorm(Signal):
     """L2 norm of each unit's parameter gradient, read as it is accumulated."""
 
     name = "grad_norm"
+    reads_gradient = True
 
     def attach(self, model, units, params):
         self._latest: dict[str, torch.Tensor] = {}

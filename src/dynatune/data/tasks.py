@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from dynatune import assets
+from dynatune.data import sources
+from dynatune.data.chat import check_messages, encode_chat
 from dynatune.errors import DynatuneError
 
 TORCH_COLUMNS = ["input_ids", "attention_mask", "labels"]
@@ -25,11 +27,15 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DataConfig:
     train: str | None = field(default=None, metadata={
-        "help": "training file (CSV, TSV, JSONL or JSON) for the classification/regression/text tasks"})
+        "help": "training data for the classification/regression/text/chat-sft tasks: a CSV, TSV, JSONL, JSON, "
+                "Parquet or Arrow file, a directory written by save_to_disk (a DatasetDict's validation and test "
+                "splits are used when data.validation/data.test are not given), or a Hub dataset name"})
     validation: str | None = field(default=None, metadata={
         "help": "validation file; when absent, a seeded 10% of the training file is held out"})
     test: str | None = field(default=None, metadata={"help": "test file (optional)"})
     text: str = field(default="text", metadata={"help": "column that holds the input text"})
+    messages: str = field(default="messages", metadata={
+        "help": "chat-sft: column that holds each conversation, a list of {role, content} messages"})
     label: str = field(default="label", metadata={
         "help": "column that holds the label (class name/id, or a number for regression)"})
     max_train: int | None = field(default=None, metadata={
@@ -207,14 +213,30 @@ def _codec(encoding: str) -> str:
     return "utf-8-sig" if name == "utf-8" else encoding  # a UTF-8 file may start with a byte-order mark
 
 
-def _read_table(path: str, encoding: str) -> list[dict]:
+def _read_table(path: str, encoding: str, split: str = "train") -> list[dict]:
+    """Rows of the data at `path` for `split`: a CSV/TSV/JSONL/JSON file (read here, in `encoding`),
+    a Parquet or Arrow file or a save_to_disk directory (read with `datasets`; a DatasetDict gives
+    its `split`), or a Hub dataset name when no such local path exists."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        rows = sources.read_saved(p, split)
+        if not rows:
+            raise DynatuneError(f"data directory {p} holds no examples in its {split} split; it needs at least one.")
+        return rows
     if not p.is_file():
+        if sources.looks_like_hub_id(path):
+            return sources.read_hub(path, split, f"data.{split}")
         raise DynatuneError(f"data file {p} does not exist; check the data.train/data.validation/"
                             "data.test paths.")
     suffix = p.suffix.lower()
+    if suffix in sources.DATASETS_SUFFIXES:
+        rows = sources.read_datasets_file(p)
+        if not rows:
+            raise DynatuneError(f"data file {p} is empty; it needs at least one example.")
+        return rows
     if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
-        raise DynatuneError(f"data file {p} has an unknown extension; use .csv, .tsv, .jsonl or .json.")
+        raise DynatuneError(f"data file {p} has an unknown extension; use .csv, .tsv, .jsonl, .json, .parquet or "
+                            ".arrow, or a directory written by save_to_disk.")
     text = read_text(p, _codec(encoding), f"data file {p}", "if it is in another encoding, name it with "
                      "data.encoding (e.g. data.encoding=latin-1)")
     if suffix in (".csv", ".tsv"):
@@ -254,24 +276,33 @@ def _refuse_chat(rows: list[dict], path: str, text: str) -> None:
     turns = rows[0].get(key)
     if isinstance(turns, list) and turns and all(isinstance(t, dict) and "content" in t for t in turns):
         raise DynatuneError(
-            f"data file {path} is chat-format JSONL (column {key!r} holds lists of role/content messages), which "
-            "this task would train on as the Python text of each list; a chat SFT task is not built yet (it is "
-            'tracked as the "chat-format JSONL as an SFT task" feature), so meanwhile convert each conversation to '
-            "plain text in one text column.")
+            f"data file {path} is chat-format data (column {key!r} holds lists of role/content messages), which "
+            "this task would train on as the Python text of each list; use task=chat-sft, which renders each "
+            "conversation with the tokenizer's chat template and trains on the assistant turns.")
+
+
+def _split_paths(cfg: DataConfig) -> dict[str, str | None]:
+    """data.train/validation/test; a save_to_disk DatasetDict given as data.train also supplies its
+    validation and test splits when they are not given apart."""
+    paths = {split: getattr(cfg, split) or None for split in ("train", "validation", "test")}
+    for split in ("validation", "test"):
+        if paths[split] is None and sources.has_split(cfg.train, split):
+            paths[split] = cfg.train
+    return paths
 
 
 def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | None]:
     if not cfg.train:
-        raise DynatuneError("this task reads your own data: set data.train=PATH (a CSV or JSONL file), "
-                            "and optionally data.validation and data.test.")
+        raise DynatuneError("this task reads your own data: set data.train=PATH (a CSV, JSONL or Parquet file, a "
+                            "directory written by save_to_disk, or a Hub dataset name), and optionally "
+                            "data.validation and data.test.")
     needed = {"text": cfg.text} | ({"label": cfg.label} if need_label else {})
     splits = {}
-    for split in ("train", "validation", "test"):
-        path = getattr(cfg, split)
+    for split, path in _split_paths(cfg).items():
         if not path:
             splits[split] = None
             continue
-        rows = _read_table(path, cfg.encoding)
+        rows = _read_table(path, cfg.encoding, split)
         _refuse_chat(rows, path, cfg.text)
         _columns(rows, path, needed)
         out = []
@@ -283,7 +314,11 @@ def _user_splits(cfg: DataConfig, need_label: bool) -> tuple[list, list, list | 
                                     "fill it in or remove the row.")
             out.append({"text": "" if text is None else str(text), "label": label})
         splits[split] = out
-    train, val, test = splits["train"], splits["validation"], splits["test"]
+    return _hold_out(cfg, splits["train"], splits["validation"], splits["test"])
+
+
+def _hold_out(cfg: DataConfig, train: list, val: list | None, test: list | None) -> tuple[list, list, list | None]:
+    """Without a validation split, a seeded 10% of the training rows is held out for it."""
     if val is None:
         if len(train) < 2:
             raise DynatuneError(f"{cfg.train} has {len(train)} example(s), too few to hold out a "
@@ -541,7 +576,8 @@ def _movie_reg(tokenizer, cfg, max_length):
                                 tokenizer, cfg, max_length, regression=True)
 
 
-@_register("classification", "your own CSV/JSONL: data.train/validation/test, columns data.text and data.label",
+@_register("classification", "your own data (CSV, JSONL, Parquet, a save_to_disk directory, a Hub name): "
+           "data.train/validation/test, columns data.text and data.label",
            "classification")
 def _user_classification(tokenizer, cfg, max_length):
     train, val, test = _user_splits(cfg, need_label=True)
@@ -551,7 +587,8 @@ def _user_classification(tokenizer, cfg, max_length):
     return _classification_task("classification", splits, names, tokenizer, cfg, max_length)
 
 
-@_register("regression", "your own CSV/JSONL with a numeric data.label column (Pearson, MSE)", "regression")
+@_register("regression", "your own data (as for classification) with a numeric data.label column (Pearson, MSE)",
+           "regression")
 def _user_regression(tokenizer, cfg, max_length):
     train, val, test = _user_splits(cfg, need_label=True)
     splits = (_float_labels(train, cfg.train), _float_labels(val, cfg.validation or cfg.train),
@@ -611,7 +648,59 @@ def _text(tokenizer, cfg, max_length):
         metric_names=["perplexity", "loss"], tokenizer=tokenizer, max_length=max_length)
 
 
-_USER_TASKS = {"classification", "regression", "text"}
+def _chat_rows(cfg: DataConfig) -> tuple[list, list, list | None]:
+    """Conversations of data.train/validation/test (column data.messages), checked message by message."""
+    if not cfg.train:
+        raise DynatuneError("task chat-sft reads your own conversations: set data.train=PATH (JSONL with a "
+                            f"{cfg.messages!r} list per line, Parquet, a save_to_disk directory or a Hub dataset name).")
+    splits = {}
+    for split, path in _split_paths(cfg).items():
+        if not path:
+            splits[split] = None
+            continue
+        rows = _read_table(path, cfg.encoding, split)
+        _columns(rows, path, {"messages": cfg.messages})
+        splits[split] = [{"messages": check_messages(r[cfg.messages], f"example {i + 1} of {path}")}
+                         for i, r in enumerate(rows)]
+    return _hold_out(cfg, splits["train"], splits["validation"], splits["test"])
+
+
+def _tokenize_chat(rows, tokenizer, max_length, where: str):
+    """Each conversation through the chat template; labels on assistant turns only (data/chat.py).
+    Conversations whose assistant tokens all fall past max_length are dropped (nothing to learn)."""
+    from datasets import Dataset
+
+    out = {"input_ids": [], "attention_mask": [], "labels": [], "length": [], "tokens": []}
+    for i, r in enumerate(rows):
+        e = encode_chat(tokenizer, r["messages"], max_length, f"conversation {i + 1} of {where}")
+        if all(y == -100 for y in e["labels"]):
+            continue
+        out["input_ids"].append(e["input_ids"])
+        out["attention_mask"].append([1] * len(e["input_ids"]))
+        out["labels"].append(e["labels"])
+        out["length"].append(len(e["input_ids"]))
+        out["tokens"].append(e["tokens"])
+    if not out["input_ids"]:
+        raise DynatuneError(f"no conversation of {where} keeps an assistant token within max_length={max_length}; "
+                            "raise max_length.")
+    return _finish(Dataset.from_dict(out))
+
+
+@_register("chat-sft", "your own chat data (data.messages: lists of role/content messages) through the tokenizer's "
+           "chat template, loss on assistant turns only (perplexity)", "causal-lm")
+def _chat_sft(tokenizer, cfg, max_length):
+    train, val, test = _caps(_chat_rows(cfg), cfg)
+    paths = _split_paths(cfg)
+    enc = {k: None if v is None else _tokenize_chat(v, tokenizer, max_length, paths[k] or cfg.train)
+           for k, v in (("train", train), ("validation", val), ("test", test))}
+    return TaskData(
+        name="chat-sft", kind="causal-lm", num_labels=None, label_names=None,
+        train=enc["train"], validation=enc["validation"], test=enc["test"],
+        collate=PadCollator(tokenizer.pad_token_id, token_labels=True),
+        metric_names=["perplexity", "loss"], tokenizer=tokenizer, max_length=max_length)
+
+
+_USER_TASKS = {"classification", "regression", "text", "chat-sft"}
 
 
 def load_task(name: str, tokenizer, data_cfg: DataConfig | None = None, max_length: int = 128) -> TaskData:
@@ -626,7 +715,7 @@ def load_task(name: str, tokenizer, data_cfg: DataConfig | None = None, max_leng
             "minilm-l6/smollm2-135m tokenizer (run `dynatune fetch` first).")
     if name not in _USER_TASKS and (cfg.train or cfg.validation or cfg.test):
         raise DynatuneError(f"task {name!r} uses its built-in data, so data.train/validation/test do "
-                            "not apply; use task classification, regression or text for your own files.")
+                            "not apply; use task classification, regression, text or chat-sft for your own files.")
     if max_length < 2:
         raise DynatuneError(f"max_length must be at least 2 (got {max_length}).")
     model_max = getattr(tokenizer, "model_max_length", None)

@@ -35,8 +35,8 @@ or label smoothing computes it outside the model).
 
 Budgets: `DynatuneCallback(method, budget="60%")` (or "12GiB", 0.6, a byte count) prices the run as
 the plain loop does, from the Trainer's per-device batch size, gradient accumulation, precision
-(bf16=True is autocast, "amp-bf16"; a model loaded in bf16 is "bf16"; fp16 is not priced yet and
-is refused) and `max_length` (default: the longest tokenised training example it can see; it says
+(bf16=True is autocast, "amp-bf16"; fp16=True is "amp-fp16", priced as amp-bf16 byte for byte,
+with gradient signals read divided by the Trainer's loss scale; a model loaded in bf16 is "bf16") and `max_length` (default: the longest tokenised training example it can see; it says
 which it used). A budgeted method's own default (TriMS's 60%) applies here too. A budget below the
 method's smallest plan is refused at train begin; a plan above it is refused before its step runs.
 
@@ -45,6 +45,23 @@ method state and generator, plans, history, optimizer state by parameter name, o
 included) into the checkpoint folder, and the full model even while an exit is active; on
 `trainer.train(resume_from_checkpoint=...)` it reads that state back, so the resumed run takes the
 same plans and reaches the same weights as a straight one.
+
+Evaluation, early stopping and the best checkpoint are the Trainer's own (`eval_strategy`,
+`eval_steps`, `EarlyStoppingCallback`, `metric_for_best_model`, `load_best_model_at_end`); they
+work with the callback as they are. With `load_best_model_at_end` the engine takes the best
+checkpoint's state along with its weights (plan and exit, method state, optimizer state, as
+resuming from it would; the history keeps every step run), and when an early exit was active at
+the end or at the best step, every block's weights are loaded from that checkpoint, not only those
+of the blocks running at the end (tests/test_hf_eval.py).
+
+Tracking: with the Trainer's `report_to` (tensorboard, wandb, ...), each training log also
+carries the last step's record as `dynatune/...` scalars (plan size, counted bytes by term,
+predicted bytes, budget, the method's fields); the callback runs ahead of the reporting callbacks
+so that they see them.
+
+Activation checkpointing: the Trainer's `gradient_checkpointing=True` works and is priced; it must
+be non-reentrant (`use_reentrant=True` is refused), and the `enable_input_require_grads` hook the
+Trainer turns on with it is turned off again (it would put every block on the backward path).
 
 `prepare` leaves a guard on the model: training it without the callback (which would be full
 fine-tuning, since every parameter is marked trainable) fails at the first training forward.
@@ -67,6 +84,7 @@ callback lets the error through.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -84,6 +102,7 @@ from ..loop import one_budget
 from ..memory import install_budget
 from ..optim import split_into_unit_groups
 from ..units import partition
+from ..tracking import step_scalars
 
 STATE_FILE = "dynatune_state.pt"  # the engine's state, beside the Trainer's files in each checkpoint
 
@@ -160,6 +179,7 @@ class DynatuneCallback(TrainerCallback):
         self._step_open = False  # between begin_step and end_step
         self._backward_done = False
         self._warned_clip = False
+        self._scaler = None
         # this step's micro-batches so far, each as the pieces it ran as (DynatuneTrainer replays them)
         self.step_inputs: list[list] = []
         # the step's training inputs, kept only at steps whose method runs its own forwards on them
@@ -179,6 +199,8 @@ class DynatuneCallback(TrainerCallback):
                                    max(1, math.ceil(n / args.gradient_accumulation_steps)) if n else 0)
         # the schedule's shape, for methods with clocks of their own (dynalora's local optimisation)
         self.method.configure_schedule(state.max_steps, args.get_warmup_steps(state.max_steps))
+        # fp16: accelerate's optimizer wrapper holds the loss scaler backward runs under
+        self._scaler = getattr(optimizer, "scaler", None)
         inner = optimizer  # accelerate's wrapper (maybe nested) shares state and groups with the torch one
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
@@ -186,6 +208,7 @@ class DynatuneCallback(TrainerCallback):
             self.tuner.abort_step()
             self._step_open = self._in_step = False
         if self.tuner is None or self.tuner.model is not model or self.tuner.optimizer is not inner:
+            _check_checkpointing(args, self.budget)
             self._build(model, inner, lr_scheduler)
             if self.budget is not None:
                 self._install_budget(args, model, train_dataloader)
@@ -193,6 +216,18 @@ class DynatuneCallback(TrainerCallback):
                 self._resume(args, state)
         if self._hook is None:
             self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
+        _run_before_reporters(self, inspect.currentframe())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The last step's record (plan, counted and predicted bytes, the method's fields) joins the
+        Trainer's training logs as dynatune/... scalars, so its report_to loggers (TensorBoard,
+        wandb, ...) chart them next to the loss."""
+        if logs is None or "loss" not in logs or self.tuner is None or not self.tuner.history:
+            return
+        if not _reports(args):
+            return  # nothing charts them; the console's log lines stay as the Trainer prints them
+        skip = ("train/loss", "train/lr", "train/epoch")
+        logs.update({f"dynatune/{k}": v for k, v in step_scalars(self.tuner.history[-1]).items() if k not in skip})
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.tuner.begin_step()
@@ -257,12 +292,46 @@ class DynatuneCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        best = getattr(state, "best_model_checkpoint", None)
+        if args.load_best_model_at_end and best and self.tuner is not None:
+            self._load_best(Path(best))
+
+    def _load_best(self, folder: Path) -> None:
+        """load_best_model_at_end: the Trainer has loaded the best checkpoint's weights; the engine
+        takes that checkpoint's state too (plan and exit, method state, optimizer state), as resuming
+        from it would, so the model, its plan and a save agree. The history keeps every step run.
+        With an exit at the end or at the best step, the Trainer loaded only the blocks running at
+        the end: every block is loaded again from the checkpoint."""
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise DynatuneError(f"the Trainer loaded its best checkpoint {folder}, which holds no {STATE_FILE}, so "
+                                "dynatune cannot restore the plan that goes with those weights; use checkpoints a "
+                                "DynatuneCallback run saved.")
+        t = self.tuner
+        history, peak = t.history, t.peak
+        end_exit = t.plan.exit_depth if t.plan is not None else None
+        t.load_state_dict(torch.load(path, weights_only=False)["tuner"])
+        t.history, t.peak = history, peak
+        if end_exit is not None or (t.plan is not None and t.plan.exit_depth is not None):
+            from safetensors.torch import load_file
+            files = sorted(folder.glob("model*.safetensors"))
+            if not files:
+                raise DynatuneError(f"the best checkpoint {folder} has no model*.safetensors to load every block "
+                                    "from after an early exit; save with save_safetensors=True.")
+            weights = {}
+            for f in files:
+                weights.update(load_file(f))
+            with t.all_blocks() as full:
+                full.load_state_dict(weights, strict=False)
+        logger.warning("dynatune: loaded the engine's state of the best checkpoint %s with its weights.", folder)
 
     # -- helpers ----------------------------------------------------------------------------------
     def after_backward(self) -> None:
         """Signals read the step's gradients; probed gradients that were not promoted are freed."""
         self._in_step = False
         if not self._backward_done:
+            if self._scaler is not None:  # gradient signals were read on the scaled loss
+                self.tuner.grad_scale = float(self._scaler.get_scale())
             self.tuner.after_backward()
             self._backward_done = True
 
@@ -290,12 +359,9 @@ class DynatuneCallback(TrainerCallback):
         self.tuner = tuner
 
     def _install_budget(self, args, model, train_dataloader) -> None:
-        if args.fp16:
-            raise DynatuneError("the memory model cannot price fp16 training yet, so a budget cannot be held under "
-                                "fp16=True; use bf16=True (or fp32), or no budget.")
         params = [p for p in model.parameters() if p.is_floating_point()]
         precision = ("bf16" if params and all(p.dtype == torch.bfloat16 for p in params)
-                     else "amp-bf16" if args.bf16 else "fp32")
+                     else "amp-bf16" if args.bf16 else "amp-fp16" if args.fp16 else "fp32")
         if self.max_length is not None:
             seq, where = int(self.max_length), "max_length"
         else:
@@ -305,7 +371,7 @@ class DynatuneCallback(TrainerCallback):
         mm = install_budget(self.tuner, self.budget, batch_shape=(batch, seq), precision=precision,
                             margin=self.margin, grad_accum=args.gradient_accumulation_steps,
                             device_type=self.tuner.device.type,
-                            gradient_checkpointing=bool(args.gradient_checkpointing))
+                            gradient_checkpointing=checkpointing_on(args))
         self.budget_note = (f"budget {self.budget} = {self.tuner.budget_bytes} bytes, priced at batch {batch} x "
                             f"{seq} tokens ({where}), {precision}, gradient accumulation "
                             f"{args.gradient_accumulation_steps}")
@@ -379,6 +445,59 @@ def _longest_example(train_dataloader) -> tuple[int, int]:
         raise DynatuneError("DynatuneCallback cannot see the training examples' input_ids to price the budget; "
                             "pass DynatuneCallback(method, budget=..., max_length=<longest sequence>).")
     return max(lengths), len(lengths)
+
+
+def _reports(args) -> bool:
+    r = getattr(args, "report_to", None)
+    names = [r] if isinstance(r, str) else list(r or [])
+    return any(n not in ("none", None) for n in names)
+
+
+def _run_before_reporters(callback, frame) -> None:
+    """Move `callback` ahead of the Trainer's report_to callbacks in its callback list.
+
+    The Trainer puts its reporting callbacks before the user's, and each sees the same `logs` dict
+    in turn, so scalars added in on_log reach them only from a callback that runs first. The
+    Trainer's callback handler is the caller of on_train_begin (CallbackHandler.call_event)."""
+    from transformers.trainer_callback import CallbackHandler
+    try:
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+    except ImportError:
+        return
+    caller = frame.f_back if frame is not None else None
+    handler = caller.f_locals.get("self") if caller is not None else None
+    if not isinstance(handler, CallbackHandler) or callback not in handler.callbacks:
+        return
+    reporters = tuple(c for c in INTEGRATION_TO_CALLBACK.values() if isinstance(c, type))
+    cbs = handler.callbacks
+    first = next((i for i, c in enumerate(cbs) if isinstance(c, reporters)), None)
+    if first is not None and cbs.index(callback) > first:
+        cbs.remove(callback)
+        cbs.insert(first, callback)
+
+
+def checkpointing_on(args) -> bool:
+    """Whether the Trainer checkpoints activations (activation_checkpointing, or its older name)."""
+    if hasattr(args, "activation_checkpointing"):
+        return bool(args.activation_checkpointing)
+    return bool(getattr(args, "gradient_checkpointing", False))
+
+
+def _check_checkpointing(args, budget) -> None:
+    """The Trainer's activation checkpointing must be what dynatune runs and prices: non-reentrant,
+    every block. (The Trainer also turns on enable_input_require_grads; the Tuner turns it off.)"""
+    if not checkpointing_on(args):
+        return
+    kw = dict((args.activation_checkpointing_kwargs if hasattr(args, "activation_checkpointing_kwargs")
+               else getattr(args, "gradient_checkpointing_kwargs", None)) or {})
+    if kw.get("use_reentrant", False):
+        raise DynatuneError("reentrant checkpointing (use_reentrant=True) gives the weights of a block whose input "
+                            "needs no gradient no gradient at all, so dynatune's frozen bottom blocks would break "
+                            "training; drop use_reentrant from gradient_checkpointing_kwargs (False is the default).")
+    if budget is not None and (kw.get("every_n_layers", 1) != 1 or kw.get("offload", False)):
+        raise DynatuneError("the memory model prices checkpointing of every block on the device, so a budget cannot "
+                            "be held with every_n_layers or offload in gradient_checkpointing_kwargs; drop them, or "
+                            "the budget.")
 
 
 def _extend_scheduler(scheduler, optimizer, added: int) -> None:

@@ -12,6 +12,13 @@ storage, so that a plan's savings are shown, not assumed:
 
 `counted_step_bytes = weights + gradients + optimizer state + saved activations`; the run's
 `counted_peak_bytes` is the largest over its steps.
+
+Under activation checkpointing (non-reentrant) a checkpointed block runs inside checkpoint's own
+saved_tensors_hooks, which take precedence over the counter's: what the counter sees is what
+checkpoint keeps through the forward (each block's input, saved outside those hooks) plus
+everything saved outside the blocks. The block's activations that backward recomputes, one block
+at a time, never pass the counter; the memory model prices them as the `backward_recompute`
+phase of the predicted peak, not as counted bytes.
 """
 from __future__ import annotations
 

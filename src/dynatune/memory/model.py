@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import DynatuneError
 from ..models import meta_model
 from ..plan import Plan
-from ..precision import check_precision
+from ..precision import check_precision, priced_as
 from ..units import Units, partition, unwrap_peft
 from .budget import DEFAULT_MARGIN, BudgetError, fmt_bytes, usable_budget
 from .probe import (PROBE_LAYERS, PROBE_SEQ_LENS, ActivationProbe, ProbeResult, block_states, build_small_like,
@@ -196,7 +196,8 @@ class MemoryModel:
 
     model: the model as it trains (adapters injected), on any device including meta: only
     parameter shapes and dtypes are read from it. The probe builds its own small CPU model.
-    precision: fp32 | amp-bf16 (fp32 weights and optimizer, bf16 autocast) | bf16 (pure bf16).
+    precision: fp32 | amp-bf16 (fp32 weights and optimizer, bf16 autocast) | amp-fp16 (the same bytes as
+    amp-bf16: fp16 autocast; the loss scaler's state is a few scalars) | bf16 (pure bf16).
     loss: hf (`model(**batch).loss`: full logits), chunked (losses.chunked_causal_lm_loss), or
     sliced (user code keeping fp32 logits and slicing the shift, as the anchors' exit rows do).
     hold_logits: the caller keeps the model output (and so the logits) alive through backward and
@@ -211,6 +212,8 @@ class MemoryModel:
                  probe_seq_lens=PROBE_SEQ_LENS, workspace_bytes: int | None = None, layer_types=None,
                  build_small: Callable | None = None, params: dict | None = None, fast_probe="auto"):
         check_precision(precision)
+        self.requested_precision = precision
+        precision = priced_as(precision)  # amp-fp16 costs what amp-bf16 costs, byte for byte
         if loss not in LOSSES:
             raise DynatuneError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}.")
         if device_type not in DEVICE_TYPES:
@@ -284,7 +287,7 @@ class MemoryModel:
         config: a transformers config, a built-in arch name ('qwen2-0.5b' or 'arch:qwen2-0.5b').
         method: a dynatune Method whose prepare_model (adapters) and granularity apply.
         """
-        model = meta_model(config, kind=kind, precision=precision, num_labels=num_labels)
+        model = meta_model(config, kind=kind, precision=priced_as(precision), num_labels=num_labels)
         prepare = method.prepare_model if method is not None else None
         if prepare is not None:
             model = prepare(model)

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import DynatuneError
 from ..losses import chunked_causal_lm_loss
 from ..plan import Plan
-from ..plan_mechanics import BlockStack, add_plan_hooks, grad_param_names, require_grad_only
+from ..plan_mechanics import BlockStack, add_plan_hooks, enable_checkpointing, grad_param_names, require_grad_only
 from ..precision import autocast_for
 from ..units import Units, partition, unwrap_peft
 from .counting import SavedTensorCounter
@@ -227,7 +227,7 @@ def block_states(units: Units, plan: Plan) -> tuple[list[str], bool, frozenset]:
 
     Returns (states by depth, embedding lookup on the backward path, non-block units with grads).
     States: none (past the exit: does not run), idle (runs below the backward path: saves nothing,
-    except its input under gradient checkpointing), first_update /
+    under non-reentrant checkpointing too, since nothing below the path needs a gradient), first_update /
     first_adapter (the lowest block backward reaches, which trains: its input needs no gradient),
     first_probe (the lowest block is only probed at its output: saves nothing), update / adapter
     (trains, input needs a gradient), frozen (on the backward path without training). Module-level
@@ -361,7 +361,7 @@ class ActivationProbe:
             return
         m = self.build_small(self.n_layers)
         if self.gradient_checkpointing:
-            unwrap_peft(m).gradient_checkpointing_enable()
+            enable_checkpointing(m)
         m.train()
         units = partition(m, self.granularity, self.layers)
         stack = BlockStack(m, units.blocks_path)

@@ -1,0 +1,46 @@
+"""What a new user finds without reading the code: `dynatune ls` lists the run options with their
+help and where each cached model lives; `dynatune estimate` ends with the device it prices for and
+a one-line summary of what fits."""
+from dynatune.assets import asset_path
+from dynatune.cli import main, run_options
+from dynatune.planner import estimate, format_table
+
+
+def test_ls_lists_run_options_and_model_locations(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    opts = {k: (d, h) for k, d, h in run_options()}
+    for key in ("lr", "epochs", "max_steps", "data.train", "data.messages", "data.max_train", "eval_steps",
+                "early_stopping_patience", "load_best", "log_every", "report_to", "gradient_checkpointing",
+                "precision"):
+        assert key in opts and opts[key][1], key
+        assert f"  {key}=" in out, key
+    assert opts["max_steps"][0] == -1 and opts["data.text"][0] == "text" and opts["report_to"][0] == "none"
+    line = next(x for x in out.splitlines() if x.startswith("  lr="))
+    assert line.split(None, 1)[1] == opts["lr"][1]                 # the help text, as the dataclass says it
+    # each cached model: where it lives (a directory from_pretrained loads)
+    assert f"at {asset_path('minilm-l6')}" in out
+    assert f"at {asset_path('smollm2-135m') / 'hf'}" in out
+
+
+def test_estimate_ends_with_device_and_what_fits(capsys):
+    args = ["model=arch:tiny-llama", "batch_size=4", "seq_len=32", "budget=0.8", "device_type=cpu",
+            "families=top,lisa,lora", "lora_ranks=2,8,64"]
+    rows = estimate(args)
+    fits = {r["config"]: r["fits"] for r in rows}
+    top_k = max(r["setting"] for r in rows if r["family"] == "top" and r["fits"])
+    lisa = [r["setting"] for r in rows if r["family"] == "lisa" and r["fits"]]
+    lora = [r["setting"] for r in rows if r["family"] == "lora" and r["fits"]]
+    expected = (f"full {'yes' if fits['full'] else 'no'}; top-k up to k={top_k} of 4; "
+                + (f"LISA up to k={max(lisa)} of 4" if lisa else "LISA no") + "; "
+                + (f"LoRA up to r={max(lora)}" if lora else "LoRA no") + "; "
+                + ("TriMS yes" if fits["top1"] else "TriMS no (its start, the top block, does not fit)"))
+    assert not fits["full"] and fits["top1"]  # 80% of full fine-tuning: full cannot fit, one block can
+    last = format_table(rows).splitlines()[-2:]
+    assert last[0].startswith("priced for the CPU (no cuBLAS workspaces")
+    assert last[1].split(": ", 1)[1] == expected
+    assert main(["estimate", *args]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == last[1]
+    # without a budget it says how to ask
+    no_budget = format_table(estimate([a for a in args if not a.startswith("budget=")])).splitlines()
+    assert no_budget[-2].startswith("priced for the CPU") and no_budget[-1].startswith("fits: no budget given")
