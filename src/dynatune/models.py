@@ -14,7 +14,7 @@ import torch
 
 from dynatune import assets
 from dynatune.errors import DynatuneError
-from dynatune.modules.row_delta import DELTAS_CONFIG, load_deltas
+from .modules.row_delta import DELTAS_CONFIG, load_deltas
 
 KINDS = ("classification", "regression", "causal-lm")
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
@@ -255,45 +255,40 @@ def _load_adapter(path: Path, kind, num_labels, dtype, seed, tokenizer_only, lab
         return PeftModel.from_pretrained(model, path, autocast_adapter_dtype=False), tokenizer
 
 
-def _load_bottleneck(path: Path, kind, num_labels, dtype, seed, tokenizer_only, label_names):
-    """A bottleneck adapter directory (modules/bottleneck.py): its base model, then the adapters and head."""
+def _base_then(path: Path, config_file: str, what: str, heads_of, load, kind, num_labels, dtype, seed,
+               tokenizer_only, label_names):
+    """A saved directory of weights that sit on a base model (IST's bottleneck adapters, SPSFT's row
+    deltas): the base model its config names (an arch: base from `seed`), then `load(model, path)`.
+    Every weight the base lacks must be a head the directory holds."""
     import json
 
-    from .modules.bottleneck import CONFIG_FILE, load_bottleneck
-
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = json.loads((path / config_file).read_text())
     base = config.get("base_model_name_or_path") or ""
     if not (base.startswith("arch:") or base in MODELS or (Path(base).expanduser() / "config.json").is_file()):
-        raise DynatuneError(f"{path} holds bottleneck adapters whose base model {base!r} cannot be found; restore "
-                            f"that model there (or set base_model_name_or_path in its {CONFIG_FILE}).")
+        raise DynatuneError(f"{path} holds {what} whose base model {base!r} cannot be found; restore that model "
+                            f"there (or set base_model_name_or_path in its {config_file}).")
     model, tokenizer, fresh = _load(base, kind, num_labels, dtype, seed, tokenizer_only, label_names)
     if tokenizer_only:
         return None, tokenizer
-    heads = tuple(f"{h}." for h in config.get("head") or ())
-    lost = sorted(k for k in fresh if not k.startswith(heads))
+    lost = sorted(k for k in fresh if not heads_of(config, k))
     if lost:
-        raise DynatuneError(f"{path} holds bottleneck adapters without {lost[0]} (its base model has none), so it "
-                            "cannot reproduce the run it came from.")
-    return load_bottleneck(model, path), tokenizer
-
-
-def _load_deltas(path: Path, kind, num_labels, dtype, seed, tokenizer_only, label_names):
-    """An SPSFT deltas export: the base model it names (an arch: base from `seed`), then its row deltas."""
-    import json
-
-    spec = json.loads((path / DELTAS_CONFIG).read_text())
-    base = spec.get("base_model_name_or_path") or ""
-    if not (base.startswith("arch:") or base in MODELS or (Path(base).expanduser() / "config.json").is_file()):
-        raise DynatuneError(f"{path} holds SPSFT deltas whose base model {base!r} cannot be found; restore that "
-                            f"model there (or set base_model_name_or_path in its {DELTAS_CONFIG}).")
-    model, tokenizer, fresh = _load(base, kind, num_labels, dtype, seed, tokenizer_only, label_names)
-    if tokenizer_only:
-        return None, tokenizer
-    lost = sorted(set(fresh) - set(spec.get("heads", ())))
-    if lost:
-        raise DynatuneError(f"{path} holds SPSFT deltas without {lost[0]} (its base model has none), so it cannot "
+        raise DynatuneError(f"{path} holds {what} without {lost[0]} (its base model has none), so it cannot "
                             "reproduce the run it came from.")
-    return load_deltas(model, path), tokenizer
+    return load(model, path), tokenizer
+
+
+def _load_bottleneck(path: Path, *args):
+    """A bottleneck adapter directory (modules/bottleneck.py): its base model, then the adapters and head."""
+    from .modules.bottleneck import CONFIG_FILE, load_bottleneck
+    return _base_then(path, CONFIG_FILE, "bottleneck adapters",
+                      lambda cfg, k: k.startswith(tuple(f"{h}." for h in cfg.get("head") or ())),
+                      load_bottleneck, *args)
+
+
+def _load_deltas(path: Path, *args):
+    """An SPSFT deltas export: the base model it names, then its row deltas."""
+    return _base_then(path, DELTAS_CONFIG, "SPSFT deltas", lambda cfg, k: k in set(cfg.get("heads", ())),
+                      load_deltas, *args)
 
 
 def _build(auto, config, source, dtype):
