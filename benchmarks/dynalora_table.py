@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import print_table, run_one, save, summarise  # noqa: E402
+from harness import counted_steps, print_table, run_one, save, summarise, sweep_then_seeds  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 TARGETS = "query,value"
@@ -83,14 +83,7 @@ def memory_rows() -> list[dict]:
         model.train()  # dropout on, as in training: it decides what attention saves
         t = Tuner(model, build_method(name, seed=seed, state_policy=policy, **opts), lr=1e-3)
         t.set_budget(MemoryModel.from_tuner(t, batch_shape=batch_shape, device_type="cpu"), None)  # prices, no budget
-        for _ in range(2):  # the second step's draw differs: keep then holds the first draw's state too
-            t.begin_step()
-            t.model(**batch).loss.backward()
-            t.after_backward()
-            t.optimizer.step()
-            t.after_optimizer_step()
-            t.optimizer.zero_grad(set_to_none=True)
-            t.end_step(None)
+        counted_steps(t, batch, 2)  # the second step's draw differs: keep then holds the first draw's state too
         pred = t.predict(t.plan)  # kept optimizer state included
         rec = t.record
         rows.append({"method": name, "seed": seed, "state_policy": policy,
@@ -142,22 +135,10 @@ def main():
                 i = next(j for j, x in enumerate(rates) if float(x) == chosen[f"{task}/{base}"])
                 rates = rates[i:i + 2]
             rates = rates[1:2] if args.smoke else rates
-            runs = {}
-            for lr in rates:  # seed 0 at every candidate; the best validation accuracy is kept
-                r = run_one([*common, f"task={task}", *opts, f"lr={lr}", "seed=0",
-                             f"output_dir={root}/{task}-{label}-lr{lr}-0"], reuse=args.reuse)
-                runs[lr] = r
-                sweep.append({**r, "label": label, "lr": float(lr)})
-                print("sweep", task, label, lr, (r["validation"] or {}).get("accuracy"), flush=True)
-            lr = max(rates, key=lambda x: (runs[x]["validation"] or {}).get("accuracy", 0))
+            lr, mine = sweep_then_seeds([*common, f"task={task}", *opts], rates, seeds, f"{root}/{task}-{label}",
+                                        args.reuse, sweep, label)
             chosen[f"{task}/{label}"] = float(lr)
-            for seed in seeds:
-                r = runs[lr] if seed == 0 else run_one(
-                    [*common, f"task={task}", *opts, f"lr={lr}", f"seed={seed}",
-                     f"output_dir={root}/{task}-{label}-lr{lr}-{seed}"], reuse=args.reuse)
-                rows.append({**r, "label": label, "lr": float(lr)})
-                print(task, label, seed, r["test"].get("accuracy"), r["trainable_params"], r["counted_peak_bytes"],
-                      r["optimizer_bytes_at_peak"], flush=True)
+            rows += mine
     table = summarise(rows, "accuracy")
     for row in table:
         mine = [r for r in rows if r["task"] == row["task"] and r["label"] == row["label"]]

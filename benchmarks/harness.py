@@ -80,6 +80,38 @@ def run_one(overrides: list[str], reuse: bool = False) -> dict:
     return {**collect(overrides), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def sweep_then_seeds(base: list[str], rates, seeds, out: str, reuse: bool, sweep: list, label: str,
+                     metric: str = "accuracy") -> tuple[str, list[dict]]:
+    """Seed 0 at every candidate rate (recorded in `sweep`), the best validation `metric` chosen, then
+    the other seeds at that rate. Run directories are `{out}-lr{rate}-{seed}`. Returns the chosen
+    rate (as given) and one row per seed."""
+    runs = {}
+    for lr in rates:
+        runs[lr] = run_one([*base, f"lr={lr}", "seed=0", f"output_dir={out}-lr{lr}-0"], reuse=reuse)
+        sweep.append({**runs[lr], "label": label, "lr": float(lr)})
+        print("sweep", label, lr, (runs[lr]["validation"] or {}).get(metric), flush=True)
+    lr = max(rates, key=lambda x: (runs[x]["validation"] or {}).get(metric, 0))
+    rows = []
+    for seed in seeds:
+        r = runs[lr] if seed == 0 else run_one([*base, f"lr={lr}", f"seed={seed}", f"output_dir={out}-lr{lr}-{seed}"],
+                                               reuse=reuse)
+        rows.append({**r, "label": label, "lr": float(lr)})
+        print(label, seed, r["test"].get(metric), r["trainable_params"], r["counted_peak_bytes"], flush=True)
+    return lr, rows
+
+
+def counted_steps(tuner, batch: dict, steps: int) -> None:
+    """`steps` training steps of the engine's per-step contract on one batch (memory benchmarks)."""
+    for _ in range(steps):
+        tuner.begin_step()
+        tuner.model(**batch).loss.backward()
+        tuner.after_backward()
+        tuner.optimizer.step()
+        tuner.after_optimizer_step()
+        tuner.optimizer.zero_grad(set_to_none=True)
+        tuner.end_step(None)
+
+
 def finished_same_run(cfg) -> bool:
     from dynatune.config import run_budget, run_dir, to_dict
     from dynatune.methods import METHODS

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import save  # noqa: E402
+from harness import counted_steps, save  # noqa: E402
 
 MLP = "gate_proj,up_proj,down_proj"
 
@@ -53,14 +53,7 @@ def measure(model_name, label, method_name, opts, batch_shape, steps=2):
     model.train()
     t = Tuner(model, build_method(method_name, seed=0, **opts), lr=1e-4)
     t.set_budget(MemoryModel.from_tuner(t, batch_shape=batch_shape, device_type="cpu"), None)  # prices, no budget
-    for _ in range(steps):
-        t.begin_step()
-        t.model(**batch).loss.backward()
-        t.after_backward()
-        t.optimizer.step()
-        t.after_optimizer_step()
-        t.optimizer.zero_grad(set_to_none=True)
-        t.end_step(None)
+    counted_steps(t, batch, steps)
     pred = t.predict(t.plan)
     rec = t.record
     counted = {"weights": rec.weights, "gradients": rec.gradients, "optimizer": rec.optimizer,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import print_table, run_one, save, summarise  # noqa: E402
+from harness import print_table, save, summarise, sweep_then_seeds  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 SPSFT_RATES = ("1e-4", "3e-4", "1e-3")
@@ -97,22 +97,10 @@ def main():
         for label, (opts, rates) in table_methods.items():
             rates = rates[1:2] if args.smoke else rates
             extra = [o for o in common if not o.startswith("spsft.") or label.startswith("spsft")]
-            runs = {}
-            for lr in rates:  # seed 0 at every candidate; the best validation accuracy is kept
-                r = run_one([*extra, f"task={task}", *opts, f"lr={lr}", "seed=0",
-                             f"output_dir={root}/{task}-{label}-lr{lr}-0"], reuse=args.reuse)
-                runs[lr] = r
-                sweep.append({**r, "label": label, "lr": float(lr)})
-                print("sweep", task, label, lr, (r["validation"] or {}).get("accuracy"), flush=True)
-            lr = max(rates, key=lambda x: (runs[x]["validation"] or {}).get("accuracy", 0))
+            lr, mine = sweep_then_seeds([*extra, f"task={task}", *opts], rates, seeds, f"{root}/{task}-{label}",
+                                        args.reuse, sweep, label)
             chosen[f"{task}/{label}"] = float(lr)
-            for seed in seeds:
-                r = runs[lr] if seed == 0 else run_one(
-                    [*extra, f"task={task}", *opts, f"lr={lr}", f"seed={seed}",
-                     f"output_dir={root}/{task}-{label}-lr{lr}-{seed}"], reuse=args.reuse)
-                rows.append({**r, "label": label, "lr": float(lr)})
-                print(task, label, seed, r["test"].get("accuracy"), r["trainable_params"], r["counted_peak_bytes"],
-                      flush=True)
+            rows += mine
     table = summarise(rows, "accuracy")
     for row in table:
         mine = [r for r in rows if r["task"] == row["task"] and r["label"] == row["label"]]

@@ -383,6 +383,8 @@ def plot_importance(run_dir, log: list[dict]) -> list[Path]:
     im = ax.imshow(imp.T.numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, imp.shape[1] - 0.5, -0.5))
     ax.set_ylabel("layer")
+    if len(layers) <= 40:  # the blocks the layers are (all of them, or those with adapters)
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
     ax.set_title("IST layer importance I over steps (fig. 4)")
     fig.colorbar(im, ax=ax, label="importance")
     grid = torch.zeros(imp.shape[1], len(rows))
