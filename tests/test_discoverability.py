@@ -44,3 +44,20 @@ def test_estimate_ends_with_device_and_what_fits(capsys):
     # without a budget it says how to ask
     no_budget = format_table(estimate([a for a in args if not a.startswith("budget=")])).splitlines()
     assert no_budget[-2].startswith("priced for the CPU") and no_budget[-1].startswith("fits: no budget given")
+
+
+def test_estimate_summary_names_dynalora_by_where_it_fits():
+    """DynaLoRA's part of the summary: the largest k whose worst placement fits ("anywhere"), else the
+    largest that fits in the top blocks, else no; the rows decide, the line repeats them."""
+    args = ["model=arch:tiny-llama", "batch_size=4", "seq_len=32", "device_type=cpu", "families=top,dynalora",
+            "dynalora_r=4"]
+    rows = estimate(args)
+    worst = {r["setting"]: r["predicted_peak_bytes"] for r in rows if r["family"] == "dynalora"}
+    top = {r["setting"]: r["predicted_peak_bytes"] for r in rows if r["family"] == "dynalora-top"}
+    # a budget between the k=3 worst placement and the k=3 top placement: only the top blocks fit
+    budget = (worst[3] + top[3]) // 2
+    line = format_table(estimate(args + [f"budget={budget}B", "margin=0"])).splitlines()[-1]
+    fits_top = max(k for k, b in top.items() if b <= budget)
+    assert line.endswith(f"DynaLoRA up to k={fits_top} of 8 in the top blocks; TriMS yes"), line
+    line = format_table(estimate(args + [f"budget={max(worst.values())}B", "margin=0"])).splitlines()[-1]
+    assert "DynaLoRA up to k=8 of 8 anywhere" in line

@@ -470,6 +470,7 @@ def test_blocks_option_names_valid_blocks():
     assert adapted_blocks("all", 4) == {0, 1, 2, 3}
     assert adapted_blocks("top:1", 4) == {3}
     assert adapted_blocks("0,2", 4) == {0, 2}
-    for bad in ("top:0", "top:x", "4", "", "1,9"):
+    assert adapted_blocks("top:4", 4) == {0, 1, 2, 3}
+    for bad in ("top:0", "top:5", "top:x", "4", "", "1,9"):
         with pytest.raises(DynatuneError, match="names no valid blocks"):
             adapted_blocks(bad, 4)

@@ -328,6 +328,14 @@ def summary(rows: list[dict]) -> list[str]:
     if "exit" in fams:
         parts.append("early exit up to depth e={0}, top k={1}".format(*best["exit"]["setting"]) if "exit" in best
                      else "early exit no")
+    if "dynalora" in fams:
+        m = max(r["setting"] for r in rows if r["family"] == "dynalora")
+        if "dynalora" in best:
+            parts.append(f"DynaLoRA up to k={best['dynalora']['setting']} of {m} anywhere")
+        elif "dynalora-top" in best:
+            parts.append(f"DynaLoRA up to k={best['dynalora-top']['setting']} of {m} in the top blocks")
+        else:
+            parts.append("DynaLoRA no")
     if "top" in fams:
         # TriMS starts from the top block alone (its start state) and grows within the budget
         top1 = next(r for r in rows if r["config"] == "top1")

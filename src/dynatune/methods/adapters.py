@@ -39,7 +39,7 @@ def adapted_blocks(blocks: str, n_blocks: int) -> set[int]:
             chosen = set(range(n_blocks))
         elif spec.startswith("top:"):
             n = int(spec[4:])
-            chosen = set(range(max(n_blocks - n, 0), n_blocks)) if n >= 1 else set()
+            chosen = set(range(n_blocks - n, n_blocks)) if 1 <= n <= n_blocks else set()
         else:
             chosen = {int(b) for b in spec.split(",") if b.strip()}
     except ValueError:
