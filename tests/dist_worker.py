@@ -1,0 +1,77 @@
+"""Runs for tests/test_distributed.py: the same jobs in one process or in each of N gloo processes.
+
+    python tests/dist_worker.py JOBS.json OUT_DIR WORLD_SIZE
+
+spawns WORLD_SIZE processes (torch.multiprocessing, a file store in OUT_DIR) that run every job
+of JOBS.json and each write OUT_DIR/<tag>-rank<r>.pt: the per-step log records and the final
+weights. `run_job(job)` is the same run in the calling process (no process group).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny import classifier, cls_examples, collate, loop_cfg  # noqa: E402
+
+from dynatune.config import run_budget  # noqa: E402
+from dynatune.loop import fit, seed_everything  # noqa: E402
+from dynatune.methods import build_method  # noqa: E402
+
+# the options each registered method runs with here (small k and periods: plans change within 4 steps)
+OPTIONS = {"full": {}, "topk": {"k": 1}, "bottomk": {"k": 1}, "lisa": {"k": 1, "period": 2}, "random": {},
+           "lora": {"r": 4}, "dora": {"r": 4}, "vera": {"r": 8}, "trims": {"tau": 1}, "gradselect": {},
+           "adagradselect": {}, "dynalora": {"r": 4, "period": 2}, "dynavera": {"r": 8, "period": 2}}
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+
+
+def run_job(job: dict) -> dict:
+    """One run of the loop on a tiny BERT classifier; the job's keys: tag, method, options, and loop
+    settings (batch_size is the global batch; grad_accum; max_steps; dropout; out_dir; resume...)."""
+    seed_everything(0)
+    model = classifier("bert", **({} if job.get("dropout") else NO_DROPOUT))
+    method = build_method(job["method"], seed=0, **job.get("options", OPTIONS.get(job["method"], {})))
+    keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr")
+    cfg = loop_cfg(max_length=12, margin=0.03, budget=run_budget(None, method),
+                   **{k: job[k] for k in keys if k in job})
+    data = cls_examples(n=job.get("examples", 16))
+    out = Path(job["out_dir"]) if job.get("out_dir") else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    tuner, state = fit(model, method, data, collate, cfg, out_dir=out)
+    tuner.close_hooks()
+    keep = ("step", "loss", "update", "exit_depth", "promoted", "memory", "method_log")
+    return {"history": [{k: h.get(k) for k in keep} for h in tuner.history],
+            "weights": {n: p.detach().clone() for n, p in tuner.params.items()}}
+
+
+def _rank_main(rank: int, world: int, jobs: list[dict], out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for job in jobs:
+            try:
+                result = run_job(job)
+            except Exception as err:  # noqa: BLE001 - reported to the test, which fails with it
+                result = {"error": f"{type(err).__name__}: {err}"}
+            torch.save(result, Path(out) / f"{job['tag']}-rank{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv):
+    jobs = json.loads(Path(argv[0]).read_text())
+    out, world = argv[1], int(argv[2])
+    torch.multiprocessing.spawn(_rank_main, args=(world, jobs, out), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
