@@ -24,7 +24,7 @@ from dynatune.loop import fit, seed_everything  # noqa: E402
 from dynatune.methods import build_method  # noqa: E402
 
 # the options each registered method runs with here (small k and periods: plans change within 4 steps)
-OPTIONS = {"full": {}, "topk": {"k": 1}, "bottomk": {"k": 1}, "lisa": {"k": 1, "period": 2}, "random": {},
+OPTIONS = {"full": {}, "topk": {"k": 1}, "bottomk": {"k": 1}, "lisa": {"k": 1, "period": 1}, "random": {},
            "lora": {"r": 4}, "dora": {"r": 4}, "vera": {"r": 8}, "trims": {"tau": 1}, "gradselect": {},
            "adagradselect": {}, "dynalora": {"r": 4, "period": 2}, "dynavera": {"r": 8, "period": 2}}
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
@@ -35,7 +35,8 @@ def run_job(job: dict) -> dict:
     settings (batch_size is the global batch; grad_accum; max_steps; dropout; out_dir; resume...)."""
     seed_everything(0)
     model = classifier("bert", **({} if job.get("dropout") else NO_DROPOUT))
-    method = build_method(job["method"], seed=0, **job.get("options", OPTIONS.get(job["method"], {})))
+    seed = torch.distributed.get_rank() if job.get("rank_seed") else 0  # rank_seed: ranks would disagree
+    method = build_method(job["method"], seed=seed, **job.get("options", OPTIONS.get(job["method"], {})))
     keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr")
     cfg = loop_cfg(max_length=12, margin=0.03, budget=run_budget(None, method),
                    **{k: job[k] for k in keys if k in job})

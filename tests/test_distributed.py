@@ -1,0 +1,148 @@
+"""Data parallelism on the CPU: 2 gloo processes (tests/dist_worker.py), every registered method.
+
+Tolerance: a 2-process run sums each gradient over ranks (bucketed, flattened) where one process
+with grad_accum=2 accumulates the same two micro-batches in place, so gradients agree to the last
+bits only. Losses are compared to 1e-6 and weights to 1e-5: AdamW divides by sqrt(v), so a gradient
+entry near zero whose last bits differ can move its weight by lr x its relative difference (seen:
+1.1e-6 on one LayerNorm weight at lr=1e-3; most weights agree to ~1e-8). Plans, which decisions
+read from agreed signals, must be identical, and the two ranks' weights bit-identical.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynatune.distributed import Replicas
+from dynatune.errors import DynatuneError
+from dynatune.methods import METHODS
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_worker import OPTIONS, run_job  # noqa: E402
+
+HERE = Path(__file__).parent
+SRC = HERE.parent / "src"
+LOSS_TOL, WEIGHT_TOL = 1e-6, 1e-5
+STEPS = 4
+# 16 examples, global batch 4 (2 per rank): 4 steps within one epoch
+BASE = {"batch_size": 4, "max_steps": STEPS}
+# plans that change within 4 steps: a test that compares them compares something
+CHANGING = {"lisa", "random", "adagradselect", "dynalora", "dynavera"}
+
+
+def spawn(jobs: list[dict], out: Path, world: int = 2, timeout: int = 900) -> dict:
+    """Run `jobs` in `world` gloo processes; {tag: [rank 0's result, rank 1's, ...]}."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "dist_worker.py"), str(out / "jobs.json"), str(out), str(world)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {j["tag"]: [torch.load(out / f"{j['tag']}-rank{r}.pt") for r in range(world)] for j in jobs}
+
+
+def plans(result):
+    return [(h["update"], h["exit_depth"], h["promoted"]) for h in result["history"]]
+
+
+def assert_close_runs(a, b):
+    assert plans(a) == plans(b)
+    for x, y in zip(a["history"], b["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], abs=LOSS_TOL)
+    for n, w in a["weights"].items():
+        assert torch.allclose(w, b["weights"][n], atol=WEIGHT_TOL, rtol=0), n
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """Every registered method, 4 steps in 2 processes (one spawn for all of them)."""
+    assert sorted(OPTIONS) == sorted(METHODS), "add the new method to tests/dist_worker.py's OPTIONS"
+    jobs = [{"tag": m, "method": m, **BASE} for m in sorted(METHODS)]
+    # rank-dependent seeds: ranks would draw different plans
+    jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
+    out = tmp_path_factory.mktemp("dist")
+    jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
+    return spawn(jobs, out), out
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_plans_agree_on_both_ranks_and_equal_one_process_with_the_same_global_batch(method, every_method):
+    results, _ = every_method
+    r0, r1 = results[method]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert len(r0["history"]) == len(r1["history"]) == STEPS
+    assert plans(r0) == plans(r1)  # the same plan on every rank at every step
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]  # the global loss, agreed
+    for n, w in r0["weights"].items():  # replicas stay bit-identical
+        assert torch.equal(w, r1["weights"][n]), n
+    if method in CHANGING:
+        assert len({str(p) for p in plans(r0)}) > 1, "the plan never changed: the comparison would be vacuous"
+    # one process, the same global batch of 4 as two micro-batches of 2: the same examples per micro-batch
+    single = run_job({"tag": method, "method": method, **BASE, "grad_accum": 2})
+    assert_close_runs(r0, single)
+
+
+def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):
+    results, _ = every_method
+    for r in results["skewed"]:
+        assert "ranks disagree on the plan of step 0" in r["error"]
+
+
+def test_only_rank_0_writes_the_run_directory(every_method):
+    results, out = every_method
+    run = out / "run"
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(STEPS))  # once each: one writer
+    assert [json.loads(line)["loss"] for line in lines] == [h["loss"] for h in results["written"][0]["history"]]
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["latest", "step-2", "step-4"]
+    state = torch.load(run / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+    assert len(state["rng_ranks"]) == 2  # each rank's RNG, written by rank 0
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resume_of_a_two_process_run_equals_the_straight_run(tmp_path):
+    # dropout on: each rank's dropout stream must resume where it was
+    jobs = []
+    for m in ("adagradselect", "lisa"):
+        common = {"method": m, "dropout": True, "checkpoint_every": 2, **BASE}
+        jobs += [{"tag": f"{m}-straight", "out_dir": str(tmp_path / m / "straight"), **common},
+                 {"tag": f"{m}-first", "out_dir": str(tmp_path / m / "cut"), "stop_after": 2, **common},
+                 {"tag": f"{m}-resumed", "out_dir": str(tmp_path / m / "cut"), "resume": str(tmp_path / m / "cut"),
+                  **common}]
+    results = spawn(jobs, tmp_path / "spawn")
+    for m in ("adagradselect", "lisa"):
+        for rank in (0, 1):
+            straight, resumed = results[f"{m}-straight"][rank], results[f"{m}-resumed"][rank]
+            assert "error" not in resumed, resumed.get("error")
+            assert plans(resumed) == plans(straight)
+            assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+            for n, w in straight["weights"].items():
+                assert torch.equal(w, resumed["weights"][n]), n
+
+
+def fake_replicas(rank, world):
+    r = object.__new__(Replicas)
+    r.rank, r.world, r.is_main = rank, world, rank == 0
+    return r
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 4, 7, 12])
+def test_each_global_batch_is_cut_into_contiguous_shares_in_the_plain_loop_order(world, n):
+    idx = [5 * i + 3 for i in range(n)]
+    shares = [fake_replicas(r, world).shard(idx) for r in range(world)]
+    assert sum(shares, []) == idx  # every example once, in order
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_batch_the_ranks_cannot_share_evenly_is_refused_before_training():
+    r = fake_replicas(0, 2)
+    r.check_batches(8, 2, 40)
+    with pytest.raises(DynatuneError, match="batch_size=6 must be a multiple of world_size x grad_accum = 2 x 2"):
+        r.check_batches(6, 2, 40)
+    with pytest.raises(DynatuneError, match="the last batch of each epoch has 5 examples"):
+        r.check_batches(8, 1, 45)
