@@ -146,3 +146,53 @@ def test_a_batch_the_ranks_cannot_share_evenly_is_refused_before_training():
         r.check_batches(6, 2, 40)
     with pytest.raises(DynatuneError, match="the last batch of each epoch has 5 examples"):
         r.check_batches(8, 1, 45)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CLI_ARGS = ["task=trec", "data.max_train=16", "data.max_eval=8", "batch_size=4", "max_length=32", "max_steps=2",
+            "method=lisa", "lisa.k=1", "lisa.period=1", "progress=false", "device=cpu"]
+LAUNCHERS = {
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={free_port()}"],
+    # on a CPU-only machine --multi_gpu is what starts local processes (torch.distributed.run); --cpu runs one
+    "accelerate": lambda: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                           f"--main_process_port={free_port()}"],
+}
+
+
+def test_dynatune_train_under_torchrun_and_accelerate_launch_writes_one_run_equal_to_one_process(tiny_bert_dir, tmp_path):
+    from dynatune.cli import main
+
+    import shutil
+
+    model = tmp_path / "model"  # dropout off: one process would draw other masks for its second micro-batch
+    shutil.copytree(tiny_bert_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                   "attention_probs_dropout_prob": 0.0}))
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    logs = {}
+    for name, launcher in LAUNCHERS.items():
+        out = tmp_path / name
+        proc = subprocess.run([*launcher(), "-m", "dynatune.cli", "train", f"model={model}", *CLI_ARGS,
+                               f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("run written to") == 1  # rank 0 reports, once
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and metrics["validation"] is not None
+        json.loads((out / "config.json").read_text())
+        logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in logs[name]] == [0, 1]
+    assert logs["torchrun"] == [{**e, "step_time_s": t["step_time_s"]} for e, t in zip(logs["accelerate"], logs["torchrun"])]
+    one = tmp_path / "one"
+    assert main(["train", f"model={model}", *CLI_ARGS, "grad_accum=2", f"output_dir={one}"]) == 0
+    single = [json.loads(line) for line in (one / "log.jsonl").read_text().splitlines()]
+    assert [e["update"] for e in single] == [e["update"] for e in logs["torchrun"]]
+    assert [e["loss"] for e in single] == pytest.approx([e["loss"] for e in logs["torchrun"]], abs=LOSS_TOL)
