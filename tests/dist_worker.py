@@ -44,8 +44,21 @@ def run_job(job: dict) -> dict:
     out = Path(job["out_dir"]) if job.get("out_dir") else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    tuner, state = fit(model, method, data, collate, cfg, out_dir=out)
+    buckets = []  # (plan, the flat gradient buckets the step's reduction made)
+    if job.get("bucket_bytes"):
+        import dynatune.distributed as D
+        D.BUCKET_BYTES = job["bucket_bytes"]
+
+    def on_step(tuner, state):
+        if tuner.sync is not None:
+            buckets.append((tuner.plan, list(tuner.sync.flat_buckets)))
+    tuner, state = fit(model, method, data, collate, cfg, out_dir=out, on_step=on_step)
     tuner.close_hooks()
+    if job.get("bucket_bytes"):
+        from dynatune.memory import MemoryModel
+        mm = MemoryModel.from_tuner(tuner, batch_shape=(2, 12), world_size=tuner.sync.world, strategy="ddp",
+                                    bucket_bytes=job["bucket_bytes"])
+        return {"buckets": [(max(b, default=0), mm.communication_bytes(plan)[1]) for plan, b in buckets]}
     keep = ("step", "loss", "update", "exit_depth", "promoted", "memory", "method_log")
     return {"history": [{k: h.get(k) for k in keep} for h in tuner.history],
             "weights": {n: p.detach().clone() for n, p in tuner.params.items()}}

@@ -65,6 +65,8 @@ def every_method(tmp_path_factory):
     # rank-dependent seeds: ranks would draw different plans
     jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
     out = tmp_path_factory.mktemp("dist")
+    # small buckets, so the reduction makes several: the memory model prices the largest
+    jobs += [{"tag": f"buckets-{m}", "method": m, "bucket_bytes": 20_000, **BASE} for m in ("lisa", "dynalora")]
     jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
     return spawn(jobs, out), out
 
@@ -196,3 +198,52 @@ def test_dynatune_train_under_torchrun_and_accelerate_launch_writes_one_run_equa
     single = [json.loads(line) for line in (one / "log.jsonl").read_text().splitlines()]
     assert [e["update"] for e in single] == [e["update"] for e in logs["torchrun"]]
     assert [e["loss"] for e in single] == pytest.approx([e["loss"] for e in logs["torchrun"]], abs=LOSS_TOL)
+
+
+@pytest.mark.parametrize("method", ["lisa", "dynalora"])
+def test_the_memory_model_prices_the_largest_gradient_bucket_a_rank_allocates(method, every_method):
+    results, _ = every_method
+    for rank in (0, 1):
+        pairs = results[f"buckets-{method}"][rank]["buckets"]
+        assert len(pairs) == STEPS
+        assert all(counted == predicted for counted, predicted in pairs), pairs
+    assert any(counted > 0 for counted, _ in pairs)
+
+
+def test_a_rank_of_ddp_holds_everything_and_of_fsdp_a_padded_shard():
+    from dynatune.memory import MemoryModel
+    from dynatune.plan import Plan
+    from tiny import classifier
+
+    model = classifier("bert")
+    mms = {(w, s): MemoryModel(model, batch_shape=(2, 12), world_size=w, strategy=s, device_type="cuda")
+           for w, s in [(1, "ddp"), (2, "ddp"), (3, "fsdp"), (1, "fsdp")]}
+    plan = Plan.of(u.name for u in mms[1, "ddp"].units)
+    p = {k: mm.predict(plan) for k, mm in mms.items()}
+    one = p[1, "ddp"]
+    assert p[1, "fsdp"].to_dict() == one.to_dict()  # one rank: nothing to shard or reduce
+    for k in ("weights", "gradients", "optimizer", "activations"):
+        assert getattr(p[2, "ddp"], k) == getattr(one, k)  # replicated
+    # 2 ranks: every gradient (one bucket, far below 25 MiB) flattened once at the end of backward
+    assert mms[2, "ddp"].communication_bytes(plan) == (0, one.gradients)
+    shard = sum(-(-q.shape[0] // 3) * (q.numel() // q.shape[0]) * 4 for q in model.parameters())
+    assert p[3, "fsdp"].weights == p[3, "fsdp"].gradients == shard < one.weights / 2.9
+    assert p[3, "fsdp"].optimizer == 2 * shard  # AdamW: two moments per (sharded) element
+    blocks = [sum(q.numel() * 4 for q in blk.parameters()) for blk in model.bert.encoder.layer]
+    assert mms[3, "fsdp"].communication_bytes(plan) == (3 * max(blocks), 0)
+
+
+def test_estimate_prices_one_rank_of_a_data_parallel_run(capsys):
+    from dynatune.planner import estimate
+
+    common = ["model=arch:qwen2-0.5b", "batch_size=8", "seq_len=64", "families=full"]
+    one = {r["config"]: r for r in estimate(common)}
+    ddp = {r["config"]: r for r in estimate(common + ["world_size=2", "batch_size=16"])}
+    fsdp = {r["config"]: r for r in estimate(common + ["world_size=2", "batch_size=16", "strategy=fsdp"])}
+    assert one["full"]["counted_terms"] == ddp["full"]["counted_terms"]  # the same per-rank micro-batch
+    assert ddp["full"]["predicted_peak_bytes"] >= one["full"]["predicted_peak_bytes"]
+    assert fsdp["full"]["counted_terms"]["weights"] < 0.51 * one["full"]["counted_terms"]["weights"]
+    with pytest.raises(DynatuneError, match="batch_size=8 is not divisible by grad_accum=1 x world_size=16"):
+        estimate(common + ["world_size=16"])
+    with pytest.raises(DynatuneError, match="strategy must be ddp or fsdp"):
+        estimate(common + ["strategy=zero3"])

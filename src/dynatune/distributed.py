@@ -71,12 +71,13 @@ def digest(obj) -> int:
 class Replicas:
     """This rank's view of the data-parallel group: sharding, agreement and gradient reduction."""
 
-    def __init__(self, group=None, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, group=None, bucket_bytes: int | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.is_main = self.rank == 0
-        self.bucket_bytes = int(bucket_bytes)
+        self.bucket_bytes = int(bucket_bytes if bucket_bytes is not None else BUCKET_BYTES)
+        self.flat_buckets: list[int] = []  # bytes of each flat copy the last reduce_gradients made
         # set by the loop before each backward: only the step's last one reduces (DDP's no_sync)
         self.final_backward = True
         self._reduced_in_hooks = False
@@ -179,6 +180,7 @@ class Replicas:
         flat buckets of at most `bucket_bytes` per dtype; returns the bytes reduced. Parameters
         without a gradient are skipped, after checking every rank lacks the same ones."""
         have = [(n, p) for n, p in named_params if p.grad is not None]
+        self.flat_buckets = []
         self.check_same([n for n, _ in have], "which parameters hold a gradient")
         total = 0
         bucket: list[torch.Tensor] = []
@@ -200,6 +202,7 @@ class Replicas:
             return grads[0].numel() * grads[0].element_size()
         host = self._host(grads[0].device)
         flat = torch.cat([g.reshape(-1) for g in grads]).to(host)
+        self.flat_buckets.append(flat.numel() * flat.element_size())
         self._all_reduce(flat)
         flat = flat.to(grads[0].device)
         offset = 0

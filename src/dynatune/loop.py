@@ -311,6 +311,9 @@ def _forward_backward(model, micro_batches: list[dict], cfg, device, n_global=No
 def memory_model_options(cfg, device) -> dict:
     """How this loop runs, in the memory model's terms."""
     opts = {"grad_accum": cfg.grad_accum, "device_type": device.type}
+    sync = distributed.current()
+    if sync is not None:  # one rank of a data-parallel run: its gradient buckets too
+        opts.update(world_size=sync.world, strategy="ddp")
     if getattr(cfg, "chunked_loss", 0):
         opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
     return opts
