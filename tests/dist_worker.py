@@ -37,8 +37,9 @@ def run_job(job: dict) -> dict:
     model = classifier("bert", **({} if job.get("dropout") else NO_DROPOUT))
     seed = torch.distributed.get_rank() if job.get("rank_seed") else 0  # rank_seed: ranks would disagree
     method = build_method(job["method"], seed=seed, **job.get("options", OPTIONS.get(job["method"], {})))
-    keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr")
-    cfg = loop_cfg(max_length=12, margin=0.03, budget=run_budget(None, method),
+    keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr", "strategy")
+    budget = None if job.get("strategy") == "fsdp" else run_budget(None, method)  # fsdp: not enforced yet
+    cfg = loop_cfg(max_length=12, margin=0.03, budget=budget,
                    **{k: job[k] for k in keys if k in job})
     data = cls_examples(n=job.get("examples", 16))
     out = Path(job["out_dir"]) if job.get("out_dir") else None
@@ -61,7 +62,13 @@ def run_job(job: dict) -> dict:
         return {"buckets": [(max(b, default=0), mm.communication_bytes(plan)[1]) for plan, b in buckets]}
     keep = ("step", "loss", "update", "exit_depth", "promoted", "memory", "method_log")
     return {"history": [{k: h.get(k) for k in keep} for h in tuner.history],
-            "weights": {n: p.detach().clone() for n, p in tuner.params.items()}}
+            "weights": {n: full(p) for n, p in tuner.params.items()}}
+
+
+def full(p):
+    """A parameter's whole value (an FSDP2 shard is gathered: every rank calls this, in the same order)."""
+    from torch.distributed.tensor import DTensor
+    return p.detach().full_tensor().clone() if isinstance(p, DTensor) else p.detach().clone()
 
 
 def _rank_main(rank: int, world: int, jobs: list[dict], out: str) -> None:

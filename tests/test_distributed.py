@@ -18,7 +18,7 @@ import torch
 
 from dynatune.distributed import Replicas
 from dynatune.errors import DynatuneError
-from dynatune.methods import METHODS
+from dynatune.methods import METHODS, build_method
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_worker import OPTIONS, run_job  # noqa: E402
@@ -65,6 +65,8 @@ def every_method(tmp_path_factory):
     # rank-dependent seeds: ranks would draw different plans
     jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
     out = tmp_path_factory.mktemp("dist")
+    # FSDP2 (fully_shard per block) for the methods that select whole blocks; the others are refused
+    jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
     # small buckets, so the reduction makes several: the memory model prices the largest
     jobs += [{"tag": f"buckets-{m}", "method": m, "bucket_bytes": 20_000, **BASE} for m in ("lisa", "dynalora")]
     jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
@@ -86,6 +88,40 @@ def test_plans_agree_on_both_ranks_and_equal_one_process_with_the_same_global_ba
     # one process, the same global batch of 4 as two micro-batches of 2: the same examples per micro-batch
     single = run_job({"tag": method, "method": method, **BASE, "grad_accum": 2})
     assert_close_runs(r0, single)
+
+
+def _fsdp_ready(m) -> bool:
+    method = build_method(m, **OPTIONS[m])
+    return method.granularity == "block" and not (method.reads_gradients_in_backward or
+                                                  {"grad_norm", "taylor"} & set(method.signals))
+
+
+FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
+
+
+def test_fsdp_covers_the_block_methods():
+    assert {"full", "topk", "bottomk", "lisa", "trims"} <= set(FSDP_METHODS)
+
+
+@pytest.mark.parametrize("method", FSDP_METHODS)
+def test_fsdp2_on_cpu_plans_agree_and_equal_one_process(method, every_method):
+    results, _ = every_method
+    r0, r1 = results[f"fsdp-{method}"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert plans(r0) == plans(r1)
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]
+    for n, w in r0["weights"].items():  # the gathered shards: the same whole weights on both ranks
+        assert torch.equal(w, r1["weights"][n]), n
+    if method in CHANGING:  # frozen and trainable parameters of one FSDP unit trade places between steps
+        assert len({str(p) for p in plans(r0)}) > 1
+    assert_close_runs(r0, run_job({"tag": method, "method": method, **BASE, "grad_accum": 2}))
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(FSDP_METHODS)))
+def test_fsdp2_refuses_methods_it_does_not_support_yet_in_one_sentence(method, every_method):
+    results, _ = every_method
+    for r in results[f"fsdp-{method}"]:
+        assert r["error"].startswith("DynatuneError: strategy=fsdp") and "use strategy=ddp" in r["error"]
 
 
 def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):

@@ -56,10 +56,17 @@ def init_from_env(device_name: str = "auto") -> "Replicas | None":
     return current()
 
 
-def current() -> "Replicas | None":
-    """The data-parallel group of this process, or None when it runs alone."""
+STRATEGIES = ("ddp", "fsdp")
+
+
+def current(strategy: str = "ddp") -> "Replicas | None":
+    """The data-parallel group of this process, or None when it runs alone. strategy: ddp (every
+    rank holds the whole model; the engine reduces the plan's gradients) or fsdp (FSDP2's
+    fully_shard on every block and the root; FSDP2 reduce-scatters the gradients)."""
+    if strategy not in STRATEGIES:
+        raise DynatuneError(f"strategy must be ddp or fsdp, got {strategy!r}.")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return Replicas()
+        return Replicas(strategy=strategy)
     return None
 
 
@@ -71,11 +78,12 @@ def digest(obj) -> int:
 class Replicas:
     """This rank's view of the data-parallel group: sharding, agreement and gradient reduction."""
 
-    def __init__(self, group=None, bucket_bytes: int | None = None):
+    def __init__(self, group=None, bucket_bytes: int | None = None, strategy: str = "ddp"):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.is_main = self.rank == 0
+        self.strategy = strategy
         self.bucket_bytes = int(bucket_bytes if bucket_bytes is not None else BUCKET_BYTES)
         self.flat_buckets: list[int] = []  # bytes of each flat copy the last reduce_gradients made
         # set by the loop before each backward: only the step's last one reduces (DDP's no_sync)
@@ -210,6 +218,31 @@ class Replicas:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
         return flat.numel() * flat.element_size()
+
+    def fully_shard(self, model, units, method) -> None:
+        """FSDP2 on every block, then the root: a block's frozen and trainable parameters share one
+        FSDP unit (FSDP2 reduce-scatters the gradients that exist and skips the others). Gradients
+        are summed, not averaged (each rank's loss is already weighted by its share of the batch)."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if method.granularity != "block":
+            raise DynatuneError(f"strategy=fsdp supports methods that select whole blocks; {method.name} selects "
+                                f"{method.granularity}s (use strategy=ddp).")
+        from .signals import SIGNALS
+        if method.reads_gradients_in_backward or any(SIGNALS[s].reads_gradients_in_backward for s in method.signals):
+            raise DynatuneError(f"strategy=fsdp does not support {method.name} yet: it reads parameter gradients "
+                                "during backward, which FSDP2 hands over sharded after its reduce-scatter (use strategy=ddp).")
+        mesh = None  # the default group's mesh
+        if self.group is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+            mesh = DeviceMesh.from_group(self.group, "cpu" if dist.get_backend(self.group) == "gloo" else "cuda")
+        for blk in model.get_submodule(units.blocks_path):
+            fully_shard(blk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
     def reduce_in_hooks(self, params) -> list:
         """Reduce each parameter's gradient in its own post-accumulate-grad hook, on the step's last

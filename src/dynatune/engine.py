@@ -101,14 +101,18 @@ class Tuner:
         release_guard(model)
         release_guard(self.model)
         self.units: Units = partition(self.model, method.granularity, layers)
+        if sync is not None:
+            # every rank starts from rank 0's weights, as DDP does when it is built
+            sync.broadcast_params([*self.model.parameters(), *self.model.buffers()])
+            if sync.strategy == "fsdp":  # parameters become DTensor shards, under the same names
+                sync.fully_shard(self.model, self.units, method)
+                count_memory = False  # the counter reads whole tensors; fsdp is priced by the memory model only
         # Keep every parameter by name, including those of blocks an exit will cut off.
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self.device = next(iter(self.params.values())).device
         self.clock = clock
         self._sync_hooks: list = []
-        if sync is not None:
-            # every rank starts from rank 0's weights, as DDP does when it is built
-            sync.broadcast_params([*self.params.values(), *self.model.buffers()])
+        if sync is not None and sync.strategy == "ddp":
             if method.reads_gradients_in_backward or any(SIGNALS[s].reads_gradients_in_backward
                                                          for s in method.signals):
                 # before the method's and the signals' own hooks: they must read the global gradient
@@ -197,7 +201,7 @@ class Tuner:
             self._count_ctx.close()
             self._count_ctx = None
         self.record.activations = self.counter.total if self.count_memory else 0
-        if self.sync is not None and not self.sync.reduces_in_hooks:
+        if self.sync is not None and self.sync.strategy == "ddp" and not self.sync.reduces_in_hooks:
             # the plan's gradients (updated and probed units), summed over ranks before anything reads them
             self.sync.reduce_gradients(list(self.candidate_params.items()))
         promoted = self.method.after_backward(self.step, self.signal_values()) or frozenset()

@@ -90,6 +90,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     sync = tuner.sync
     writes = out_dir is not None  # the same on every rank: checkpoints gather every rank's RNG
     if sync is not None:
+        if sync.strategy == "fsdp" and (writes or evaluate is not None or getattr(cfg, "resume", None)):
+            raise DynatuneError("strategy=fsdp trains without checkpoints, evaluation or a run directory yet "
+                                "(each needs every rank to gather the sharded weights); use strategy=ddp for those.")
         sync.check_batches(cfg.batch_size, cfg.grad_accum, len(train_set))
         micro = micro_batch(cfg, sync)
         out_dir = out_dir if sync.is_main else None
@@ -210,10 +213,13 @@ def make_tuner(model, method, cfg, device) -> Tuner:
     """The engine for a run: the optimizer over the method's candidates and, with a budget (the
     config's or the method's), the memory model that checks every plan."""
     lr = cfg.lr if cfg.lr is not None else method.default_lr
-    sync = distributed.current()
+    sync = distributed.current(getattr(cfg, "strategy", "ddp"))
+    budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
+    if sync is not None and sync.strategy == "fsdp" and budget is not None:
+        raise DynatuneError("a budget under strategy=fsdp is not enforced yet (dynatune estimate strategy=fsdp "
+                            "prices a rank); run without one, or use strategy=ddp.")
     tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
                   count_memory=getattr(cfg, "count_memory", True), sync=sync)
-    budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
     if budget is not None:  # a rank's memory: its micro-batches are its share of the global batch
         install_budget(tuner, budget, batch_shape=(micro_batch(cfg, sync), cfg.max_length),
                        precision=cfg.precision, margin=cfg.margin, **memory_model_options(cfg, device))
