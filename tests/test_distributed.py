@@ -142,7 +142,7 @@ def test_only_rank_0_writes_the_run_directory(every_method):
     assert not list(run.rglob("*.tmp"))
 
 
-def test_resume_of_a_two_process_run_equals_the_straight_run(tmp_path):
+def test_resume_of_a_two_process_run_equals_the_straight_run_and_resumes_on_one_process(tmp_path):
     # dropout on: each rank's dropout stream must resume where it was
     jobs = []
     for m in ("adagradselect", "lisa"):
@@ -151,7 +151,15 @@ def test_resume_of_a_two_process_run_equals_the_straight_run(tmp_path):
                  {"tag": f"{m}-first", "out_dir": str(tmp_path / m / "cut"), "stop_after": 2, **common},
                  {"tag": f"{m}-resumed", "out_dir": str(tmp_path / m / "cut"), "resume": str(tmp_path / m / "cut"),
                   **common}]
+    # dropout off, cut after 2 steps: resumed in one process below
+    nodrop = {"method": "lisa", "checkpoint_every": 2, **BASE}
+    jobs += [{"tag": "nodrop-straight", **nodrop},
+             {"tag": "nodrop-cut", "out_dir": str(tmp_path / "nodrop"), "stop_after": 2, **nodrop}]
     results = spawn(jobs, tmp_path / "spawn")
+    # a DDP checkpoint resumes on another number of ranks: 1 process, the same global batch
+    other_n = run_job({"tag": "x", **nodrop, "grad_accum": 2, "out_dir": str(tmp_path / "nodrop"),
+                       "resume": str(tmp_path / "nodrop")})
+    assert_close_runs(other_n, results["nodrop-straight"][0])
     for m in ("adagradselect", "lisa"):
         for rank in (0, 1):
             straight, resumed = results[f"{m}-straight"][rank], results[f"{m}-resumed"][rank]
