@@ -121,7 +121,9 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                     break
                 idx = order[start:start + cfg.batch_size]
                 batches = batcher(train_set, sync.shard(idx) if sync else idx, collate)
-                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches, n_global=len(idx))
+                # a data-parallel rank weights its losses by its share of the global batch
+                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches,
+                                  **({"n_global": len(idx)} if sync else {}))
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
