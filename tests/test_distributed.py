@@ -57,6 +57,10 @@ def assert_close_runs(a, b):
         assert torch.allclose(w, b["weights"][n], atol=WEIGHT_TOL, rtol=0), n
 
 
+VARIANTS = {"dynalora-backward": ("dynalora", {"r": 4, "period": 2, "importance": "backward"}),  # reduced grads
+            "trims-measured": ("trims", {"tau": 1, "time": "measured"})}  # rank 0's clock
+
+
 @pytest.fixture(scope="module")
 def every_method(tmp_path_factory):
     """Every registered method, 4 steps in 2 processes (one spawn for all of them)."""
@@ -67,6 +71,8 @@ def every_method(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     # FSDP2 (fully_shard per block) for the methods that select whole blocks; the others are refused
     jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
+    # option variants whose decisions read other rank-local inputs
+    jobs += [{"tag": tag, "method": m, "options": o, **BASE} for tag, (m, o) in VARIANTS.items()]
     # small buckets, so the reduction makes several: the memory model prices the largest
     jobs += [{"tag": f"buckets-{m}", "method": m, "bucket_bytes": 20_000, **BASE} for m in ("lisa", "dynalora")]
     jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
@@ -94,6 +100,18 @@ def _fsdp_ready(m) -> bool:
     method = build_method(m, **OPTIONS[m])
     return method.granularity == "block" and not (method.reads_gradients_in_backward or
                                                   {"grad_norm", "taylor"} & set(method.signals))
+
+
+@pytest.mark.parametrize("tag", sorted(VARIANTS))
+def test_variants_reading_gradients_after_backward_or_a_clock_agree_too(tag, every_method):
+    results, _ = every_method
+    r0, r1 = results[tag]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert plans(r0) == plans(r1)
+    assert [h["method_log"] for h in r0["history"]] == [h["method_log"] for h in r1["history"]]
+    if tag == "dynalora-backward":  # its scores are the summed gradients' norms: one process's
+        method, options = VARIANTS[tag]
+        assert_close_runs(r0, run_job({"tag": tag, "method": method, "options": options, **BASE, "grad_accum": 2}))
 
 
 FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
