@@ -17,9 +17,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny import classifier, cls_examples, collate, loop_cfg  # noqa: E402
+from tiny import causal_lm, classifier, cls_examples, collate, lm_examples, loop_cfg  # noqa: E402
+
+from scripted import Scripted  # noqa: E402
 
 from dynatune.config import run_budget  # noqa: E402
+from dynatune.plan import Plan  # noqa: E402
 from dynatune.loop import fit, seed_everything  # noqa: E402
 from dynatune.methods import build_method  # noqa: E402
 
@@ -30,18 +33,35 @@ OPTIONS = {"full": {}, "topk": {"k": 1}, "bottomk": {"k": 1}, "lisa": {"k": 1, "
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
 
 
+class Logging(Scripted):
+    """A scripted method that logs the signals it is handed."""
+
+    def after_backward(self, step, signals):
+        self._seen = {k: dict(v) for k, v in signals.items()}
+
+    def log_fields(self, step):
+        return {"signals": self._seen}
+
+
 def run_job(job: dict) -> dict:
     """One run of the loop on a tiny BERT classifier; the job's keys: tag, method, options, and loop
     settings (batch_size is the global batch; grad_accum; max_steps; dropout; out_dir; resume...)."""
     seed_everything(0)
-    model = classifier("bert", **({} if job.get("dropout") else NO_DROPOUT))
+    if job.get("model") == "llama":  # a causal LM (no dropout in tiny llama)
+        model = causal_lm("llama")
+    else:
+        model = classifier("bert", **({} if job.get("dropout") else NO_DROPOUT))
     seed = torch.distributed.get_rank() if job.get("rank_seed") else 0  # rank_seed: ranks would disagree
-    method = build_method(job["method"], seed=seed, **job.get("options", OPTIONS.get(job["method"], {})))
+    if "scripted" in job:  # plans given by the test (exits, probes), every signal it names logged
+        method = Logging([Plan.of(p.get("update", ()), p.get("probe", ()), p.get("probe_params", ()),
+                                  p.get("exit_depth")) for p in job["scripted"]], signals=job.get("signals", ()))
+    else:
+        method = build_method(job["method"], seed=seed, **job.get("options", OPTIONS.get(job["method"], {})))
     keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr", "strategy")
     budget = None if job.get("strategy") == "fsdp" else run_budget(None, method)  # fsdp: not enforced yet
     cfg = loop_cfg(max_length=12, margin=0.03, budget=budget,
                    **{k: job[k] for k in keys if k in job})
-    data = cls_examples(n=job.get("examples", 16))
+    data = (lm_examples if job.get("model") == "llama" else cls_examples)(n=job.get("examples", 16))
     out = Path(job["out_dir"]) if job.get("out_dir") else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import torch
 from dynatune.distributed import Replicas
 from dynatune.errors import DynatuneError
 from dynatune.methods import METHODS, build_method
+from dynatune.signals import SIGNALS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_worker import OPTIONS, run_job  # noqa: E402
@@ -57,6 +58,10 @@ def assert_close_runs(a, b):
         assert torch.allclose(w, b["weights"][n], atol=WEIGHT_TOL, rtol=0), n
 
 
+SCRIPT = [{"update": ["block.3", "norm"]},
+          {"update": ["block.1", "norm"], "exit_depth": 2},  # blocks 2 and 3 exited: they neither run nor reduce
+          {"update": ["block.2", "norm"], "probe": ["block.0"]},  # backward reaches block 0's output
+          {"update": ["block.0", "block.3", "norm"], "probe_params": ["block.1"]}]  # block 1's gradient read, not applied
 VARIANTS = {"dynalora-backward": ("dynalora", {"r": 4, "period": 2, "importance": "backward"}),  # reduced grads
             "trims-measured": ("trims", {"tau": 1, "time": "measured"})}  # rank 0's clock
 
@@ -71,6 +76,10 @@ def every_method(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     # FSDP2 (fully_shard per block) for the methods that select whole blocks; the others are refused
     jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
+    # exits, probes and every signal, on a causal LM: under DDP, and (activation signals) under FSDP2
+    jobs += [{"tag": "scripted-ddp", "scripted": SCRIPT, "model": "llama", "signals": list(SIGNALS), **BASE},
+             {"tag": "scripted-fsdp", "scripted": SCRIPT, "model": "llama", "strategy": "fsdp",
+              "signals": ["act_grad_norm", "act_norm"], **BASE}]
     # option variants whose decisions read other rank-local inputs
     jobs += [{"tag": tag, "method": m, "options": o, **BASE} for tag, (m, o) in VARIANTS.items()]
     # small buckets, so the reduction makes several: the memory model prices the largest
@@ -112,6 +121,26 @@ def test_variants_reading_gradients_after_backward_or_a_clock_agree_too(tag, eve
     if tag == "dynalora-backward":  # its scores are the summed gradients' norms: one process's
         method, options = VARIANTS[tag]
         assert_close_runs(r0, run_job({"tag": tag, "method": method, "options": options, **BASE, "grad_accum": 2}))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_exits_probes_and_every_signal_agree_and_equal_one_process(strategy, every_method):
+    results, _ = every_method
+    r0, r1 = results[f"scripted-{strategy}"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert [h["method_log"] for h in r0["history"]] == [h["method_log"] for h in r1["history"]]  # the same bits
+    job = {"tag": "x", "scripted": SCRIPT, "model": "llama", **BASE, "grad_accum": 2}
+    single = run_job({**job, "signals": list(SIGNALS) if strategy == "ddp" else ["act_grad_norm", "act_norm"]})
+    assert_close_runs(r0, single)
+    assert [h["exit_depth"] for h in r0["history"]] == [None, 2, None, None]
+    for got, want in zip(r0["history"], single["history"]):
+        sig, ref = got["method_log"]["signals"], want["method_log"]["signals"]
+        assert {k: sorted(v) for k, v in sig.items()} == {k: sorted(v) for k, v in ref.items()}
+        for name in sig:
+            for unit, value in sig[name].items():
+                assert value == pytest.approx(ref[name][unit], rel=1e-5), (name, unit)
+    if strategy == "ddp":  # block 1's parameters were probed at step 3: their (summed) gradient was read
+        assert "block.1" in r0["history"][3]["method_log"]["signals"]["grad_norm"]
 
 
 FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
