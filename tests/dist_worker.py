@@ -46,6 +46,11 @@ class Logging(Scripted):
 def run_job(job: dict) -> dict:
     """One run of the loop on a tiny BERT classifier; the job's keys: tag, method, options, and loop
     settings (batch_size is the global batch; grad_accum; max_steps; dropout; out_dir; resume...)."""
+    if job.get("callback"):  # the Trainer callback's build, as at train begin
+        from dynatune.integrations.hf import DynatuneCallback
+        model = classifier("bert")
+        DynatuneCallback(build_method("lisa"))._build(model, torch.optim.AdamW(model.parameters()), None)
+        return {"history": []}
     seed_everything(0)
     if job.get("model") == "llama":  # a causal LM (no dropout in tiny llama)
         model = causal_lm("llama")

@@ -80,6 +80,7 @@ def every_method(tmp_path_factory):
     jobs += [{"tag": "scripted-ddp", "scripted": SCRIPT, "model": "llama", "signals": list(SIGNALS), **BASE},
              {"tag": "scripted-fsdp", "scripted": SCRIPT, "model": "llama", "strategy": "fsdp",
               "signals": ["act_grad_norm", "act_norm"], **BASE}]
+    jobs.append({"tag": "callback", "callback": True})
     # option variants whose decisions read other rank-local inputs
     jobs += [{"tag": tag, "method": m, "options": o, **BASE} for tag, (m, o) in VARIANTS.items()]
     # small buckets, so the reduction makes several: the memory model prices the largest
@@ -175,6 +176,12 @@ def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):
     results, _ = every_method
     for r in results["skewed"]:
         assert "ranks disagree on the plan of step 0" in r["error"]
+
+
+def test_the_trainer_callback_refuses_several_processes_in_one_sentence(every_method):
+    results, _ = every_method
+    for r in results["callback"]:
+        assert r["error"].startswith("DynatuneError: the Trainer callback does not support several processes yet")
 
 
 def test_only_rank_0_writes_the_run_directory(every_method):
