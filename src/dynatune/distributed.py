@@ -123,29 +123,35 @@ class Replicas:
         dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return t
 
-    def _host(self, device) -> torch.device:
-        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else device
+    def _host(self, device=None) -> torch.device:
+        """Where a collective's tensor must live: the CPU for gloo; for nccl the tensor's CUDA device
+        (or, for the small vectors of agreement, this rank's current one)."""
+        if dist.get_backend(self.group) == "gloo":
+            return torch.device("cpu")
+        if device is None or device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
-    def check_same(self, value, what: str, device=None) -> None:
+    def check_same(self, value, what: str) -> None:
         """Stop every rank with one error when ranks hold different `value`s (its digest)."""
         d = float(digest(value))
-        t = self._all_reduce(torch.tensor([d, -d], dtype=torch.float64, device=self._host(device)),
-                             dist.ReduceOp.MAX)
+        t = self._all_reduce(torch.tensor([d, -d], dtype=torch.float64, device=self._host()), dist.ReduceOp.MAX)
         if t[0].item() != -t[1].item():
             raise DynatuneError(f"ranks disagree on {what}; every rank must reach the same plan (rank {self.rank} "
                                 f"has {str(value)[:200]}).")
 
     def sum_scalars(self, values: list[float]) -> list[float]:
         """The sums over ranks (float64), the same bits on every rank (rank 0's broadcast)."""
-        t = self._all_reduce(torch.tensor(values, dtype=torch.float64))
+        t = self._all_reduce(torch.tensor(values, dtype=torch.float64, device=self._host()))
         return self._broadcast(t).tolist()
 
     def max_scalars(self, values: list[float]) -> list[float]:
-        return self._all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64, device=self._host()),
+                                dist.ReduceOp.MAX).tolist()
 
     def from_main(self, values: list[float]) -> list[float]:
         """Rank 0's values on every rank (a measured time: each rank would read its own clock)."""
-        return self._broadcast(torch.tensor(values, dtype=torch.float64)).tolist()
+        return self._broadcast(torch.tensor(values, dtype=torch.float64, device=self._host())).tolist()
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """A new tensor: `t` summed over ranks, rank 0's bits broadcast to all."""
