@@ -70,7 +70,8 @@ def load_weights(ckpt: Path, tuner) -> None:
             p.copy_(weights[n])
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's RNG states (torch, numpy, python, CUDA)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -85,7 +86,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2) -> Path:
+def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2, rng_ranks: list | None = None) -> Path:
+    """Write checkpoint step-N. `rng_ranks`: every rank's rng_state() in a data-parallel run (rank 0
+    writes the checkpoint alone; each rank resumes its own dropout stream)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop_state.step}"
@@ -95,7 +98,8 @@ def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2) 
     save_file({n: p.detach().contiguous().cpu() for n, p in tuner.params.items()}, tmp / "weights.safetensors")
     usual_permissions(tmp / "weights.safetensors")
     torch.save({"tuner": tuner.state_dict(), "scheduler": scheduler.state_dict(),
-                "loop": asdict(loop_state), "rng": _rng_state()}, tmp / "state.pt")
+                "loop": asdict(loop_state), "rng": rng_state(),
+                **({"rng_ranks": rng_ranks} if rng_ranks else {})}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = root / ".latest.tmp"
@@ -148,8 +152,10 @@ def _read(ckpt: Path):
         return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
 
 
-def load(path, tuner, scheduler) -> LoopState:
-    """Restore the newest readable checkpoint at `path`; a damaged one is skipped with a warning."""
+def load(path, tuner, scheduler, rank: int = 0) -> LoopState:
+    """Restore the newest readable checkpoint at `path`; a damaged one is skipped with a warning.
+    `rank`: this process's rank in a data-parallel run: it takes its own RNG state when the
+    checkpoint holds one per rank (a run on another number of ranks: rank 0's for the ranks it lacks)."""
     failures = []
     for ckpt in _candidates(path):
         weights, state = _read(ckpt)
@@ -168,7 +174,8 @@ def load(path, tuner, scheduler) -> LoopState:
             p.copy_(weights[n])
     tuner.load_state_dict(state["tuner"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    _set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
     loop = LoopState(**{**state["loop"], "resumed_from_step": state["loop"]["step"]})
     logger.warning("resuming at step %d from %s.", loop.step, ckpt)
     return loop

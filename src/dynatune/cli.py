@@ -21,6 +21,8 @@ def _train(args) -> int:
         overrides.append(f"resume={args.resume}")
     cfg = load_config(args.config, overrides)
     metrics = train(cfg)
+    if metrics is None:  # a data-parallel run's other ranks: rank 0 reports
+        return 0
     summary = {k: metrics[k] for k in ("method", "model", "task", "steps", "train_seconds", "trainable_params")}
     summary["test"] = metrics["test"]
     plan = metrics["final_plan"] or {}

@@ -33,6 +33,7 @@ from .optim import OptimizerStates, ensure_in_optimizer, unit_groups
 from .plan import Plan
 from .plan_mechanics import (BlockStack, add_plan_hooks, grad_param_names, input_grad_hooks_on,
                              remove_input_grad_hooks, require_grad_only)
+from .distributed import agree_signals
 from .signals import SIGNALS, read_signals
 from .units import Units, partition
 
@@ -104,11 +105,13 @@ class Tuner:
 
     def __init__(self, model: nn.Module, method, optimizer: torch.optim.Optimizer | None = None, *,
                  lr: float = 1e-4, weight_decay: float = 0.0, layers: str | None = None,
-                 count_memory: bool = True, clock=time.perf_counter):
+                 count_memory: bool = True, clock=time.perf_counter, sync=None):
         self.method = method
         # the loss scale backward ran under (amp-fp16's GradScaler; 1 otherwise): the loop sets it
         # each step before after_backward, and gradient signals are read unscaled
         self.grad_scale = 1.0
+        # distributed.Replicas of a data-parallel run (None: one process): see distributed.py
+        self.sync = sync
         # budget (set_budget): methods read these; apply() refuses plans priced above the budget
         self.memory_model = None
         self.budget_bytes: int | None = None
@@ -127,10 +130,22 @@ class Tuner:
         release_guard(model)
         release_guard(self.model)
         self.units: Units = partition(self.model, method.granularity, layers)
+        if sync is not None:
+            # every rank starts from rank 0's weights, as DDP does when it is built
+            sync.broadcast_params([*self.model.parameters(), *self.model.buffers()])
+            if sync.strategy == "fsdp":  # parameters become DTensor shards, under the same names
+                sync.fully_shard(self.model, self.units, method)
+                count_memory = False  # the counter reads whole tensors; fsdp is priced by the memory model only
         # Keep every parameter by name, including those of blocks an exit will cut off.
         self.params: dict[str, nn.Parameter] = dict(self.model.named_parameters())
         self.device = next(iter(self.params.values())).device
         self.clock = clock
+        self._sync_hooks: list = []
+        if sync is not None and sync.strategy == "ddp":
+            if method.reads_gradients_in_backward or any(SIGNALS[s].reads_gradients_in_backward
+                                                         for s in method.signals):
+                # before the method's and the signals' own hooks: they must read the global gradient
+                self._sync_hooks = sync.reduce_in_hooks([p for p in self.params.values() if p.is_floating_point()])
         method.setup(self)
 
         candidates = set(self.units.param_names(method.candidates()))
@@ -192,6 +207,8 @@ class Tuner:
     # -- the per-step contract ------------------------------------------------------------------
     def begin_step(self) -> Plan:
         plan = self.method.plan(self.step)
+        if self.sync is not None:  # a rank that disagrees stops every rank here, before any collective
+            self.sync.check_same(plan.to_dict(), f"the plan of step {self.step}")
         self.states.bytes_moved = 0  # before apply: the plan switch's own state traffic is this step's
         self.apply(plan)
         for s in self.signals.values():
@@ -213,6 +230,9 @@ class Tuner:
             self._count_ctx.close()
             self._count_ctx = None
         self.record.activations = self.counter.total if self.count_memory else 0
+        if self.sync is not None and self.sync.strategy == "ddp" and not self.sync.reduces_in_hooks:
+            # the plan's gradients (updated and probed units), summed over ranks before anything reads them
+            self.sync.reduce_gradients(list(self.candidate_params.items()))
         promoted = self.method.after_backward(self.step, self.signal_values()) or frozenset()
         stray = frozenset(promoted) - self.plan.probe_params - self.plan.update
         if stray:
@@ -247,6 +267,10 @@ class Tuner:
         if self.device.type == "cuda":
             r.measured = torch.cuda.max_memory_allocated(self.device)
             self._recalibrate()
+        if self.sync is not None:  # the budget binds on every rank: the largest rank's bytes, on all of them
+            keys = ("weights", "gradients", "optimizer", "offloaded", "activations", "measured")
+            for k, v in zip(keys, self.sync.max_scalars([float(getattr(r, k) or 0) for k in keys])):
+                setattr(r, k, int(v))
         if r.counted >= self.peak.counted:
             self.peak = MemoryRecord(**vars(r))
 
@@ -282,6 +306,11 @@ class Tuner:
         return int(mm.predict_eval(B, S, resident)["predicted_peak_bytes"])
 
     def end_step(self, loss: float | None = None) -> dict:
+        if self.sync is not None:
+            # the global batch's loss (each rank's was weighted by its share); what updated, checked equal
+            self.sync.check_same(sorted(self.plan.update | self.promoted), f"the units updated at step {self.step}")
+            if loss is not None:
+                loss = self.sync.sum_scalars([float(loss)])[0]
         self.method.end_step(self.step, loss)
         entry = {"step": self.step, "loss": loss, "update": sorted(self.plan.update | self.promoted),
                  "exit_depth": self.plan.exit_depth,
@@ -333,6 +362,10 @@ class Tuner:
         shape once the step is done; on the CPU nothing is measured and nothing is calibrated.
         """
         self.abort_step()
+        if self.sync is not None:
+            raise DynatuneError(f"out of device memory at step {self.step} under data parallelism, where a retry "
+                                "with smaller micro-batches is not supported yet (the other ranks would wait for "
+                                "this one); raise grad_accum or lower max_length or the budget.")
         if self._rng is not None:
             restore_rng(self._rng)
         if self.device.type == "cuda":
@@ -364,12 +397,25 @@ class Tuner:
     def signal_values(self) -> dict[str, dict[str, float]]:
         """signal name -> unit -> float. Hooks kept their readings on the device; this is the step's
         one host sync for signals (none when the method reads no signal)."""
-        values = dict(zip(self.signals, read_signals(list(self.signals.values()))))
+        if self.sync is not None:
+            values = dict(zip(self.signals, agree_signals(self.sync, list(self.signals.values()), self.units)))
+        else:
+            values = dict(zip(self.signals, read_signals(list(self.signals.values()))))
         if self.grad_scale != 1.0:  # amp-fp16: backward ran on the scaled loss; scores read its gradient
             for name, sig in self.signals.items():
                 if sig.reads_gradient:
                     values[name] = {u: v / self.grad_scale for u, v in values[name].items()}
         return values
+
+    # -- data parallelism: what methods may call to agree across ranks (identity in one process) ---
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """A new tensor: `t` summed over the ranks of a data-parallel run (a forward statistic each
+        rank accumulated over its share of the batch); a copy of `t` in one process."""
+        return t.clone() if self.sync is None else self.sync.sum_tensor(t)
+
+    def from_main_rank(self, value: float) -> float:
+        """Rank 0's `value` on every rank (a measured time); `value` itself in one process."""
+        return value if self.sync is None else self.sync.from_main([float(value)])[0]
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_budget(self, memory_model, budget_bytes: int | None, margin: float = 0.03) -> None:
@@ -533,9 +579,9 @@ class Tuner:
 
     def close_hooks(self) -> None:
         """Remove every hook; an exit stays in place (a saved model then has e blocks)."""
-        for h in self._plan_hooks:
+        for h in self._plan_hooks + self._sync_hooks:
             h.remove()
-        self._plan_hooks = []
+        self._plan_hooks, self._sync_hooks = [], []
         for s in self.signals.values():
             s.detach()
         self.counter.detach()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .batching import largest_shape, split_batches
 from .checkpoint import LoopState
 from .config import method_config, run_budget, run_dir, to_dict
@@ -88,10 +88,23 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
         run_calibration(model, method, train_set, collate, cfg, device)
         tuner = make_tuner(model, method, cfg, device)
     model = tuner.model
+    # data parallelism (distributed.py): batch_size is the global batch, each rank trains on its share,
+    # only rank 0 writes the run directory, and evaluations are rank 0's, broadcast
+    sync = tuner.sync
+    writes = out_dir is not None  # the same on every rank: checkpoints gather every rank's RNG
+    if sync is not None:
+        if sync.strategy == "fsdp" and (writes or evaluate is not None or getattr(cfg, "resume", None)):
+            raise DynatuneError("strategy=fsdp trains without checkpoints, evaluation or a run directory yet "
+                                "(each needs every rank to gather the sharded weights); use strategy=ddp for those.")
+        sync.check_batches(cfg.batch_size, cfg.grad_accum, len(train_set))
+        micro = micro_batch(cfg, sync)
+        out_dir = out_dir if sync.is_main else None
+        if evaluate is not None:
+            evaluate = _main_rank_evaluates(evaluate, sync)
     scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
     state = state or LoopState()
     if getattr(cfg, "resume", None):
-        state = checkpoint.load(cfg.resume, tuner, scheduler)
+        state = checkpoint.load(cfg.resume, tuner, scheduler, rank=sync.rank if sync else 0)
         if out_dir:
             checkpoint.keep_log_until(out_dir / "log.jsonl", state.step)
     scaler = grad_scaler(cfg.precision, device.type)  # amp-fp16 only
@@ -118,8 +131,11 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
             for start in starts:
                 if state.step >= stop or state.stopped_early_at_step is not None:
                     break
-                batches = batcher(train_set, order[start:start + cfg.batch_size], collate)
-                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches, scaler=scaler)
+                idx = order[start:start + cfg.batch_size]
+                batches = batcher(train_set, sync.shard(idx) if sync else idx, collate)
+                # a data-parallel rank weights its losses by its share of the global batch
+                loss = train_step(tuner, model, batches(micro), cfg, device, rebatch=batches, scaler=scaler,
+                                  **({"n_global": len(idx)} if sync else {}))
                 if scaler is not None:  # into every checkpoint, so a resumed run scales as this one would
                     state.grad_scaler = scaler.state_dict()
                 scheduler.step()
@@ -140,8 +156,8 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                 # before the checkpoint, so that it holds this evaluation's best and patience
                 if evaluate is not None and eval_steps and state.step % eval_steps == 0:
                     _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
-                if out_dir and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
+                if writes and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    _save(out_dir, tuner, scheduler, state, cfg)
             else:  # the epoch ran to its end
                 evaluated = state.evals and state.evals[-1]["step"] == state.step  # by eval_steps just now
                 if evaluate is not None and getattr(cfg, "eval_each_epoch", True) and not evaluated:
@@ -154,11 +170,30 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
             log.close()
         if trackers:
             trackers.close()
-    if out_dir and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
-        checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints)
+    if writes and (cfg.checkpoint_every or state.step < total):  # stopped early: make it resumable
+        _save(out_dir, tuner, scheduler, state, cfg)
     if out_dir:  # the checkpoint's evaluations: a resumed run's file drops those of the steps it redid
         _write_evals(out_dir, state.evals)
     return tuner, state
+
+
+def _save(out_dir: Path | None, tuner, scheduler, state: LoopState, cfg) -> None:
+    """A checkpoint, written by rank 0 alone; every rank's RNG state goes into it (each rank's
+    dropout stream is its own), so every rank calls this."""
+    sync = tuner.sync
+    rngs = sync.gather_objects(checkpoint.rng_state()) if sync is not None else None
+    if out_dir:
+        checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints, rng_ranks=rngs)
+
+
+def _main_rank_evaluates(evaluate, sync):
+    """Evaluation on rank 0 alone (every rank holds the same weights); its metrics on every rank, so
+    the best evaluation and early stopping are decided alike."""
+    def on_main(model, epoch):
+        result = evaluate(model, epoch) if sync.is_main else None
+        model.train()
+        return sync.broadcast_object(result)
+    return on_main
 
 
 def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None, trackers=None) -> None:
@@ -211,11 +246,15 @@ def make_tuner(model, method, cfg, device) -> Tuner:
     check_device(cfg.precision, device.type)  # amp-fp16 needs CUDA: one sentence before anything trains
     if getattr(cfg, "gradient_checkpointing", False):
         enable_checkpointing(model)
-    tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
-                  count_memory=getattr(cfg, "count_memory", True))
+    sync = distributed.current(getattr(cfg, "strategy", "ddp"))
     budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
-    if budget is not None:
-        install_budget(tuner, budget, batch_shape=(cfg.batch_size // cfg.grad_accum, cfg.max_length),
+    if sync is not None and sync.strategy == "fsdp" and budget is not None:
+        raise DynatuneError("a budget under strategy=fsdp is not enforced yet (dynatune estimate strategy=fsdp "
+                            "prices a rank); run without one, or use strategy=ddp.")
+    tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
+                  count_memory=getattr(cfg, "count_memory", True), sync=sync)
+    if budget is not None:  # a rank's memory: its micro-batches are its share of the global batch
+        install_budget(tuner, budget, batch_shape=(micro_batch(cfg, sync), cfg.max_length),
                        precision=cfg.precision, margin=cfg.margin, **memory_model_options(cfg, device))
     return tuner
 
@@ -282,6 +321,11 @@ def run_calibration(model, method, train_set, collate, cfg, device) -> None:
             restore(model, was)
 
 
+def micro_batch(cfg, sync=None) -> int:
+    """Examples per forward on one rank: the global batch over ranks and accumulation steps."""
+    return cfg.batch_size // (sync.world if sync is not None else 1) // cfg.grad_accum
+
+
 def one_budget(run_budget, method, where: str):
     """The budget a run uses: the one given with the method (build_method(..., budget=)) or the
     one given at `where`; both is an error, since one of them would be silently ignored."""
@@ -298,7 +342,8 @@ def batcher(train_set, idx: list[int], collate):
     return lambda size: [collate(examples[j:j + size]) for j in range(0, len(examples), size)]
 
 
-def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None, scaler=None) -> float:
+def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, rebatch=None, scaler=None,
+               n_global: int | None = None) -> float:
     """One optimizer step: plan, forward/backward over micro-batches, signals, update.
 
     Out of device memory (torch.OutOfMemoryError) in forward or backward does not end the run: the
@@ -310,12 +355,14 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
     micro-batches of at most `size` (fit's collates them afresh); without it the given ones are sliced.
     `scaler` (amp-fp16): backward runs on the scaled loss; gradients are unscaled before the
     signals read them and before clipping, and the scaler skips the update when they overflowed.
+    `n_global`: the examples of the whole step over every rank of a data-parallel run (each
+    micro-batch's loss is weighted by its share of them); by default, those given here.
     """
     tuner.begin_step()
     size = max(len(b["labels"]) for b in micro_batches)
     while True:
         try:
-            loss_sum = _forward_backward(model, micro_batches, cfg, device, scaler)
+            loss_sum = _forward_backward(model, micro_batches, cfg, device, scaler, n_global, tuner.sync)
             break
         except torch.OutOfMemoryError as err:
             if size <= 1:
@@ -351,10 +398,12 @@ def train_step(tuner: Tuner, model, micro_batches: list[dict], cfg, device, reba
     return loss_sum
 
 
-def _forward_backward(model, micro_batches: list[dict], cfg, device, scaler=None) -> float:
-    n_examples = sum(len(b["labels"]) for b in micro_batches)
+def _forward_backward(model, micro_batches: list[dict], cfg, device, scaler=None, n_global=None, sync=None) -> float:
+    n_examples = n_global or sum(len(b["labels"]) for b in micro_batches)
     losses, weights = [], []
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        if sync is not None:  # gradients are reduced on the step's last backward only
+            sync.final_backward = i == len(micro_batches) - 1
         # keep only the loss: holding the output would keep the logits alive through backward
         loss = micro_batch_loss(model, batch, cfg, device)
         # weight each micro-batch by its size so accumulation equals one big batch
@@ -390,6 +439,9 @@ def memory_model_options(cfg, device) -> dict:
     """How this loop runs, in the memory model's terms."""
     opts = {"grad_accum": cfg.grad_accum, "device_type": device.type,
             "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
+    sync = distributed.current()
+    if sync is not None:  # one rank of a data-parallel run: its gradient buckets too
+        opts.update(world_size=sync.world, strategy="ddp")
     if getattr(cfg, "chunked_loss", 0):
         opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
     return opts
@@ -407,7 +459,7 @@ def predicted_memory(tuner, cfg, device) -> dict:
     """metrics.json's predicted bytes for the largest plan the run applied."""
     mm = tuner.memory_model
     if mm is None:
-        mm = MemoryModel.from_tuner(tuner, precision=cfg.precision, batch_shape=(cfg.batch_size // cfg.grad_accum,
+        mm = MemoryModel.from_tuner(tuner, precision=cfg.precision, batch_shape=(micro_batch(cfg, tuner.sync),
                                     cfg.max_length), **memory_model_options(cfg, device))
     out = largest_prediction(mm, tuner.applied_plans)
     if tuner.budget_bytes is not None:
@@ -430,7 +482,13 @@ def _progress(total, initial, enabled):
 
 
 def train(cfg) -> dict:
-    """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics."""
+    """Build everything a config names, fit, evaluate, write metrics.json; returns the metrics.
+
+    Launched by torchrun or accelerate launch with several processes, the run is data-parallel
+    (distributed.py): every rank trains, rank 0 alone evaluates and writes; other ranks return None.
+    """
+    sync = distributed.init_from_env(cfg.device)
+    main = sync is None or sync.is_main
     seed_everything(cfg.seed)
     check_device(cfg.precision, resolve_device(cfg.device).type)  # before anything loads
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
@@ -451,9 +509,10 @@ def train(cfg) -> dict:
     # only now, with model, data, task and budget accepted: a refused run leaves nothing behind
     out_dir = run_dir(cfg)
     had = set(out_dir.iterdir()) if out_dir.is_dir() else None  # a user's own directory: what it held
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    task.warn_truncated()
+    if main:  # one writer: ranks writing the same files would corrupt them
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        task.warn_truncated()
     # an evaluation (or generation) must fit the budget too: smaller batches when it would not
     eval_batch = tuner.eval_batch_that_fits(cfg.eval_batch_size, cfg.max_length,
                                             task.max_new_tokens if task.answers is not None else 0)
@@ -474,11 +533,14 @@ def train(cfg) -> dict:
         tuner, state = fit(model, method, task.train, task.collate, cfg, out_dir, tuner=tuner,
                            evaluate=lambda m, epoch: eval_split(m, "validation"))
     except DynatuneError:
-        if tuner.step == 0 and not cfg.resume:  # refused at its first plan (TriMS's start, gradselect's k)
+        if tuner.step == 0 and not cfg.resume and main:  # refused at its first plan (TriMS's start, gradselect's k)
             remove_new_entries(out_dir, had)
         raise
     train_s = time.perf_counter() - t0
     model = tuner.model
+    if not main:  # rank 0 evaluates and writes what the run produced
+        tuner.close_hooks()
+        return None
     if cfg.load_best and state.best_path:
         checkpoint.load_weights(out_dir / state.best_path, tuner)
     best_eval = next((e for e in state.evals if state.best and e["step"] == state.best["step"]), None)

@@ -56,6 +56,8 @@ OPTIONS = {
     "lora_cap": (True, bool, "cap each module's LoRA rank at min(d_in, d_out), as dynatune's lora method does"),
     "hold_logits": (False, bool, "the caller keeps the model output alive through backward"),
     "gradient_checkpointing": (False, bool, "blocks recompute their activations in backward"),
+    "world_size": (1, int, "ranks of a data-parallel run: each row prices one rank (batch_size is the global batch)"),
+    "strategy": ("ddp", str, "ddp (replicated, plus a gradient bucket) or fsdp (FSDP2 fully_shard per block: sharded)"),
 }
 
 
@@ -109,8 +111,13 @@ def parse_options(overrides) -> SimpleNamespace:
             raise DynatuneError(f"{k} must be at least 1, got {getattr(o, k)}.")
     if o.seq_len < 2:
         raise DynatuneError(f"seq_len must be at least 2, got {o.seq_len}.")
-    if o.batch_size % o.grad_accum:
-        raise DynatuneError(f"batch_size={o.batch_size} is not divisible by grad_accum={o.grad_accum}.")
+    if o.world_size < 1:
+        raise DynatuneError(f"world_size must be at least 1, got {o.world_size}.")
+    if o.strategy not in ("ddp", "fsdp"):
+        raise DynatuneError(f"strategy must be ddp or fsdp, got '{o.strategy}'.")
+    if o.batch_size % (o.grad_accum * o.world_size):
+        raise DynatuneError(f"batch_size={o.batch_size} is not divisible by grad_accum={o.grad_accum}"
+                            + (f" x world_size={o.world_size}." if o.world_size > 1 else "."))
     check_precision(o.precision)
     if o.device_type not in DEVICE_TYPES:
         raise DynatuneError(f"device_type must be cuda or cpu, got '{o.device_type}'.")
@@ -166,8 +173,9 @@ def estimate(cfg_like) -> list[dict]:
     o = parse_options(cfg_like)
     config = resolve_config(o.model)
     kind = _kind(o, config)
-    micro = o.batch_size // o.grad_accum
+    micro = o.batch_size // o.world_size // o.grad_accum  # one rank's micro-batch
     kw = dict(precision=o.precision, optimizer=o.optimizer, device_type=o.device_type,
+              world_size=o.world_size, strategy=o.strategy,
               batch_shape=(micro, o.seq_len), loss=o.loss, chunk_tokens=o.chunked_loss or 1024,
               grad_accum=o.grad_accum, hold_logits=o.hold_logits, gradient_checkpointing=o.gradient_checkpointing)
     if kind != "causal-lm" and o.loss != "hf":

@@ -31,6 +31,12 @@ class Signal:
 
     name = "signal"
     reads_gradient = False  # a score linear in the loss's gradient: divided by the loss scale (amp-fp16)
+    # data parallelism (distributed.agree_signals): True when each rank's parts are its share of the
+    # global batch's (summed over ranks); False when every rank already reads the global value
+    additive = True
+    # True: read from parameter gradients as they accumulate, so under data parallelism the gradients
+    # are reduced in hooks that run before this signal's (distributed.Replicas.reduce_in_hooks)
+    reads_gradients_in_backward = False
 
     def __init__(self):
         self._handles: list = []
@@ -74,6 +80,19 @@ def read_signals(signals) -> list[dict[str, float]]:
     Parts are summed on the host in float64, in the order they arrived, as the old per-hook
     `.item()` sums were: the scores are the same floats, read once per step instead of per block.
     """
+    return combine_sums(signals, signal_sums(signals))
+
+
+def combine_sums(signals, sums: dict[tuple[int, str], float]) -> list[dict[str, float]]:
+    """(signal index, label) -> summed parts, as each signal's unit -> score."""
+    out: list[dict[str, float]] = [{} for _ in signals]
+    for (i, label), total in sums.items():
+        out[i][label] = signals[i].combine(total)
+    return out
+
+
+def signal_sums(signals) -> dict[tuple[int, str], float]:
+    """(signal index, label) -> the sum of its parts (float64 on the host, in arrival order)."""
     flat = [(i, label, t) for i, s in enumerate(signals) for label, ts in s.pending().items() for t in ts]
     by_device: dict[torch.device, list[int]] = {}
     for k, (_, _, t) in enumerate(flat):
@@ -85,10 +104,7 @@ def read_signals(signals) -> list[dict[str, float]]:
     sums: dict[tuple[int, str], float] = {}
     for (i, label, _), v in zip(flat, floats):
         sums[i, label] = sums.get((i, label), 0.0) + v
-    out: list[dict[str, float]] = [{} for _ in signals]
-    for (i, label), total in sums.items():
-        out[i][label] = signals[i].combine(total)
-    return out
+    return sums
 
 
 class ActivationGradNorm(Signal):
@@ -119,6 +135,8 @@ class ParamGradNorm(Signal):
 
     name = "grad_norm"
     reads_gradient = True
+    additive = False  # the gradient it reads is the global one already
+    reads_gradients_in_backward = True
 
     def attach(self, model, units, params):
         self._latest: dict[str, torch.Tensor] = {}
@@ -166,6 +184,7 @@ class WeightMagnitude(Signal):
     """L2 norm of each unit's weights (no hooks; read at the start of each step)."""
 
     name = "weight_norm"
+    additive = False  # every rank holds the same weights
 
     def attach(self, model, units, params):
         self._units, self._params = units, params

@@ -345,6 +345,12 @@ class DynatuneCallback(TrainerCallback):
             self.tuner.close()
             self.tuner = None
         self.method.check_model(model)  # before anything trains, also when prepare() was skipped
+        from ..distributed import current
+        if current() is not None:
+            # the Trainer wraps the model in DDP over a fixed parameter set, which plans change
+            raise DynatuneError("the Trainer callback does not support several processes yet (the Trainer's DDP "
+                                "wrapper cannot follow changing plans); launch `dynatune train` or dynatune.fit "
+                                "with torchrun or accelerate launch instead (docs/distributed.md).")
         names = {n for n, _ in model.named_parameters()}
         n_groups = len(optimizer.param_groups)
         tuner = Tuner(model, self.method, optimizer=optimizer, **self.tuner_kwargs)

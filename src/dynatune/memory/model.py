@@ -172,6 +172,7 @@ class Prediction:
     block_states: list
     kernel: str = ""
     trainable_params: int = 0
+    communication: int = 0  # data parallelism: a gradient bucket (ddp), gathered blocks and their gradients (fsdp)
 
     @property
     def counted_terms(self) -> dict:
@@ -185,6 +186,7 @@ class Prediction:
                 "activations_blocks": self.activations, "activations_outside": self.activations_outside,
                 "offloaded": self.offloaded, "phases": dict(self.phases), "batch_shape": list(self.batch_shape),
                 "attention_kernel": self.kernel, "trainable_params": self.trainable_params,
+                "communication": self.communication,
                 "block_states": list(self.block_states)}
 
 
@@ -202,6 +204,13 @@ class MemoryModel:
     sliced (user code keeping fp32 logits and slicing the shift, as the anchors' exit rows do).
     hold_logits: the caller keeps the model output (and so the logits) alive through backward and
     the optimizer step (e.g. `out = model(**b); out.loss.backward()`).
+    world_size, strategy: one rank of a data-parallel run (batch_shape is that rank's micro-batch).
+    ddp: weights, gradients and optimizer states replicated, plus the largest flat gradient bucket
+    the reduction after backward allocates (distributed.Replicas.reduce_gradients, at most
+    bucket_bytes). fsdp (FSDP2 fully_shard per block): weights, gradients and states sharded along
+    dim 0 (padded to world_size rows, as FSDP2 pads), plus, in forward and backward, the largest
+    block's parameters gathered twice (running and prefetched) and, in backward, its unsharded
+    gradient before the reduce-scatter.
     """
 
     def __init__(self, model: nn.Module, *, units: Units | None = None, granularity: str = "block",
@@ -210,10 +219,16 @@ class MemoryModel:
                  grad_accum: int = 1, gradient_checkpointing: bool = False, hold_logits: bool = False,
                  offload_exited: bool = False, prepare: Callable | None = None, probe_layers: int = PROBE_LAYERS,
                  probe_seq_lens=PROBE_SEQ_LENS, workspace_bytes: int | None = None, layer_types=None,
-                 build_small: Callable | None = None, params: dict | None = None, fast_probe="auto"):
+                 build_small: Callable | None = None, params: dict | None = None, fast_probe="auto",
+                 world_size: int = 1, strategy: str = "ddp", bucket_bytes: int = 25 * 2 ** 20):
         check_precision(precision)
         self.requested_precision = precision
         precision = priced_as(precision)  # amp-fp16 costs what amp-bf16 costs, byte for byte
+        if strategy not in ("ddp", "fsdp"):
+            raise DynatuneError(f"strategy must be ddp or fsdp, got {strategy!r}.")
+        if int(world_size) < 1:
+            raise DynatuneError(f"world_size must be at least 1, got {world_size}.")
+        self.world_size, self.strategy, self.bucket_bytes = int(world_size), strategy, int(bucket_bytes)
         if loss not in LOSSES:
             raise DynatuneError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}.")
         if device_type not in DEVICE_TYPES:
@@ -238,7 +253,9 @@ class MemoryModel:
         # exact per-parameter facts from the (meta) model
         # every parameter by name (a Tuner's dict keeps the blocks an exit cut off: still resident)
         named = params if params is not None else dict(model.named_parameters())
-        self._params = {n: (tuple(p.shape), p.element_size(), p.numel()) for n, p in named.items()}
+        self._full = {n: (tuple(p.shape), p.element_size(), p.numel()) for n, p in named.items()}
+        # what one rank holds of each parameter: all of it, or under fsdp its dim-0 shard
+        self._params = {n: self._shard(*f) for n, f in self._full.items()}
         self.weight_bytes_total = sum(el * num for _, el, num in self._params.values())
         self._unit_params = {u.name: list(u.param_names) for u in self.units}
         inner = unwrap_peft(model)
@@ -304,6 +321,46 @@ class MemoryModel:
                     out.append(p)
         return out
 
+    def _shard(self, shape, elem, numel):
+        if self.strategy != "fsdp" or self.world_size == 1 or not shape:
+            return shape, elem, numel
+        rows = -(-shape[0] // self.world_size)  # FSDP2 pads dim 0 to a multiple of world_size
+        rest = numel // shape[0] if shape[0] else 0
+        return (rows, *shape[1:]), elem, rows * rest
+
+    def full_param_bytes(self, names) -> int:
+        """Unsharded bytes (what fsdp gathers)."""
+        return sum(self._full[n][1] * self._full[n][2] for n in names)
+
+    def communication_bytes(self, plan: Plan) -> tuple[int, int]:
+        """Data parallelism's buffers under `plan`: (live in forward and backward, live at the end of backward)."""
+        return self._communication(self._params_of(plan.update | plan.probe_params))
+
+    def _communication(self, path: list[str]) -> tuple[int, int]:
+        """(bytes live in forward and backward, bytes live at the end of backward) for data parallelism."""
+        if self.world_size == 1:
+            return 0, 0
+        if self.strategy == "ddp":
+            # distributed.Replicas.reduce_gradients: gradients in model order, a flat copy per bucket of
+            # two or more (a lone gradient is reduced in place)
+            order = [n for n in self._params if n in set(path)]
+            largest, bucket, dtype = 0, [], None
+            for n in order + [None]:
+                b = self.param_bytes([n]) if n is not None else 0
+                if bucket and (n is None or self._params[n][1] != dtype or sum(bucket) + b > self.bucket_bytes):
+                    if len(bucket) > 1:
+                        largest = max(largest, sum(bucket))
+                    bucket = []
+                if n is not None:
+                    bucket.append(b)
+                    dtype = self._params[n][1]
+            return 0, largest
+        blocks = [self.full_param_bytes(self._unit_params[u.name]) for u in self.units if u.kind == "block"]
+        trained = [self.full_param_bytes([p for p in self._unit_params[u.name] if p in set(path)])
+                   for u in self.units if u.kind == "block"]
+        gathered = 2 * max(blocks, default=0)
+        return gathered + max(trained, default=0), 0
+
     def param_bytes(self, names) -> int:
         return sum(self._params[n][1] * self._params[n][2] for n in names)
 
@@ -363,6 +420,7 @@ class MemoryModel:
         off_state = self.state_bytes(self._params_of(offloaded_state))
         blocks, outside, states, kernel = self.activation_bytes(plan, shape)
         counted = weights + grads + opt + blocks + outside
+        comm_run, comm_end = self._communication(path)
 
         # -- transients at each phase of a step (see docs/memory.md) --
         lb = 4 if self.precision == "fp32" else 2      # logits dtype bytes
@@ -414,6 +472,7 @@ class MemoryModel:
         terms_at: dict[str, dict] = {}
 
         def add(name, grads_term, acts_term, base_term):
+            base_term += comm_end if name == "backward_end" else comm_run if name.startswith(("forward", "backward")) else 0
             phases[name] = weights + opt + grads_term + acts_term + base_term
             terms_at[name] = {"weights": weights, "gradients": grads_term, "optimizer": opt,
                               "activations": acts_term, "base": base_term}
@@ -453,7 +512,9 @@ class MemoryModel:
                           activations_outside=outside, offloaded=off_state + off_w,
                           predicted_counted_bytes=int(counted), predicted_peak_bytes=peak, peak_phase=peak_phase,
                           terms=terms, phases={k: int(round(v)) for k, v in phases.items()}, block_states=states,
-                          kernel=kernel, trainable_params=sum(self._params[n][2] for n in upd))
+                          kernel=kernel, trainable_params=sum(self._full[n][2] for n in upd),
+                          communication=comm_end if peak_phase == "backward_end" else
+                          comm_run if peak_phase.startswith(("forward", "backward")) else 0)
 
     def _recompute_bytes(self, plan, shape) -> int:
         """A checkpointed block's activations when backward recomputes it (probed without checkpointing)."""

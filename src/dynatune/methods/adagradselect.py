@@ -183,6 +183,7 @@ class GradSelectConfig(MethodConfig):
 @register
 class GradSelect(Method):
     name = "gradselect"
+    reads_gradients_in_backward = True  # StreamingTopM ranks (and frees) gradients as they accumulate
     Config = GradSelectConfig
     summary = "the m blocks with the largest gradient norm this step (AdaGradSelect's Algorithm 1), streaming top-m"
     # each block updates only on the steps that select it: the validation sweeps in the README chose

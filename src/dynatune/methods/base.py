@@ -49,7 +49,10 @@ class Method:
     getattr. What a method may read from the tuner it is handed in `setup` is the tuner's public
     API: `units`, `params`, `model`, `device`, `count_memory`, `record` (this step's counted bytes),
     `predict(plan)` / `predict_peak(plan)` (priced with the optimizer state the run really holds;
-    None without a memory model), `has_memory_model`, `budget_bytes` and `usable_budget`.
+    None without a memory model), `has_memory_model`, `budget_bytes` and `usable_budget`; and, for
+    a data-parallel run, `sum_over_ranks(tensor)` (a statistic a rank gathered from its share of the
+    batch, summed over ranks) and `from_main_rank(value)` (rank 0's reading of anything rank-local,
+    such as a clock): every input a decision reads must be the same on every rank.
     """
 
     name = "base"
@@ -70,6 +73,10 @@ class Method:
     # response suppression); the engine prices them in every plan's predicted peak, and the loop and
     # the Trainer callback hand the step's batch over as a closure
     extra_forwards = False
+    # True: the method reads parameter gradients in its own hooks during backward (a streaming
+    # ranking); under data parallelism the engine then reduces each gradient in a hook that runs
+    # before the method's, so it reads the global gradient (distributed.py)
+    reads_gradients_in_backward = False
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):

@@ -199,7 +199,8 @@ class DynaLora(Method):
         if imp == "random":
             y = torch.ones(M, dtype=torch.float64)
         elif imp == "forward":
-            y = self.acc.to("cpu", torch.float64)
+            # each rank summed its share of the batch: the global batch's sums (a copy; acc keeps running)
+            y = self.tuner.sum_over_ranks(self.acc).to("cpu", torch.float64)
         else:
             sums, seen = self.acc.to("cpu", torch.float64), self.seen.to("cpu", torch.float64)
             for i in range(M):

@@ -305,6 +305,8 @@ class Ist(Method):
             suppressed = [u for i in range(len(self.depths)) if i not in kept for u in self.layers[i]]
             with self.suppress(suppressed, self.config.beta):
                 losses.append(run())
+        if self.tuner.sync is not None:  # data parallel: each rank scored its share; the batch's is their mean
+            losses = (self.tuner.sum_over_ranks(torch.tensor(losses, dtype=torch.float64)) / self.tuner.sync.world).tolist()
         self.update_importance(sets, losses)
         self.last_sets, self.last_losses, self._scored_at = sets, losses, step
 

@@ -304,7 +304,8 @@ class Trims(Method):
         a["loss_sum"] += float(loss)
         a["loss_n"] += 1
         if self._t_start is not None:
-            a["times"].append(self._now() - self._t_start)
+            # rank 0's clock on every rank: time=measured decisions read it
+            a["times"].append(self.tuner.from_main_rank(self._now() - self._t_start))
             self._t_start = None
         m = self.observe_memory()
         if m is not None:

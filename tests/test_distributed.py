@@ -1,0 +1,347 @@
+"""Data parallelism on the CPU: 2 gloo processes (tests/dist_worker.py), every registered method.
+
+Tolerance: a 2-process run sums each gradient over ranks (bucketed, flattened) where one process
+with grad_accum=2 accumulates the same two micro-batches in place, so gradients agree to the last
+bits only. Losses are compared to 1e-6 and weights to 1e-5: AdamW divides by sqrt(v), so a gradient
+entry near zero whose last bits differ can move its weight by lr x its relative difference (seen:
+1.1e-6 on one LayerNorm weight at lr=1e-3; most weights agree to ~1e-8). Plans, which decisions
+read from agreed signals, must be identical, and the two ranks' weights bit-identical.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynatune.distributed import Replicas
+from dynatune.errors import DynatuneError
+from dynatune.methods import METHODS, build_method
+from dynatune.signals import SIGNALS
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_worker import OPTIONS, run_job  # noqa: E402
+
+HERE = Path(__file__).parent
+SRC = HERE.parent / "src"
+LOSS_TOL, WEIGHT_TOL = 1e-6, 1e-5
+STEPS = 4
+# 16 examples, global batch 4 (2 per rank): 4 steps within one epoch
+BASE = {"batch_size": 4, "max_steps": STEPS}
+# plans that change within 4 steps: a test that compares them compares something
+CHANGING = {"lisa", "random", "adagradselect", "dynalora", "dynavera", "ist"}
+
+
+def spawn(jobs: list[dict], out: Path, world: int = 2, timeout: int = 900) -> dict:
+    """Run `jobs` in `world` gloo processes; {tag: [rank 0's result, rank 1's, ...]}."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "dist_worker.py"), str(out / "jobs.json"), str(out), str(world)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {j["tag"]: [torch.load(out / f"{j['tag']}-rank{r}.pt") for r in range(world)] for j in jobs}
+
+
+def plans(result):
+    return [(h["update"], h["exit_depth"], h["promoted"]) for h in result["history"]]
+
+
+def assert_close_runs(a, b):
+    assert plans(a) == plans(b)
+    for x, y in zip(a["history"], b["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], abs=LOSS_TOL)
+    for n, w in a["weights"].items():
+        assert torch.allclose(w, b["weights"][n], atol=WEIGHT_TOL, rtol=0), n
+
+
+SCRIPT = [{"update": ["block.3", "norm"]},
+          {"update": ["block.1", "norm"], "exit_depth": 2},  # blocks 2 and 3 exited: they neither run nor reduce
+          {"update": ["block.2", "norm"], "probe": ["block.0"]},  # backward reaches block 0's output
+          {"update": ["block.0", "block.3", "norm"], "probe_params": ["block.1"]}]  # block 1's gradient read, not applied
+VARIANTS = {"dynalora-backward": ("dynalora", {"r": 4, "period": 2, "importance": "backward"}),  # reduced grads
+            "trims-measured": ("trims", {"tau": 1, "time": "measured"})}  # rank 0's clock
+
+
+@pytest.fixture(scope="module")
+def every_method(tmp_path_factory):
+    """Every registered method, 4 steps in 2 processes (one spawn for all of them)."""
+    assert sorted(OPTIONS) == sorted(METHODS), "add the new method to tests/dist_worker.py's OPTIONS"
+    jobs = [{"tag": m, "method": m, **BASE} for m in sorted(METHODS)]
+    # rank-dependent seeds: ranks would draw different plans
+    jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
+    out = tmp_path_factory.mktemp("dist")
+    # FSDP2 (fully_shard per block) for the methods that select whole blocks; the others are refused
+    jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
+    # exits, probes and every signal, on a causal LM: under DDP, and (activation signals) under FSDP2
+    jobs += [{"tag": "scripted-ddp", "scripted": SCRIPT, "model": "llama", "signals": list(SIGNALS), **BASE},
+             {"tag": "scripted-fsdp", "scripted": SCRIPT, "model": "llama", "strategy": "fsdp",
+              "signals": ["act_grad_norm", "act_norm"], **BASE}]
+    jobs.append({"tag": "callback", "callback": True})
+    # option variants whose decisions read other rank-local inputs
+    jobs += [{"tag": tag, "method": m, "options": o, **BASE} for tag, (m, o) in VARIANTS.items()]
+    # small buckets, so the reduction makes several: the memory model prices the largest
+    jobs += [{"tag": f"buckets-{m}", "method": m, "bucket_bytes": 20_000, **BASE} for m in ("lisa", "dynalora")]
+    jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
+    return spawn(jobs, out), out
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_plans_agree_on_both_ranks_and_equal_one_process_with_the_same_global_batch(method, every_method):
+    results, _ = every_method
+    r0, r1 = results[method]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert len(r0["history"]) == len(r1["history"]) == STEPS
+    assert plans(r0) == plans(r1)  # the same plan on every rank at every step
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]  # the global loss, agreed
+    for n, w in r0["weights"].items():  # replicas stay bit-identical
+        assert torch.equal(w, r1["weights"][n]), n
+    if method in CHANGING:
+        assert len({str(p) for p in plans(r0)}) > 1, "the plan never changed: the comparison would be vacuous"
+    # one process, the same global batch of 4 as two micro-batches of 2: the same examples per micro-batch
+    single = run_job({"tag": method, "method": method, **BASE, "grad_accum": 2})
+    assert_close_runs(r0, single)
+
+
+def _fsdp_ready(m) -> bool:
+    method = build_method(m, **OPTIONS[m])
+    return method.granularity == "block" and not (method.reads_gradients_in_backward or
+                                                  {"grad_norm", "taylor"} & set(method.signals))
+
+
+@pytest.mark.parametrize("tag", sorted(VARIANTS))
+def test_variants_reading_gradients_after_backward_or_a_clock_agree_too(tag, every_method):
+    results, _ = every_method
+    r0, r1 = results[tag]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert plans(r0) == plans(r1)
+    assert [h["method_log"] for h in r0["history"]] == [h["method_log"] for h in r1["history"]]
+    if tag == "dynalora-backward":  # its scores are the summed gradients' norms: one process's
+        method, options = VARIANTS[tag]
+        assert_close_runs(r0, run_job({"tag": tag, "method": method, "options": options, **BASE, "grad_accum": 2}))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_exits_probes_and_every_signal_agree_and_equal_one_process(strategy, every_method):
+    results, _ = every_method
+    r0, r1 = results[f"scripted-{strategy}"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert [h["method_log"] for h in r0["history"]] == [h["method_log"] for h in r1["history"]]  # the same bits
+    job = {"tag": "x", "scripted": SCRIPT, "model": "llama", **BASE, "grad_accum": 2}
+    single = run_job({**job, "signals": list(SIGNALS) if strategy == "ddp" else ["act_grad_norm", "act_norm"]})
+    assert_close_runs(r0, single)
+    assert [h["exit_depth"] for h in r0["history"]] == [None, 2, None, None]
+    for got, want in zip(r0["history"], single["history"]):
+        sig, ref = got["method_log"]["signals"], want["method_log"]["signals"]
+        assert {k: sorted(v) for k, v in sig.items()} == {k: sorted(v) for k, v in ref.items()}
+        for name in sig:
+            for unit, value in sig[name].items():
+                assert value == pytest.approx(ref[name][unit], rel=1e-5), (name, unit)
+    if strategy == "ddp":  # block 1's parameters were probed at step 3: their (summed) gradient was read
+        assert "block.1" in r0["history"][3]["method_log"]["signals"]["grad_norm"]
+
+
+FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
+
+
+def test_fsdp_covers_the_block_methods():
+    assert {"full", "topk", "bottomk", "lisa", "trims"} <= set(FSDP_METHODS)
+
+
+@pytest.mark.parametrize("method", FSDP_METHODS)
+def test_fsdp2_on_cpu_plans_agree_and_equal_one_process(method, every_method):
+    results, _ = every_method
+    r0, r1 = results[f"fsdp-{method}"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert plans(r0) == plans(r1)
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]
+    for n, w in r0["weights"].items():  # the gathered shards: the same whole weights on both ranks
+        assert torch.equal(w, r1["weights"][n]), n
+    if method in CHANGING:  # frozen and trainable parameters of one FSDP unit trade places between steps
+        assert len({str(p) for p in plans(r0)}) > 1
+    assert_close_runs(r0, run_job({"tag": method, "method": method, **BASE, "grad_accum": 2}))
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(FSDP_METHODS)))
+def test_fsdp2_refuses_methods_it_does_not_support_yet_in_one_sentence(method, every_method):
+    results, _ = every_method
+    for r in results[f"fsdp-{method}"]:
+        assert r["error"].startswith("DynatuneError: strategy=fsdp") and "use strategy=ddp" in r["error"]
+
+
+def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):
+    results, _ = every_method
+    for r in results["skewed"]:
+        assert "ranks disagree on the plan of step 0" in r["error"]
+
+
+def test_the_trainer_callback_refuses_several_processes_in_one_sentence(every_method):
+    results, _ = every_method
+    for r in results["callback"]:
+        assert r["error"].startswith("DynatuneError: the Trainer callback does not support several processes yet")
+
+
+def test_only_rank_0_writes_the_run_directory(every_method):
+    results, out = every_method
+    run = out / "run"
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(STEPS))  # once each: one writer
+    assert [json.loads(line)["loss"] for line in lines] == [h["loss"] for h in results["written"][0]["history"]]
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["latest", "step-2", "step-4"]
+    state = torch.load(run / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+    assert len(state["rng_ranks"]) == 2  # each rank's RNG, written by rank 0
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resume_of_a_two_process_run_equals_the_straight_run_and_resumes_on_one_process(tmp_path):
+    # dropout on: each rank's dropout stream must resume where it was
+    jobs = []
+    for m in ("adagradselect", "lisa"):
+        common = {"method": m, "dropout": True, "checkpoint_every": 2, **BASE}
+        jobs += [{"tag": f"{m}-straight", "out_dir": str(tmp_path / m / "straight"), **common},
+                 {"tag": f"{m}-first", "out_dir": str(tmp_path / m / "cut"), "stop_after": 2, **common},
+                 {"tag": f"{m}-resumed", "out_dir": str(tmp_path / m / "cut"), "resume": str(tmp_path / m / "cut"),
+                  **common}]
+    # dropout off, cut after 2 steps: resumed in one process below
+    nodrop = {"method": "lisa", "checkpoint_every": 2, **BASE}
+    jobs += [{"tag": "nodrop-straight", **nodrop},
+             {"tag": "nodrop-cut", "out_dir": str(tmp_path / "nodrop"), "stop_after": 2, **nodrop}]
+    results = spawn(jobs, tmp_path / "spawn")
+    # a DDP checkpoint resumes on another number of ranks: 1 process, the same global batch
+    other_n = run_job({"tag": "x", **nodrop, "grad_accum": 2, "out_dir": str(tmp_path / "nodrop"),
+                       "resume": str(tmp_path / "nodrop")})
+    assert_close_runs(other_n, results["nodrop-straight"][0])
+    for m in ("adagradselect", "lisa"):
+        for rank in (0, 1):
+            straight, resumed = results[f"{m}-straight"][rank], results[f"{m}-resumed"][rank]
+            assert "error" not in resumed, resumed.get("error")
+            assert plans(resumed) == plans(straight)
+            assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+            for n, w in straight["weights"].items():
+                assert torch.equal(w, resumed["weights"][n]), n
+
+
+def fake_replicas(rank, world):
+    r = object.__new__(Replicas)
+    r.rank, r.world, r.is_main = rank, world, rank == 0
+    return r
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 4, 7, 12])
+def test_each_global_batch_is_cut_into_contiguous_shares_in_the_plain_loop_order(world, n):
+    idx = [5 * i + 3 for i in range(n)]
+    shares = [fake_replicas(r, world).shard(idx) for r in range(world)]
+    assert sum(shares, []) == idx  # every example once, in order
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_batch_the_ranks_cannot_share_evenly_is_refused_before_training():
+    r = fake_replicas(0, 2)
+    r.check_batches(8, 2, 40)
+    with pytest.raises(DynatuneError, match="batch_size=6 must be a multiple of world_size x grad_accum = 2 x 2"):
+        r.check_batches(6, 2, 40)
+    with pytest.raises(DynatuneError, match="the last batch of each epoch has 5 examples"):
+        r.check_batches(8, 1, 45)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CLI_ARGS = ["task=trec", "data.max_train=16", "data.max_eval=8", "batch_size=4", "max_length=32", "max_steps=2",
+            "method=lisa", "lisa.k=1", "lisa.period=1", "progress=false", "device=cpu"]
+LAUNCHERS = {
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={free_port()}"],
+    # on a CPU-only machine --multi_gpu is what starts local processes (torch.distributed.run); --cpu runs one
+    "accelerate": lambda: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                           f"--main_process_port={free_port()}"],
+}
+
+
+def test_dynatune_train_under_torchrun_and_accelerate_launch_writes_one_run_equal_to_one_process(tiny_bert_dir, tmp_path):
+    from dynatune.cli import main
+
+    import shutil
+
+    model = tmp_path / "model"  # dropout off: one process would draw other masks for its second micro-batch
+    shutil.copytree(tiny_bert_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                   "attention_probs_dropout_prob": 0.0}))
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    logs = {}
+    for name, launcher in LAUNCHERS.items():
+        out = tmp_path / name
+        proc = subprocess.run([*launcher(), "-m", "dynatune.cli", "train", f"model={model}", *CLI_ARGS,
+                               f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("run written to") == 1  # rank 0 reports, once
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and metrics["validation"] is not None
+        json.loads((out / "config.json").read_text())
+        logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in logs[name]] == [0, 1]
+    assert logs["torchrun"] == [{**e, "step_time_s": t["step_time_s"]} for e, t in zip(logs["accelerate"], logs["torchrun"])]
+    one = tmp_path / "one"
+    assert main(["train", f"model={model}", *CLI_ARGS, "grad_accum=2", f"output_dir={one}"]) == 0
+    single = [json.loads(line) for line in (one / "log.jsonl").read_text().splitlines()]
+    assert [e["update"] for e in single] == [e["update"] for e in logs["torchrun"]]
+    assert [e["loss"] for e in single] == pytest.approx([e["loss"] for e in logs["torchrun"]], abs=LOSS_TOL)
+
+
+@pytest.mark.parametrize("method", ["lisa", "dynalora"])
+def test_the_memory_model_prices_the_largest_gradient_bucket_a_rank_allocates(method, every_method):
+    results, _ = every_method
+    for rank in (0, 1):
+        pairs = results[f"buckets-{method}"][rank]["buckets"]
+        assert len(pairs) == STEPS
+        assert all(counted == predicted for counted, predicted in pairs), pairs
+    assert any(counted > 0 for counted, _ in pairs)
+
+
+def test_a_rank_of_ddp_holds_everything_and_of_fsdp_a_padded_shard():
+    from dynatune.memory import MemoryModel
+    from dynatune.plan import Plan
+    from tiny import classifier
+
+    model = classifier("bert")
+    mms = {(w, s): MemoryModel(model, batch_shape=(2, 12), world_size=w, strategy=s, device_type="cuda")
+           for w, s in [(1, "ddp"), (2, "ddp"), (3, "fsdp"), (1, "fsdp")]}
+    plan = Plan.of(u.name for u in mms[1, "ddp"].units)
+    p = {k: mm.predict(plan) for k, mm in mms.items()}
+    one = p[1, "ddp"]
+    assert p[1, "fsdp"].to_dict() == one.to_dict()  # one rank: nothing to shard or reduce
+    for k in ("weights", "gradients", "optimizer", "activations"):
+        assert getattr(p[2, "ddp"], k) == getattr(one, k)  # replicated
+    # 2 ranks: every gradient (one bucket, far below 25 MiB) flattened once at the end of backward
+    assert mms[2, "ddp"].communication_bytes(plan) == (0, one.gradients)
+    shard = sum(-(-q.shape[0] // 3) * (q.numel() // q.shape[0]) * 4 for q in model.parameters())
+    assert p[3, "fsdp"].weights == p[3, "fsdp"].gradients == shard < one.weights / 2.9
+    assert p[3, "fsdp"].optimizer == 2 * shard  # AdamW: two moments per (sharded) element
+    blocks = [sum(q.numel() * 4 for q in blk.parameters()) for blk in model.bert.encoder.layer]
+    assert mms[3, "fsdp"].communication_bytes(plan) == (3 * max(blocks), 0)
+
+
+def test_estimate_prices_one_rank_of_a_data_parallel_run(capsys):
+    from dynatune.planner import estimate
+
+    common = ["model=arch:qwen2-0.5b", "batch_size=8", "seq_len=64", "families=full"]
+    one = {r["config"]: r for r in estimate(common)}
+    ddp = {r["config"]: r for r in estimate(common + ["world_size=2", "batch_size=16"])}
+    fsdp = {r["config"]: r for r in estimate(common + ["world_size=2", "batch_size=16", "strategy=fsdp"])}
+    assert one["full"]["counted_terms"] == ddp["full"]["counted_terms"]  # the same per-rank micro-batch
+    assert ddp["full"]["predicted_peak_bytes"] >= one["full"]["predicted_peak_bytes"]
+    assert fsdp["full"]["counted_terms"]["weights"] < 0.51 * one["full"]["counted_terms"]["weights"]
+    with pytest.raises(DynatuneError, match="batch_size=8 is not divisible by grad_accum=1 x world_size=16"):
+        estimate(common + ["world_size=16"])
+    with pytest.raises(DynatuneError, match="strategy must be ddp or fsdp"):
+        estimate(common + ["strategy=zero3"])
