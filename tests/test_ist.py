@@ -375,11 +375,11 @@ def test_an_out_of_memory_retry_keeps_the_importance_forwards_exact(monkeypatch)
 
     real = loop._forward_backward
 
-    def flaky(model, micro_batches, cfg, device):
+    def flaky(model, micro_batches, cfg, device, *rest):
         if len(micro_batches[0]["labels"]) > B // 2:
             model(**micro_batches[0])  # the failed attempt drew dropout masks from the global RNG
             raise torch.OutOfMemoryError("injected")
-        return real(model, micro_batches, cfg, device)
+        return real(model, micro_batches, cfg, device, *rest)
 
     data = lm_examples(4 * B, seq=S)
     opts = dict(n_u=2, t_c=1, dropout=0.1, mu=100.0, seed=3)
