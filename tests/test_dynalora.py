@@ -295,7 +295,9 @@ def test_a_budget_below_backward_through_every_block_keeps_the_draws_above_a_dep
     fit(t.model, t.method, lm_examples(6 * B, seq=S), collate, cfg, tuner=t)
     m = t.method
     assert m.lowest_depth > 0
-    by_depth = {d: m._largest_k(d) for d in range(4)}
+    # the largest k whose worst plan fits at each depth, by a linear scan (the method bisects)
+    by_depth = {d: max((k for k in range(1, 1 + sum(t.units[n].depth >= d for n in m.modules)) if m._fits(k, d)),
+                       default=0) for d in range(4)}
     assert by_depth[0] == 0 and m.k == max(by_depth.values())
     assert m.lowest_depth == min(d for d, k in by_depth.items() if k == m.k)
     for h in t.history:

@@ -240,3 +240,30 @@ class Method:
         if not 1 <= k <= n:
             raise DynatuneError(f"{self.name}.{what}={k} is outside 1..{n} (the model has {n} blocks).")
         return k
+
+
+def count_and_depth(depths, size_at, count: int | None, fits) -> tuple[int, int] | None:
+    """For methods that train `count` units drawn at or above a lowest depth (DynaLoRA's modules,
+    IST's layers), under a budget: (count, lowest depth), or None when nothing fits. A given count
+    gets the lowest depth where its worst plan fits; a derived one (None) is the largest any depth
+    admits, the lowest depth on ties. size_at(d): the units at or above d; fits(n, d): the worst
+    n-unit plan at or above d fits. Peaks grow with n, so the largest n is found by bisection."""
+    best = None
+    for d in depths:
+        size = size_at(d)
+        if count is not None:
+            if size >= count and fits(count, d):
+                return count, d
+            continue
+        n, lo, hi = 0, 1, size
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(mid, d):
+                n, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if n and (best is None or n > best[0]):
+            best = (n, d)
+        if n == size:  # every unit above d fits: a higher depth cannot admit more
+            break
+    return best

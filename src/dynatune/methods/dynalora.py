@@ -40,7 +40,7 @@ from ..optim import linear_factor
 from ..plan import Plan
 from ..units import get_submodule, unit_sort_key
 from .adapters import Dora, Lora, LoraConfig, Vera, VeraConfig, already_adapted, present_targets
-from .base import Method, opt, register
+from .base import Method, count_and_depth, opt, register
 
 IMPORTANCE = ("forward", "backward", "random")
 ALLOCATORS = ("discounted-stochastic", "stochastic", "topk", "threshold")
@@ -306,17 +306,6 @@ class DynaLora(Method):
     def _fits(self, k: int, depth: int) -> bool:
         return self.tuner.predict_peak(self.worst_plan(k, depth)) <= self.tuner.usable_budget
 
-    def _largest_k(self, depth: int) -> int:
-        """The largest k whose worst plan above `depth` fits (0: none); peaks grow with k: bisection."""
-        best, lo, hi = 0, 1, sum(self.units[n].depth >= depth for n in self.modules)
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if self._fits(mid, depth):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        return best
-
     def _resolve_k(self) -> None:
         """At the first plan (or set_budget's largest_plan): check k against the budget, or derive the
         largest k that fits. When backward through every block does not fit, modules below a depth are
@@ -329,19 +318,8 @@ class DynaLora(Method):
                                     "give a budget (budget=0.6) or set k or fraction.")
             return
         depths = sorted({self.units[n].depth for n in self.modules})
-        best = None  # (k, lowest depth)
-        for d in depths:
-            size = sum(self.units[n].depth >= d for n in self.modules)
-            if self.k is not None:
-                if size >= self.k and self._fits(self.k, d):
-                    best = (self.k, d)
-                    break
-                continue
-            k = self._largest_k(d)
-            if k and (best is None or k > best[0]):
-                best = (k, d)
-            if k == size:  # every module above d fits: a higher depth cannot admit more
-                break
+        best = count_and_depth(depths, lambda d: sum(self.units[n].depth >= d for n in self.modules), self.k,
+                               self._fits)
         if best is None:
             k = self.k or 1
             top = max(d for d in depths if sum(self.units[n].depth >= d for n in self.modules) >= k)

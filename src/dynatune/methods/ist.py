@@ -37,7 +37,7 @@ from ..errors import BudgetError, DynatuneError
 from ..plan import Plan
 from ..units import get_submodule
 from .adapters import Dora, Lora, LoraConfig, already_adapted, present_targets
-from .base import Method, opt, register
+from .base import Method, count_and_depth, opt, register
 
 ADAPTERS = ("lora", "dora", "series", "parallel")
 SAMPLING = ("paper", "inverted")
@@ -234,25 +234,7 @@ class Ist(Method):
                 raise DynatuneError(f"{self.name}: n_u and fraction are both null, so N_u comes from the memory "
                                     "budget; give a budget (budget=0.6) or set n_u or fraction.")
             return
-        best = None  # (n_u, lowest depth)
-        for d in self.depths:
-            size = sum(dep >= d for dep in self.depths)
-            if self.n_u is not None:
-                if size >= self.n_u and self._fits(self.n_u, d):
-                    best = (self.n_u, d)
-                    break
-                continue
-            lo, hi, k = 1, size, 0  # peaks grow with N_u: bisection
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if self._fits(mid, d):
-                    k, lo = mid, mid + 1
-                else:
-                    hi = mid - 1
-            if k and (best is None or k > best[0]):
-                best = (k, d)
-            if k == size:
-                break
+        best = count_and_depth(self.depths, lambda d: sum(dep >= d for dep in self.depths), self.n_u, self._fits)
         if best is None:
             n = self.n_u or 1
             top = self.depths[len(self.depths) - n]
