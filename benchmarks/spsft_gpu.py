@@ -23,19 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import save  # noqa: E402
+from spsft_memory import equal_parameter_pairs, fa_pair  # noqa: E402
 
-MLP = "gate_proj,up_proj,down_proj"
 
 
 def configs(ranks):
-    out = []
-    for r in ranks:
-        out.append((f"spsft_r{r}", "spsft", {"r": r}))
-        out.append((f"lora_r{r // 2}", "lora", {"r": r // 2, "alpha": float(r)}))
-    top = ranks[-1]
-    out.append((f"spsft_r{top}_FA", "spsft", {"r": top, "freeze_attention": True}))
-    out.append((f"lora_r{top // 2}_mlp", "lora", {"r": top // 2, "alpha": float(top), "targets": MLP}))
-    return out
+    return equal_parameter_pairs(ranks) + fa_pair(ranks[-1])
 
 
 def one(arch, label, name, opts, shape, steps, precision, device):

@@ -25,17 +25,27 @@ from harness import counted_steps, save  # noqa: E402
 MLP = "gate_proj,up_proj,down_proj"
 
 
-def rows_to_run(ranks):
+def equal_parameter_pairs(ranks) -> list[tuple]:
+    """SPSFT r rows against LoRA at half that rank (about equal trainable parameters, the paper's
+    pairing), as (label, method, options); spsft_gpu.py runs the same pairs."""
     out = []
     for r in ranks:
         out.append((f"spsft_r{r}", "spsft", {"r": r}))
         out.append((f"lora_r{r // 2}", "lora", {"r": r // 2, "alpha": float(r)}))
+    return out
+
+
+def fa_pair(r) -> list[tuple]:
+    """FA mode (MLP rows only) against LoRA on the MLP at half the rank."""
+    return [(f"spsft_r{r}_FA", "spsft", {"r": r, "freeze_attention": True}),
+            (f"lora_r{r // 2}_mlp", "lora", {"r": r // 2, "alpha": float(r), "targets": MLP})]
+
+
+def rows_to_run(ranks):
     mid = ranks[len(ranks) // 2]
     # LoRA as commonly configured for instruction tuning (dropout 0.05): the dropped copy of x is saved too
-    out.append((f"lora_r{mid // 2}_dropout", "lora", {"r": mid // 2, "alpha": float(mid), "dropout": 0.05}))
-    out.append((f"spsft_r{mid}_FA", "spsft", {"r": mid, "freeze_attention": True}))
-    out.append((f"lora_r{mid // 2}_mlp", "lora", {"r": mid // 2, "alpha": float(mid), "targets": MLP}))
-    return out
+    dropout = [(f"lora_r{mid // 2}_dropout", "lora", {"r": mid // 2, "alpha": float(mid), "dropout": 0.05})]
+    return equal_parameter_pairs(ranks) + dropout + fa_pair(mid)
 
 
 def measure(model_name, label, method_name, opts, batch_shape, steps=2):
