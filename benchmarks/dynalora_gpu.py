@@ -57,7 +57,8 @@ def run(label: str, method_name: str, options: dict, args, device, data) -> dict
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model, _ = load_model(f"arch:{args.arch}", "causal-lm", seed=0)
+    with torch.device(device):  # random init straight on the GPU: no host copy
+        model, _ = load_model(f"arch:{args.arch}", "causal-lm", seed=0)
     method = build_method(method_name, seed=0, **options)
     tuner = Tuner(model.to(device), method, lr=1e-4)
     mm = MemoryModel.from_tuner(tuner, precision=args.precision, batch_shape=(args.batch, args.seq),

@@ -39,7 +39,8 @@ def load_average() -> list[float]:
 # this commit's (plus uncommitted changes if dirty), whatever is edited while it runs
 _LOAD_AT_START = load_average()
 _STATUS_AT_START = git("status", "--porcelain", "--untracked-files=no")
-_COMMIT_AT_START = git("rev-parse", "HEAD")
+# A copy of the tree without .git (a lent GPU machine) names its commit in DYNATUNE_COMMIT.
+_COMMIT_AT_START = git("rev-parse", "HEAD") or os.environ.get("DYNATUNE_COMMIT")
 
 
 def provenance() -> dict:

@@ -42,7 +42,8 @@ def one(arch: str, shape, method: str, steps: int, device) -> dict:
     from dynatune.methods import build_method
     from dynatune.models import load_model
 
-    model, _ = load_model(f"arch:{arch}", "causal-lm", seed=0)
+    with torch.device(device):  # random init straight on the GPU: no host copy
+        model, _ = load_model(f"arch:{arch}", "causal-lm", seed=0)
     model.to(device)
     opts = dict(r=32, alpha=64.0, dropout=0.05, targets=TARGETS)
     m = build_method("lora", **opts) if method == "lora" else build_method("ist", seed=0, **opts)

@@ -40,7 +40,8 @@ def one(arch, label, name, opts, shape, steps, precision, device):
     from dynatune.precision import autocast_for
 
     cuda = device.type == "cuda"
-    model, _ = load_model(f"arch:{arch}", "causal-lm", seed=0)
+    with torch.device(device):  # random init straight on the GPU: no host copy
+        model, _ = load_model(f"arch:{arch}", "causal-lm", seed=0)
     if precision == "bf16":
         model.to(torch.bfloat16)
     model.to(device).train()

@@ -212,3 +212,37 @@ def test_column_delta_grads_saved_bytes_and_merge():
     assert torch.equal(m.weight, w0)
     m.merge()
     assert torch.equal(m.weight, merged)
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_on_each_device_grads_saved_bytes_and_merge(device):
+    """The same promises on a GPU: fp32 grads equal the dense reference's selected rows, bf16
+    autocast saves only x's bf16 copy, and merge then unmerge gives W back bit for bit."""
+    lin = _lin(d_in=64, d_out=48).to(device)
+    rows = torch.arange(1, 48, 5, device=device)
+    m = RowDeltaLinear(copy.deepcopy(lin), rows)
+    m.weight.requires_grad_(False)
+    m.bias.requires_grad_(False)
+    x = torch.randn(4, 16, 64, device=device)
+    ref = copy.deepcopy(lin)
+    h, h_ref = m(x), ref(x)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-6)  # W_f starts at zero
+    g = torch.randn_like(h)
+    h.backward(g)
+    h_ref.backward(g)
+    torch.testing.assert_close(m.spsft_delta.grad, ref.weight.grad[m.spsft_rows], rtol=1e-5, atol=1e-5)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        hb, seen = _saved_bytes(lambda: m(x.requires_grad_(True)))
+    assert hb.dtype == torch.bfloat16 and sum(seen.values()) == x.numel() * 2
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.spsft_delta.normal_()
+    before = m(x).detach()
+    m.merge()
+    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+    assert torch.equal(m.weight, w0)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One GPU session, prepared to run once on a lent CUDA machine (H100/H200) in a few minutes:
+#   1. the CUDA tests (every method through the real loop under bf16 autocast, the row-sparse
+#      delta, the memory model against max_memory_allocated);
+#   2. benchmarks/dynalora_gpu.py, ist_gpu.py and spsft_gpu.py at their issue-sized defaults.
+# Each step has its own time limit, so one that hangs does not cost the others. Logs, a summary
+# and the result JSON files land in OUTDIR (default $OUT, else /tmp/gpu_session).
+#
+#   bash benchmarks/gpu_session.sh [OUTDIR]
+#
+# Where the machine lacks dynatune's dependencies, wheels in .whl/ are installed to /tmp/site first.
+# A copy of the tree without .git names its commit in DYNATUNE_COMMIT (benchmarks/harness.py).
+set -u
+out=${1:-${OUT:-/tmp/gpu_session}}
+mkdir -p "$out"
+summary="$out/summary.txt"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl/ failed" | tee -a "$summary"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{
+    echo "commit ${DYNATUNE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())" 2>&1
+} >> "$summary"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, note rc and seconds
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+    rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s): $*" | tee -a "$summary"
+}
+
+step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_devices.py tests/test_row_delta.py \
+    tests/test_memory_model.py
+step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
+step ist_gpu 150 python3 benchmarks/ist_gpu.py
+step spsft_gpu 150 python3 benchmarks/spsft_gpu.py
+for name in dynalora_gpu ist_gpu spsft_gpu; do
+    [ -f "benchmarks/results/$name.json" ] && cp "benchmarks/results/$name.json" "$out/"
+done
+exit 0
