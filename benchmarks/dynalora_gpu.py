@@ -19,7 +19,6 @@ LoRA come from this one invocation. Writes benchmarks/results/dynalora_gpu[_smok
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import save  # noqa: E402
+from harness import release_cuda, save  # noqa: E402
 
 
 def batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict]:
@@ -54,9 +53,7 @@ def run(label: str, method_name: str, options: dict, args, device, data) -> dict
     from dynatune.methods import build_method
     from dynatune.models import load_model
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    left = release_cuda()  # what earlier runners left on the GPU: 0, recorded, and kept out of the peak
     with torch.device(device):  # random init straight on the GPU: no host copy
         model, _ = load_model(f"arch:{args.arch}", "causal-lm", seed=0)
     method = build_method(method_name, seed=0, **options)
@@ -81,12 +78,12 @@ def run(label: str, method_name: str, options: dict, args, device, data) -> dict
             times.append(dt)
             predicted.append(mm.predict(tuner.plan, kept_state=tuner.kept_state(tuner.plan)).predicted_peak_bytes)
             counted.append(tuner.record.counted)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) - left if device.type == "cuda" else None
     plans = {tuple(sorted(h["update"])) for h in tuner.history}
     row = {"label": label, "method": method_name, "options": options,
            "modules": len(getattr(method, "modules", [])) or None, "k": getattr(method, "k", None),
            "draws": len(plans), "trainable_params_max": max(mm.predict(tuner.plan).trainable_params, 0),
-           "weights_bytes": weights, "measured_peak_bytes": peak,
+           "weights_bytes": weights, "left_from_earlier_bytes": left, "measured_peak_bytes": peak,
            "measured_peak_minus_weights_bytes": None if peak is None else peak - weights,
            "predicted_peak_bytes_max": max(predicted), "counted_bytes_max": max(counted),
            "median_step_s": statistics.median(times), "last_loss": entry["loss"]}

@@ -2,11 +2,13 @@
 # One GPU session, prepared to run once on a lent CUDA machine (H100/H200) in a few minutes:
 #   1. the CUDA tests (every method through the real loop under bf16 autocast, the row-sparse
 #      delta, the memory model against max_memory_allocated);
-#   2. benchmarks/dynalora_gpu.py, ist_gpu.py and spsft_gpu.py at their issue-sized defaults.
+#   2. benchmarks/dynalora_gpu.py, ist_gpu.py and spsft_gpu.py at their issue-sized defaults;
+#   3. benchmarks/gpu_phases.py: measured peaks phase by phase beside the memory model's.
 # Each step has its own time limit, so one that hangs does not cost the others. Logs, a summary
 # and the result JSON files land in OUTDIR (default $OUT, else /tmp/gpu_session).
 #
 #   bash benchmarks/gpu_session.sh [OUTDIR]
+#   STEPS="tests ist_gpu" bash benchmarks/gpu_session.sh    # only some steps
 #
 # Where the machine lacks dynatune's dependencies, wheels in .whl/ are installed to /tmp/site first.
 # A copy of the tree without .git names its commit in DYNATUNE_COMMIT (benchmarks/harness.py).
@@ -27,9 +29,11 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 } >> "$summary"
 
+steps=" ${STEPS:-tests dynalora_gpu ist_gpu spsft_gpu gpu_phases} "
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, note rc and seconds
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    [[ $steps == *" $name "* ]] || return 0
     timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s): $*" | tee -a "$summary"
@@ -40,7 +44,8 @@ step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_device
 step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
 step ist_gpu 150 python3 benchmarks/ist_gpu.py
 step spsft_gpu 150 python3 benchmarks/spsft_gpu.py
-for name in dynalora_gpu ist_gpu spsft_gpu; do
+step gpu_phases 150 python3 benchmarks/gpu_phases.py
+for name in $steps; do
     [ -f "benchmarks/results/$name.json" ] && cp "benchmarks/results/$name.json" "$out/"
 done
 exit 0

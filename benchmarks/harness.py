@@ -30,6 +30,20 @@ def git(*args) -> str | None:
         return None
 
 
+def release_cuda() -> int:
+    """Before a GPU measurement: collect what earlier runs in this process left (a tuner and its
+    model sit in reference cycles until collected, and would count in the next run's peak), empty
+    the cache, and return the bytes still allocated (0 when nothing is left; rows record it)."""
+    import gc
+
+    gc.collect()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
 def load_average() -> list[float]:
     """1, 5 and 15-minute load averages: on this 2-core machine, above ~1 means others shared the cores."""
     return [round(x, 2) for x in os.getloadavg()]

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import save  # noqa: E402
+from harness import release_cuda, save  # noqa: E402
 
 ARCHS = ("qwen2-0.5b", "llama-3.2-1b")
 SHAPES = ((16, 256), (1, 1024))
@@ -42,6 +42,7 @@ def one(arch: str, shape, method: str, steps: int, device) -> dict:
     from dynatune.methods import build_method
     from dynatune.models import load_model
 
+    left = release_cuda()  # what earlier runs left on the GPU: 0, recorded, and kept out of the peak
     with torch.device(device):  # random init straight on the GPU: no host copy
         model, _ = load_model(f"arch:{arch}", "causal-lm", seed=0)
     model.to(device)
@@ -70,12 +71,12 @@ def one(arch: str, shape, method: str, steps: int, device) -> dict:
         times.append(time.perf_counter() - t0)
         predicted.append(t.predict_peak(t.plan))
         t.end_step(None)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else t.peak.counted
+    peak = torch.cuda.max_memory_allocated() - left if device.type == "cuda" else t.peak.counted
     layers = sorted({u.split(".")[1] for h in t.history for u in h["update"] if u.startswith("block.")}, key=int)
     row = {"arch": arch, "batch": B, "seq": S, "method": method, "steps": steps,
            "n_u": getattr(m, "n_u", None), "layers_trained": len(layers),
            "trainable_params_per_step": max(t.params_in(h["update"]) for h in t.history),
-           "peak_bytes": int(peak), "peak_source": "max_memory_allocated" if device.type == "cuda" else "counted",
+           "left_from_earlier_bytes": left, "peak_bytes": int(peak), "peak_source": "max_memory_allocated" if device.type == "cuda" else "counted",
            "weights_bytes": int(weights), "peak_minus_weights_bytes": int(peak - weights),
            "predicted_peak_bytes": max(predicted), "median_step_s": statistics.median(times[1:] or times),
            "mean_step_s": statistics.mean(times[1:] or times)}

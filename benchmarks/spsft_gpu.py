@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import save  # noqa: E402
+from harness import release_cuda, save  # noqa: E402
 from spsft_memory import equal_parameter_pairs, fa_pair  # noqa: E402
 
 
@@ -40,6 +40,7 @@ def one(arch, label, name, opts, shape, steps, precision, device):
     from dynatune.precision import autocast_for
 
     cuda = device.type == "cuda"
+    left = release_cuda()  # what earlier rows left on the GPU: 0, recorded, and kept out of the peak
     with torch.device(device):  # random init straight on the GPU: no host copy
         model, _ = load_model(f"arch:{arch}", "causal-lm", seed=0)
     if precision == "bf16":
@@ -71,10 +72,10 @@ def one(arch, label, name, opts, shape, steps, precision, device):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - left
     pred = mm.predict(t.plan)
     row = {"arch": arch, "label": label, "method": name, "options": opts, "trainable_params": t.params_in(t.plan.update),
-           "measured_peak_bytes": peak, "predicted_peak_bytes": pred.predicted_peak_bytes,
+           "left_from_earlier_bytes": left, "measured_peak_bytes": peak, "predicted_peak_bytes": pred.predicted_peak_bytes,
            "predicted_terms": pred.terms, "counted_bytes": None if cuda else t.record.counted,
            "median_step_s": statistics.median(times[1:]) if len(times) > 1 else times[0], "loss": float(loss)}
     print(row, flush=True)
