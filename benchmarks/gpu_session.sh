@@ -37,6 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.l
     timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
     rc=$?
     echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s): $*" | tee -a "$summary"
+    if [ -f "benchmarks/results/$name.json" ]; then cp "benchmarks/results/$name.json" "$out/"; fi
 }
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_devices.py tests/test_row_delta.py \
@@ -45,7 +46,4 @@ step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
 step ist_gpu 150 python3 benchmarks/ist_gpu.py
 step spsft_gpu 150 python3 benchmarks/spsft_gpu.py
 step gpu_phases 150 python3 benchmarks/gpu_phases.py
-for name in $steps; do
-    [ -f "benchmarks/results/$name.json" ] && cp "benchmarks/results/$name.json" "$out/"
-done
 exit 0
