@@ -33,13 +33,15 @@ def git(*args) -> str | None:
 def release_cuda() -> int:
     """Before a GPU measurement: collect what earlier runs in this process left (a tuner and its
     model sit in reference cycles until collected, and would count in the next run's peak), empty
-    the cache, and return the bytes still allocated (0 when nothing is left; rows record it)."""
+    the cache, and return the bytes still allocated (0 when nothing is left; rows record it).
+    cuBLAS's workspaces go too: the next run allocates its own, which its peak must include."""
     import gc
 
     gc.collect()
     if not torch.cuda.is_available():
         return 0
     torch.cuda.synchronize()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
     torch.cuda.empty_cache()
     return torch.cuda.memory_allocated()
 

@@ -249,6 +249,7 @@ def test_cuda_peak_is_predicted_within_5_percent(which):
     ids = torch.randint(1, 32000, shape, device="cuda")
     gc.collect()
     torch.cuda.synchronize()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()  # earlier tests' workspaces: this run's own are part of its peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in model.parameters())
@@ -276,3 +277,23 @@ def test_pricing_a_plan_leaves_the_global_rng_alone():
     assert mm.predict(plan("block.0", "head", exit_depth=1)).predicted_peak_bytes > 0
     assert lm.predict_generate(2, 6, 4)["terms"]["kv_cache"] > 0  # measures the KV cache lazily too
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("device_type,mask_bytes", [("cuda", 1), ("cpu", 4)])
+def test_lora_dropout_is_priced_with_the_mask_the_target_device_saves(device_type, mask_bytes):
+    """LoRA dropout adds only its mask to what backward holds under bf16 autocast (lora_A saves
+    its own bf16 copy of its input with or without dropout). CUDA's fused dropout saves a bool
+    mask (1 byte an element), the CPU's a float one (4 bytes), and the probe runs on the CPU: it
+    must save what the target saves. On an H200 (Qwen2-0.5B, r=32 on q,k,v,up,down, 16 x 256)
+    dropout 0.05 measured +856 MiB while the probe, saving the CPU's mask, priced +3.1 GiB.
+    Block 0 saves no mask: its input needs no gradient, so its dropout is not recorded."""
+    from dynatune.engine import Tuner
+
+    shape, added = (2, 16), {}
+    for p in (0.0, 0.05):
+        t = Tuner(causal_lm("llama"), build_method("lora", r=4, dropout=p, targets="q_proj,v_proj"))
+        mm = MemoryModel.from_tuner(t, precision="amp-bf16", batch_shape=shape, device_type=device_type)
+        added[p] = mm.predict(t.method.largest_plan(t.units)).activations
+        t.close_hooks()
+    hidden, blocks, targets = 32, 4, 2
+    assert added[0.05] - added[0.0] == (blocks - 1) * targets * shape[0] * shape[1] * hidden * mask_bytes

@@ -150,6 +150,27 @@ def _attention_patch(seen: set, emulate_fused: bool):
         F.scaled_dot_product_attention = _ORIG_SDPA
 
 
+_ORIG_DROPOUT = F.dropout
+
+
+@contextmanager
+def _dropout_as_on_cuda():
+    """Within: dropout saves what CUDA's fused kernel saves. On the CPU, F.dropout multiplies by a
+    float mask and saves it (4 bytes an element in fp32); on CUDA, for 0 < p < 1, it runs
+    native_dropout, which saves a bool mask (1 byte). torch.native_dropout runs on the CPU too."""
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if training and not inplace and 0 < p < 1 and input.numel() > 0:
+            return torch.native_dropout(input, p, True)[0]
+        return _ORIG_DROPOUT(input, p, training, inplace)
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = _ORIG_DROPOUT
+
+
 class _ZeroMatmul(torch.utils._python_dispatch.TorchDispatchMode):
     """Below autograd and autocast: matrix products return zeros of the right shape and dtype, and
     large dtype casts return uninitialised tensors of the right shape, dtype and strides.
@@ -483,6 +504,8 @@ class ActivationProbe:
                 with ExitStack() as st:
                     st.enter_context(self._counter.counting())
                     st.enter_context(_attention_patch(kernels, emulate))
+                    if self.device_type == "cuda":
+                        st.enter_context(_dropout_as_on_cuda())
                     st.enter_context(autocast_for(self.precision, "cpu"))
                     if self._fast:
                         st.enter_context(_ZeroMatmul())
