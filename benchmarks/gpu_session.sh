@@ -29,7 +29,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 } >> "$summary"
 
-steps=" ${STEPS:-tests dynalora_gpu ist_gpu spsft_gpu gpu_phases} "
+steps=" ${STEPS:-tests ist_gpu spsft_gpu gpu_phases dynalora_gpu} "
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, note rc and seconds
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
@@ -42,8 +42,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.l
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_devices.py tests/test_row_delta.py \
     tests/test_memory_model.py
-step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
 step ist_gpu 150 python3 benchmarks/ist_gpu.py
 step spsft_gpu 150 python3 benchmarks/spsft_gpu.py
 step gpu_phases 150 python3 benchmarks/gpu_phases.py
+step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
 exit 0
