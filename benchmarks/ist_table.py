@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, one rate and mu")
     ap.add_argument("--tasks", default=",".join(TASKS), help="MiniLM tasks")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--labels", default="lora,ist,random",
+                    help="which rows (split a long run over processes; a last --reuse pass over all assembles the JSON)")
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -74,6 +76,8 @@ def main():
 
     for task in tasks:
         for label, opts in methods(targets).items():
+            if label not in args.labels.split(","):
+                continue
             runs = {}
             for lr in rates:  # seed 0 at every candidate rate; the best validation score is kept
                 runs[lr] = run(task, label, opts + (["ist.mu=10"] if label == "ist" else []), lr, 0)
