@@ -55,8 +55,11 @@ def load_average() -> list[float]:
 # this commit's (plus uncommitted changes if dirty), whatever is edited while it runs
 _LOAD_AT_START = load_average()
 _STATUS_AT_START = git("status", "--porcelain", "--untracked-files=no")
-# A copy of the tree without .git (a lent GPU machine) names its commit in DYNATUNE_COMMIT.
-_COMMIT_AT_START = git("rev-parse", "HEAD") or os.environ.get("DYNATUNE_COMMIT")
+# A copy of the tree sent to a lent GPU machine names its commit in DYNATUNE_COMMIT: the .git that
+# travels with such a copy may hold an older HEAD than the files that run.
+_COMMIT_AT_START = os.environ.get("DYNATUNE_COMMIT") or git("rev-parse", "HEAD")
+if os.environ.get("DYNATUNE_COMMIT"):
+    _STATUS_AT_START = None
 
 
 def provenance() -> dict:
