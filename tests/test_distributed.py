@@ -178,10 +178,11 @@ def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):
         assert "ranks disagree on the plan of step 0" in r["error"]
 
 
-def test_the_trainer_callback_refuses_several_processes_in_one_sentence(every_method):
+def test_a_stock_trainer_with_the_callback_is_refused_under_several_processes_in_one_sentence(every_method):
     results, _ = every_method
     for r in results["callback"]:
-        assert r["error"].startswith("DynatuneError: the Trainer callback does not support several processes yet")
+        assert r["error"].startswith("DynatuneError: under several processes a stock Trainer wraps the model in DDP")
+        assert "use dynatune.integrations.hf.DynatuneTrainer" in r["error"]
 
 
 def test_only_rank_0_writes_the_run_directory(every_method):
@@ -345,3 +346,71 @@ def test_estimate_prices_one_rank_of_a_data_parallel_run(capsys):
         estimate(common + ["world_size=16"])
     with pytest.raises(DynatuneError, match="strategy must be ddp or fsdp"):
         estimate(common + ["strategy=zero3"])
+
+
+# -- DynatuneTrainer launched by torchrun / accelerate launch -----------------------------------------
+# a changing block plan, signals read after backward, gradients read during backward (hooks) with
+# offloaded state, adapters with forward importance, extra forwards, and a calibration phase
+TRAINER_METHODS = ("lisa", "trims", "adagradselect", "dynalora", "ist", "spsft")
+TRAINER_RESUMED = ("lisa", "adagradselect")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """tests/trainer_worker.py: every TRAINER_METHODS run under torchrun (2 processes, 2 examples per
+    device) and in one process with gradient_accumulation_steps=2 (the same 4 examples a step), and
+    lisa under accelerate launch."""
+    out = tmp_path_factory.mktemp("trainer")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    worker = str(HERE / "trainer_worker.py")
+    methods = ",".join(TRAINER_METHODS)
+    for cmd in ([*LAUNCHERS["torchrun"](), worker, str(out / "two"), methods, "1", ",".join(TRAINER_RESUMED)],
+                [*LAUNCHERS["accelerate"](), worker, str(out / "accelerate"), "lisa", "1"],
+                [sys.executable, worker, str(out / "one"), methods, "2"]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _trainer_result(out, name, ranks=2):
+    return [torch.load(out / f"{name}-rank{r}.pt") for r in range(ranks)]
+
+
+@pytest.mark.parametrize("method", TRAINER_METHODS)
+def test_dynatune_trainer_under_torchrun_agrees_on_both_ranks_and_equals_one_process(method, trainer_runs):
+    """DDP's semantics without DDP's wrapper: the same plans and bit-identical weights on both ranks,
+    the plans, the engine's and the Trainer's logged losses and the weights of one process that
+    accumulates the same two micro-batches."""
+    r0, r1 = _trainer_result(trainer_runs / "two", method)
+    (one,) = _trainer_result(trainer_runs / "one", method, ranks=1)
+    assert plans_of(r0) == plans_of(r1) == plans_of(one)
+    assert all(torch.equal(w, r1["weights"][n]) for n, w in r0["weights"].items())
+    assert [h["loss"] for h in r0["history"]] == pytest.approx([h["loss"] for h in one["history"]], abs=LOSS_TOL)
+    assert r0["logged_losses"] == pytest.approx(one["logged_losses"], abs=LOSS_TOL)
+    for n, w in r0["weights"].items():
+        assert torch.allclose(w, one["weights"][n], atol=WEIGHT_TOL, rtol=0), n
+    if method in CHANGING | {"adagradselect"}:
+        assert len({tuple(p[0]) for p in plans_of(r0)}) > 1  # the trainable set changed within the run
+
+
+def plans_of(result):
+    return [h["update"] for h in result["history"]]
+
+
+def test_dynatune_trainer_under_accelerate_launch_equals_torchrun(trainer_runs):
+    a0, a1 = _trainer_result(trainer_runs / "accelerate", "lisa")
+    t0, _ = _trainer_result(trainer_runs / "two", "lisa")
+    assert plans_of(a0) == plans_of(a1) == plans_of(t0)
+    assert all(torch.equal(w, t0["weights"][n]) for n, w in a0["weights"].items())
+
+
+@pytest.mark.parametrize("method", TRAINER_RESUMED)
+def test_dynatune_trainer_resume_of_two_processes_equals_the_straight_run(method, trainer_runs):
+    straight, _ = _trainer_result(trainer_runs / "two", method)
+    r0, r1 = [torch.load(trainer_runs / "two" / f"{method}-resumed-rank{r}.pt") for r in range(2)]
+    assert plans_of(r0) == plans_of(r1) == plans_of(straight)
+    for n, w in straight["weights"].items():
+        assert torch.equal(r0["weights"][n], w) and torch.equal(r1["weights"][n], w), n
+    # one writer: rank 0 saved the engine's state beside the Trainer's checkpoint
+    assert (trainer_runs / "two" / method / "checkpoint-2" / "dynatune_state.pt").is_file()

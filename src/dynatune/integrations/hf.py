@@ -185,6 +185,10 @@ class DynatuneCallback(TrainerCallback):
         # the step's training inputs, kept only at steps whose method runs its own forwards on them
         self._keep_inputs = False
         self._inputs: list[dict] = []
+        # set by DynatuneTrainer under several processes: it keeps the Trainer from wrapping the model
+        # in DDP, so the engine sums the plan's gradients over ranks itself (docs/distributed.md)
+        self.reduces_gradients = False
+        self._tokens_global = True  # the Trainer counts num_items_in_batch over every rank
 
     # -- the Trainer's events -------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
@@ -201,6 +205,7 @@ class DynatuneCallback(TrainerCallback):
         self.method.configure_schedule(state.max_steps, args.get_warmup_steps(state.max_steps))
         # fp16: accelerate's optimizer wrapper holds the loss scaler backward runs under
         self._scaler = getattr(optimizer, "scaler", None)
+        self._tokens_global = bool(getattr(args, "average_tokens_across_devices", True))
         inner = optimizer  # accelerate's wrapper (maybe nested) shares state and groups with the torch one
         while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
             inner = inner.optimizer
@@ -346,14 +351,16 @@ class DynatuneCallback(TrainerCallback):
             self.tuner = None
         self.method.check_model(model)  # before anything trains, also when prepare() was skipped
         from ..distributed import current
-        if current() is not None:
-            # the Trainer wraps the model in DDP over a fixed parameter set, which plans change
-            raise DynatuneError("the Trainer callback does not support several processes yet (the Trainer's DDP "
-                                "wrapper cannot follow changing plans); launch `dynatune train` or dynatune.fit "
-                                "with torchrun or accelerate launch instead (docs/distributed.md).")
+        sync = current()
+        if sync is not None and not self.reduces_gradients:
+            # a stock Trainer wraps the model in DDP over a fixed parameter set, which plans change
+            raise DynatuneError("under several processes a stock Trainer wraps the model in DDP over a fixed "
+                                "parameter set, which dynatune's plans change; use "
+                                "dynatune.integrations.hf.DynatuneTrainer, which lets dynatune sum the plan's "
+                                "gradients over ranks instead (docs/distributed.md).")
         names = {n for n, _ in model.named_parameters()}
         n_groups = len(optimizer.param_groups)
-        tuner = Tuner(model, self.method, optimizer=optimizer, **self.tuner_kwargs)
+        tuner = Tuner(model, self.method, optimizer=optimizer, sync=sync, **self.tuner_kwargs)
         if tuner.model is not model or set(tuner.params) != names:
             tuner.close()
             raise DynatuneError(f"method '{self.method.name}' changes the model (adapters) after the Trainer built "
@@ -377,7 +384,8 @@ class DynatuneCallback(TrainerCallback):
         mm = install_budget(self.tuner, self.budget, batch_shape=(batch, seq), precision=precision,
                             margin=self.margin, grad_accum=args.gradient_accumulation_steps,
                             device_type=self.tuner.device.type,
-                            gradient_checkpointing=checkpointing_on(args))
+                            gradient_checkpointing=checkpointing_on(args),
+                            **({"world_size": self.tuner.sync.world, "strategy": "ddp"} if self.tuner.sync else {}))
         self.budget_note = (f"budget {self.budget} = {self.tuner.budget_bytes} bytes, priced at batch {batch} x "
                             f"{seq} tokens ({where}), {precision}, gradient accumulation "
                             f"{args.gradient_accumulation_steps}")
@@ -413,7 +421,10 @@ class DynatuneCallback(TrainerCallback):
                 out = model(**kw)
             loss = out["loss"] if isinstance(out, dict) else out.loss
             total = total + loss.float() * ((n_examples(kw) or 1) / n)
-        return total
+        return total  # this rank's mean: a method agrees it over ranks (IST averages its candidates' losses)
+
+    def _ranks(self) -> int:
+        return self.tuner.sync.world if self.tuner is not None and self.tuner.sync is not None else 1
 
     def _read_loss(self, module, args, kwargs, output):
         if not (self._in_step and module.training):
@@ -422,7 +433,8 @@ class DynatuneCallback(TrainerCallback):
             self._inputs.append({k: v for k, v in kwargs.items() if k != "num_items_in_batch"})
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
-            self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None, 1.0))
+            # a copy: under several processes the Trainer scales the output's loss in place afterwards
+            self._losses.append((loss.detach().clone(), kwargs.get("num_items_in_batch") is not None, 1.0))
         else:
             self._losses.append((None, False, 1.0))
         return None  # the output is left untouched
@@ -431,10 +443,12 @@ class DynatuneCallback(TrainerCallback):
         if not self._losses or any(l is None for l, _, _ in self._losses):
             return None
         normalized = all(n for _, n, _ in self._losses)  # each is already a share of the step's loss
+        # the engine sums the step's loss over ranks: a rank's mean counts as its share of the global batch
         if normalized:
-            return sum(l.float().item() for l, _, _ in self._losses)
+            share = 1 if self._tokens_global else self._ranks()  # num_items_in_batch counted over every rank
+            return sum(l.float().item() for l, _, _ in self._losses) / share
         # a mean over micro-batches; a micro-batch retried in pieces (DynatuneTrainer) weighs them by size
-        return sum(l.float().item() * w for l, _, w in self._losses) / sum(w for _, _, w in self._losses)
+        return sum(l.float().item() * w for l, _, w in self._losses) / sum(w for _, _, w in self._losses) / self._ranks()
 
 
 def _longest_example(train_dataloader) -> tuple[int, int]:
@@ -540,10 +554,45 @@ class DynatuneTrainer(Trainer):
     split that micro-batch by accumulation from the start (a model that accepts `num_items_in_batch`
     but ignores it, BERT classifiers, gets the Trainer's sum of piece means, as it would there).
     Nothing is counted twice: the Trainer adds the returned loss, flops and tokens once per
-    micro-batch. Limits: one process (DDP/FSDP/DeepSpeed gradient syncs are not replayed); inputs are
+    micro-batch. Limits: one process (under several, a rank out of memory stops the run); inputs are
     split on their first dimension; out of memory in the optimizer step is not retried. On CUDA the
     memory model, if the tuner has one, is recalibrated with the retried step's measured peak.
+
+    Several processes (torchrun, accelerate launch): the Trainer would wrap the model in DDP, whose
+    reducer fixes its parameter set when it is built; plans change that set. DynatuneTrainer asks
+    accelerate to prepare the model without the DDP wrapper, and the engine sums the plan's
+    gradients over ranks after the step's last backward, as in `dynatune train` (docs/distributed.md).
+    Each rank's loss is divided by the number of ranks for backward, so the sum is DDP's average;
+    the loss the Trainer logs is the one it logs under DDP. No out-of-memory retry there.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from ..distributed import current
+        cb = self._dynatune_callback()
+        if cb is not None and current() is not None:
+            cb.reduces_gradients = True
+            prepare_model = self.accelerator.prepare_model
+
+            def without_ddp(model, device_placement=None, evaluation_mode=False):
+                # accelerate's evaluation mode places the model and sets up autocast, without DDP
+                return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+            self.accelerator.prepare_model = without_ddp
+
+    def _dynatune_callback(self):
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, DynatuneCallback)), None)
+
+    def _ranks(self) -> int:
+        cb = self._dynatune_callback()
+        return cb._ranks() if cb is not None else 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        world = self._ranks()
+        if world == 1 or not model.training:
+            return out
+        # the engine sums gradients over ranks where DDP averages them
+        return (out[0] / world, *out[1:]) if return_outputs else out / world
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; for a method with per-unit learning rates (dynalora's local
@@ -551,7 +600,7 @@ class DynatuneTrainer(Trainer):
         hyperparameters. Made the same way on resume, so the Trainer's saved optimizer loads."""
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, DynatuneCallback)), None)
+        cb = self._dynatune_callback()
         if fresh and cb is not None and cb.method.per_unit_lr:
             target = self.model if model is None else model
             params = dict(target.named_parameters())
@@ -566,9 +615,16 @@ class DynatuneTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, DynatuneCallback)), None)
+        cb = self._dynatune_callback()
         if cb is None or cb.tuner is None or not cb._step_open:
             return super().training_step(model, inputs, num_items_in_batch)
+        sync = cb.tuner.sync
+        if sync is not None:
+            # gradients read during backward are summed over ranks in hooks, on the step's last backward
+            sync.final_backward = len(cb.step_inputs) + 1 >= int(self.current_gradient_accumulation_steps)
+            cb.step_inputs.append([inputs])
+            # the Trainer adds up and logs the returned loss: the one it would log under DDP
+            return super().training_step(model, inputs, num_items_in_batch) * sync.world
         earlier = cb.step_inputs  # this step's micro-batches so far, as the pieces they ran as
         pieces, size, retried = [inputs], n_examples(inputs), False
         while True:
