@@ -61,3 +61,28 @@ def test_estimate_summary_names_dynalora_by_where_it_fits():
     assert line.endswith(f"DynaLoRA up to k={fits_top} of 8 in the top blocks; TriMS yes"), line
     line = format_table(estimate(args + [f"budget={max(worst.values())}B", "margin=0"])).splitlines()[-1]
     assert "DynaLoRA up to k=8 of 8 anywhere" in line
+
+
+def test_estimate_prices_spsft_as_a_run_of_it_is_priced_and_names_the_largest_r_that_fits():
+    """The spsft rows are the prices a run's tuner gives the same method (real weights, selected rows)
+    byte for byte, grow with r only by W_f, its gradient and its state, and the summary names the
+    largest r under the budget."""
+    from dynatune.engine import Tuner
+    from dynatune.memory import MemoryModel
+    from dynatune.methods import build_method
+    from dynatune.models import load_model
+
+    args = ["model=arch:tiny-llama", "batch_size=4", "seq_len=32", "device_type=cpu", "families=top,spsft",
+            "spsft_ranks=2,4,8"]
+    rows = {r["setting"]: r for r in estimate(args) if r["family"] == "spsft"}
+    for r, row in rows.items():
+        model, _ = load_model("arch:tiny-llama", "causal-lm", seed=0)
+        t = Tuner(model, build_method("spsft", r=r, importance="l2"))
+        mm = MemoryModel.from_tuner(t, batch_shape=(4, 32), device_type="cpu")
+        pred = mm.predict(t.method.largest_plan(t.units))
+        assert (row["predicted_peak_bytes"], row["trainable_params"]) == (pred.predicted_peak_bytes, pred.trainable_params)
+        assert row["terms"]["activations"] == rows[2]["terms"]["activations"]  # x once per linear, whatever r
+        t.close_hooks()
+    budget = (rows[4]["predicted_peak_bytes"] + rows[8]["predicted_peak_bytes"]) // 2
+    line = format_table(estimate(args + [f"budget={budget}B", "margin=0"])).splitlines()[-1]
+    assert "SPSFT up to r=4 rows per linear" in line

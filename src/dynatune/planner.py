@@ -32,7 +32,7 @@ from .models import ENCODER_TYPES, resolve_config
 from .plan import Plan
 from .precision import check_precision
 
-FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit", "dynalora")
+FAMILIES = ("full", "top", "bottom", "lisa", "lora", "exit", "dynalora", "spsft")
 
 # key: (default, parser, help)
 OPTIONS = {
@@ -53,6 +53,8 @@ OPTIONS = {
     "lora_ranks": ("", str, "comma list of LoRA ranks; default: every power of two up to the largest min(d_in, d_out)"),
     "dynalora_r": (8, int, "rank of DynaLoRA's LoRA modules"),
     "dynalora_targets": ("query,value,q_proj,v_proj", str, "DynaLoRA's adapted linears (its default: query/value)"),
+    "spsft_ranks": ("8,16,32,64,128,256", str, "comma list of SPSFT's rows per linear (r)"),
+    "spsft_fa": (False, bool, "SPSFT's FA mode: attention frozen, MLP rows only"),
     "lora_cap": (True, bool, "cap each module's LoRA rank at min(d_in, d_out), as dynatune's lora method does"),
     "hold_logits": (False, bool, "the caller keeps the model output alive through backward"),
     "gradient_checkpointing": (False, bool, "blocks recompute their activations in backward"),
@@ -136,15 +138,21 @@ def parse_options(overrides) -> SimpleNamespace:
     o.families = fams
     if o.dynalora_r < 1:
         raise DynatuneError(f"dynalora_r must be at least 1, got {o.dynalora_r}.")
-    try:
-        o.lora_ranks = [int(r) for r in str(o.lora_ranks or "").split(",") if r.strip()]
-    except ValueError:
-        raise DynatuneError(f"lora_ranks must be a comma list of ranks (e.g. 8,64), got {o.lora_ranks!r}.") from None
-    if any(r < 1 for r in o.lora_ranks):
-        raise DynatuneError(f"LoRA ranks must be at least 1, got {o.lora_ranks}.")
+    o.lora_ranks = _ranks(o.lora_ranks, "lora_ranks", "LoRA ranks")
+    o.spsft_ranks = _ranks(o.spsft_ranks, "spsft_ranks", "SPSFT's rows per linear")
     if o.budget is not None:
         parse_budget(o.budget)
     return o
+
+
+def _ranks(text, key: str, what: str) -> list[int]:
+    try:
+        ranks = [int(r) for r in str(text or "").split(",") if r.strip()]
+    except ValueError:
+        raise DynatuneError(f"{key} must be a comma list of ranks (e.g. 8,64), got {text!r}.") from None
+    if any(r < 1 for r in ranks):
+        raise DynatuneError(f"{what} must be at least 1, got {ranks}.")
+    return ranks
 
 
 def _kind(o, config) -> str:
@@ -243,6 +251,12 @@ def estimate(cfg_like) -> list[dict]:
             highest = sorted(mods, key=lambda u: (-u.depth, -size[u.name], u.name))[:k]
             add("dynalora", k, f"dynalora_k{k}", dm, Plan.of({u.name for u in worst} | heads))
             add("dynalora-top", k, f"dynalora_k{k}_top", dm, Plan.of({u.name for u in highest} | heads))
+    if "spsft" in fams:
+        # row deltas on every linear of the blocks (FA: the MLP's); activations do not depend on r
+        for r in o.spsft_ranks:
+            method = build_method("spsft", r=r, freeze_attention=o.spsft_fa)
+            sm = MemoryModel.from_config(config, kind=kind, num_labels=o.num_labels, method=method, **kw)
+            add("spsft", r, f"spsft_r{r}" + ("_fa" if o.spsft_fa else ""), sm, method.largest_plan(sm.units))
     if "full" not in fams:
         rows = [r for r in rows if r["family"] != "full"] if o.budget is None else rows
 
@@ -344,6 +358,8 @@ def summary(rows: list[dict]) -> list[str]:
             parts.append(f"DynaLoRA up to k={best['dynalora-top']['setting']} of {m} in the top blocks")
         else:
             parts.append("DynaLoRA no")
+    if "spsft" in fams:
+        parts.append(f"SPSFT up to r={best['spsft']['setting']} rows per linear" if "spsft" in best else "SPSFT no")
     if "top" in fams:
         # TriMS starts from the top block alone (its start state) and grows within the budget
         top1 = next(r for r in rows if r["config"] == "top1")
