@@ -76,6 +76,8 @@ def every_method(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     # FSDP2 (fully_shard per block) for the methods that select whole blocks; the others are refused
     jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
+    jobs.append({"tag": "fsdp-offload", "method": "lisa", "options": {"k": 1, "state_policy": "offload"},
+                 "strategy": "fsdp", **BASE})
     # exits, probes and every signal, on a causal LM: under DDP, and (activation signals) under FSDP2
     jobs += [{"tag": "scripted-ddp", "scripted": SCRIPT, "model": "llama", "signals": list(SIGNALS), **BASE},
              {"tag": "scripted-fsdp", "scripted": SCRIPT, "model": "llama", "strategy": "fsdp",
@@ -170,6 +172,13 @@ def test_fsdp2_refuses_methods_it_does_not_support_yet_in_one_sentence(method, e
     results, _ = every_method
     for r in results[f"fsdp-{method}"]:
         assert r["error"].startswith("DynatuneError: strategy=fsdp") and "use strategy=ddp" in r["error"]
+
+
+def test_fsdp2_refuses_offloaded_state_in_one_sentence(every_method):
+    results, _ = every_method
+    for r in results["fsdp-offload"]:
+        assert r["error"] == ("DynatuneError: strategy=fsdp does not support state_policy=offload yet (host copies "
+                              "of sharded state); use lisa.state_policy=drop or keep, or strategy=ddp.")
 
 
 def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):
@@ -414,3 +423,74 @@ def test_dynatune_trainer_resume_of_two_processes_equals_the_straight_run(method
         assert torch.equal(r0["weights"][n], w) and torch.equal(r1["weights"][n], w), n
     # one writer: rank 0 saved the engine's state beside the Trainer's checkpoint
     assert (trainer_runs / "two" / method / "checkpoint-2" / "dynatune_state.pt").is_file()
+
+
+def _no_dropout_copy(tiny_bert_dir, dest):
+    import shutil
+
+    shutil.copytree(tiny_bert_dir, dest)  # dropout off: one process would draw other masks for its 2nd micro-batch
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                  "attention_probs_dropout_prob": 0.0}))
+    return dest
+
+
+def _saved_weights(run):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run / "model").glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_number_of_ranks(tiny_bert_dir, tmp_path):
+    """`dynatune train strategy=fsdp` under torchrun: FSDP2 shards every block; evaluation runs on every
+    rank; checkpoints and the saved model hold the weights gathered whole, written by rank 0. The run
+    equals one process with grad_accum=2 (plans, losses, evaluations, saved weights), and a run stopped
+    at step 2 resumes to the straight run, on 2 ranks bit for bit and on one process to float order."""
+    import shutil
+
+    from dynatune.cli import main
+
+    model = _no_dropout_copy(tiny_bert_dir, tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    args = [f"model={model}", *CLI_ARGS, "max_steps=4", "checkpoint_every=2"]
+
+    def torchrun(*extra):
+        proc = subprocess.run([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    def log(run):
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    straight, stopped, one = tmp_path / "fsdp", tmp_path / "stopped", tmp_path / "one"
+    assert torchrun(*args, "strategy=fsdp", f"output_dir={straight}").stdout.count("run written to") == 1
+    assert main(["train", *args, "grad_accum=2", f"output_dir={one}"]) == 0
+    fsdp_log, one_log = log(straight), log(one)
+    assert [e["update"] for e in fsdp_log] == [e["update"] for e in one_log]
+    assert len({tuple(e["update"]) for e in fsdp_log}) > 1  # lisa moved between blocks
+    assert [e["loss"] for e in fsdp_log] == pytest.approx([e["loss"] for e in one_log], abs=LOSS_TOL)
+    m_fsdp, m_one = (json.loads((r / "metrics.json").read_text()) for r in (straight, one))
+    assert m_fsdp["validation"]["loss"] == pytest.approx(m_one["validation"]["loss"], abs=LOSS_TOL)
+    w_fsdp, w_one = _saved_weights(straight), _saved_weights(one)
+    assert w_fsdp.keys() == w_one.keys()
+    for n, w in w_fsdp.items():
+        assert torch.allclose(w, w_one[n], atol=WEIGHT_TOL, rtol=0), n
+    state = torch.load(straight / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+    assert len(state["rng_ranks"]) == 2 and not list(straight.rglob("*.tmp"))
+
+    torchrun(*args, "strategy=fsdp", "stop_after=2", f"output_dir={stopped}")
+    on_one = tmp_path / "stopped-on-one"
+    shutil.copytree(stopped, on_one)
+    torchrun("--resume", str(stopped))                          # FSDP2 again, on 2 ranks
+    assert main(["train", "--resume", str(on_one)]) == 0        # the same checkpoint, one process
+    resumed = log(stopped)
+    assert [e["update"] for e in resumed] == [e["update"] for e in fsdp_log]
+    assert [e["loss"] for e in resumed] == [e["loss"] for e in fsdp_log]
+    assert all(torch.equal(w, w_fsdp[n]) for n, w in _saved_weights(stopped).items())
+    assert [e["update"] for e in log(on_one)] == [e["update"] for e in fsdp_log]
+    for n, w in _saved_weights(on_one).items():
+        assert torch.allclose(w, w_fsdp[n], atol=WEIGHT_TOL, rtol=0), n

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import full_tensor, shard_like
 from .errors import DynatuneError
 from .files import usual_permissions
 
@@ -86,18 +87,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2, rng_ranks: list | None = None) -> Path:
+def gather(tuner) -> tuple[dict, dict]:
+    """(whole weights on the CPU by name, the tuner's state): what a checkpoint holds. Under FSDP2
+    every shard is gathered whole, so every rank calls this, in the same order; a checkpoint has
+    one format whatever wrote it, and resumes on any number of ranks."""
+    weights = {n: full_tensor(p).detach().contiguous().cpu() for n, p in tuner.params.items()}
+    return weights, tuner.state_dict()
+
+
+def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2, rng_ranks: list | None = None,
+         gathered: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoint step-N. `rng_ranks`: every rank's rng_state() in a data-parallel run (rank 0
-    writes the checkpoint alone; each rank resumes its own dropout stream)."""
+    writes the checkpoint alone; each rank resumes its own dropout stream). `gathered`: gather(tuner)
+    when every rank had to take part in it (FSDP2)."""
+    weights, tuner_state = gathered if gathered is not None else gather(tuner)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop_state.step}"
     tmp = root / f".step-{loop_state.step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({n: p.detach().contiguous().cpu() for n, p in tuner.params.items()}, tmp / "weights.safetensors")
+    save_file(weights, tmp / "weights.safetensors")
     usual_permissions(tmp / "weights.safetensors")
-    torch.save({"tuner": tuner.state_dict(), "scheduler": scheduler.state_dict(),
+    torch.save({"tuner": tuner_state, "scheduler": scheduler.state_dict(),
                 "loop": asdict(loop_state), "rng": rng_state(),
                 **({"rng_ranks": rng_ranks} if rng_ranks else {})}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -171,7 +183,7 @@ def load(path, tuner, scheduler, rank: int = 0) -> LoopState:
                             f"{sorted(missing)[0]}); resume with the same model and method.")
     with torch.no_grad():
         for n, p in tuner.params.items():
-            p.copy_(weights[n])
+            p.copy_(shard_like(weights[n], p))  # under FSDP2 each rank takes its shard of the whole weight
     tuner.load_state_dict(state["tuner"])
     scheduler.load_state_dict(state["scheduler"])
     ranks = state.get("rng_ranks") or [state["rng"]]

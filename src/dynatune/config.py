@@ -89,6 +89,8 @@ class RunConfig:
                                    "log.jsonl and metrics.json carry no counted bytes and TriMS calibrates its "
                                    "memory estimates from the memory model alone")
     device: str = opt("auto", "auto, cpu or cuda")
+    strategy: str = opt("ddp", "under torchrun / accelerate launch: ddp (every rank holds the model) or fsdp "
+                               "(FSDP2 fully_shard per block; block methods, no budget yet)")
     progress: bool = opt(True, "show a progress bar")
 
 
@@ -157,7 +159,7 @@ def _merged(base, start, path, overrides):
 # What a resumed run may set anew: how it is shown, logged, checkpointed and saved, and where it
 # runs; none of them changes an update. Everything else is the run's own.
 RESUME_FREE = ("progress", "stop_after", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-               "save_model", "save_merged", "resume", "report_to")
+               "save_model", "save_merged", "resume", "report_to", "strategy")
 
 
 def _resumed_run(resume: str) -> Path:

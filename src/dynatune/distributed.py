@@ -70,6 +70,22 @@ def current(strategy: str = "ddp") -> "Replicas | None":
     return None
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: an FSDP2 shard (DTensor) is gathered, a collective every rank calls in the same
+    order; any other tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A whole tensor held as `p` is: this rank's shard when `p` is an FSDP2 DTensor (every rank holds
+    the whole value, read from the same file, so nothing is communicated), else on p's device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(p, DTensor) and not isinstance(value, DTensor):
+        return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return value.to(p.device)
+
+
 def digest(obj) -> int:
     """A 32-bit fingerprint of a JSON-able object (a plan, a list of names)."""
     return zlib.crc32(json.dumps(obj, sort_keys=True, default=str).encode())
@@ -238,6 +254,9 @@ class Replicas:
         if method.reads_gradients_in_backward or any(SIGNALS[s].reads_gradients_in_backward for s in method.signals):
             raise DynatuneError(f"strategy=fsdp does not support {method.name} yet: it reads parameter gradients "
                                 "during backward, which FSDP2 hands over sharded after its reduce-scatter (use strategy=ddp).")
+        if getattr(method.config, "state_policy", None) == "offload":
+            raise DynatuneError(f"strategy=fsdp does not support state_policy=offload yet (host copies of sharded "
+                                f"state); use {method.name}.state_policy=drop or keep, or strategy=ddp.")
         mesh = None  # the default group's mesh
         if self.group is not None:
             from torch.distributed.device_mesh import DeviceMesh
@@ -277,7 +296,8 @@ class Replicas:
         return self._reduced_in_hooks
 
 
-__all__ = ["Replicas", "agree_signals", "init_from_env", "current", "digest", "world_size_from_env", "BUCKET_BYTES"]
+__all__ = ["Replicas", "agree_signals", "init_from_env", "current", "digest", "full_tensor", "shard_like",
+           "world_size_from_env", "BUCKET_BYTES"]
 
 
 def agree_signals(sync: Replicas, signals, units) -> list[dict[str, float]]:

@@ -93,14 +93,14 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     sync = tuner.sync
     writes = out_dir is not None  # the same on every rank: checkpoints gather every rank's RNG
     if sync is not None:
-        if sync.strategy == "fsdp" and (writes or evaluate is not None or getattr(cfg, "resume", None)):
-            raise DynatuneError("strategy=fsdp trains without checkpoints, evaluation or a run directory yet "
-                                "(each needs every rank to gather the sharded weights); use strategy=ddp for those.")
+        if sync.strategy == "fsdp" and getattr(cfg, "load_best", False):
+            raise DynatuneError("strategy=fsdp does not keep the best evaluation's weights yet (load_best=true); "
+                                "use strategy=ddp, or load_best=false.")
         sync.check_batches(cfg.batch_size, cfg.grad_accum, len(train_set))
         micro = micro_batch(cfg, sync)
         out_dir = out_dir if sync.is_main else None
         if evaluate is not None:
-            evaluate = _main_rank_evaluates(evaluate, sync)
+            evaluate = _agreed_evaluation(evaluate, sync)
     scheduler = linear_schedule(tuner.optimizer, int(cfg.warmup_ratio * total), total)
     state = state or LoopState()
     if getattr(cfg, "resume", None):
@@ -182,18 +182,21 @@ def _save(out_dir: Path | None, tuner, scheduler, state: LoopState, cfg) -> None
     dropout stream is its own), so every rank calls this."""
     sync = tuner.sync
     rngs = sync.gather_objects(checkpoint.rng_state()) if sync is not None else None
+    # FSDP2: every rank takes part in gathering the shards whole; DDP: rank 0 holds them all
+    gathered = checkpoint.gather(tuner) if sync is not None and sync.strategy == "fsdp" else None
     if out_dir:
-        checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints, rng_ranks=rngs)
+        checkpoint.save(out_dir, tuner, scheduler, state, cfg.keep_checkpoints, rng_ranks=rngs, gathered=gathered)
 
 
-def _main_rank_evaluates(evaluate, sync):
-    """Evaluation on rank 0 alone (every rank holds the same weights); its metrics on every rank, so
-    the best evaluation and early stopping are decided alike."""
-    def on_main(model, epoch):
-        result = evaluate(model, epoch) if sync.is_main else None
+def _agreed_evaluation(evaluate, sync):
+    """Evaluation whose metrics every rank holds, so the best evaluation and early stopping are decided
+    alike: rank 0 evaluates alone under DDP (every rank holds the same weights); under FSDP2 every
+    rank runs it (each forward gathers the shards) and rank 0's metrics are broadcast."""
+    def agreed(model, epoch):
+        result = evaluate(model, epoch) if sync.is_main or sync.strategy == "fsdp" else None
         model.train()
         return sync.broadcast_object(result)
-    return on_main
+    return agreed
 
 
 def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None, trackers=None) -> None:
@@ -441,7 +444,7 @@ def memory_model_options(cfg, device) -> dict:
             "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
     sync = distributed.current()
     if sync is not None:  # one rank of a data-parallel run: its gradient buckets too
-        opts.update(world_size=sync.world, strategy="ddp")
+        opts.update(world_size=sync.world, strategy=getattr(cfg, "strategy", "ddp"))
     if getattr(cfg, "chunked_loss", 0):
         opts.update(loss="chunked", chunk_tokens=cfg.chunked_loss)
     return opts
@@ -538,6 +541,12 @@ def train(cfg) -> dict:
         raise
     train_s = time.perf_counter() - t0
     model = tuner.model
+    if tuner.sync is not None and tuner.sync.strategy == "fsdp":
+        # the trained weights gathered whole (every rank), into an unsharded model that rank 0 evaluates
+        # and saves as a single process would
+        weights, _ = checkpoint.gather(tuner)
+        if main:
+            model = _unsharded(cfg, task, weights, device)
     if not main:  # rank 0 evaluates and writes what the run produced
         tuner.close_hooks()
         return None
@@ -578,6 +587,22 @@ def train(cfg) -> dict:
     except ImportError:  # no matplotlib: no plots
         pass
     return metrics
+
+
+def _unsharded(cfg, task, weights: dict, device):
+    """The run's model rebuilt whole from `weights` (by parameter name): what an FSDP2 run evaluates
+    and saves. Block methods (the ones FSDP2 runs) leave the model's structure as loaded."""
+    model, _ = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
+                          label_names=task.label_names)
+    model.to(device)
+    if cfg.precision == "bf16":
+        model.to(torch.bfloat16)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied - {n for n, _ in model.named_buffers()}:
+        raise DynatuneError(f"the gathered FSDP2 weights do not match {cfg.model}'s parameters "
+                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}).")
+    return model
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import full_tensor, shard_like
 from .errors import DynatuneError
 from .memory import unique_bytes
 from .offload import HostStateStore
@@ -121,9 +122,9 @@ class OptimizerStates:
         if self.store is not None:
             self.store.synchronize()  # asynchronous evictions must have landed before the host reads
         state = {}
-        for p, s in self.optimizer.state.items():
-            state[self.name_of[id(p)]] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
-                                          for k, v in s.items()}
+        for p, s in self.optimizer.state.items():  # FSDP2 shards are gathered whole (every rank, same order)
+            state[self.name_of[id(p)]] = {k: (full_tensor(v).detach().cpu().clone() if isinstance(v, torch.Tensor)
+                                              else v) for k, v in s.items()}
         for n, s in self.host.items():
             state[n] = {"__offloaded__": True, **{k: (v.clone() if isinstance(v, torch.Tensor) else v)
                                                    for k, v in s.items()}}
@@ -146,7 +147,7 @@ class OptimizerStates:
             if s.pop("__offloaded__", False):
                 self.host[n] = self.store.adopt(n, s, p.device) if self.store is not None else s
             else:
-                self.optimizer.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                self.optimizer.state[p] = {k: (shard_like(v, p) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
                                            for k, v in s.items()}
 
 
