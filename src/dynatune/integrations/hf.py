@@ -570,6 +570,10 @@ class DynatuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         from ..distributed import current
         cb = self._dynatune_callback()
+        if cb is not None and getattr(self, "is_fsdp_enabled", False):
+            raise DynatuneError("DynatuneTrainer does not run under the Trainer's FSDP yet (its wrapping fixes "
+                                "which parameters train); drop the fsdp arguments to run DDP, or use "
+                                "`dynatune train strategy=fsdp` for the block methods (docs/distributed.md).")
         if cb is not None and current() is not None:
             cb.reduces_gradients = True
             prepare_model = self.accelerator.prepare_model
