@@ -128,6 +128,29 @@ def dynalora_table(d: dict) -> str:
     return "\n".join(out)
 
 
+def ist_table(d: dict, metric: str) -> str:
+    """One row per task and method: the test metric over seeds, the paired per-seed differences to
+    random layers and to LoRA (same seed, same data order), the chosen rate and mu, the largest
+    per-step trainable parameters and the counted peak."""
+    out = [f"| task | method | lr | mu | {metric} (mean ± sd) | paired vs random | paired vs LoRA | active params (max) "
+           "| counted peak MiB |", "|" + "---|" * 9]
+    by = {(r["task"], r["label"], r["seed"]): r["test"][metric] for r in d["rows"]}
+
+    def paired(task, label, other):
+        seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
+        if label == other or not seeds:
+            return "—"
+        m, sd = mean_sd(100 * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
+        return f"{m:+.1f} ± {sd:.1f} pt"
+    for row in d["table"]:
+        t, lab = row["task"], row["label"]
+        mu = f"{row['mu']:g}" if row.get("mu") else "—"
+        out.append(f"| {t} | {lab} | {row['lr']:g} | {mu} | {row[metric]:.3f} ± {row[metric + '_std']:.3f} | "
+                   f"{paired(t, lab, 'random') if lab == 'ist' else '—'} | {paired(t, lab, 'lora')} | "
+                   f"{row['trainable_params']:,} | {row['counted_peak_MiB']:.1f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "baselines"
     if which == "baselines":
@@ -148,6 +171,11 @@ if __name__ == "__main__":
             print()
     elif which == "dynalora":
         print(dynalora_table(json.loads((RESULTS / "dynalora_table.json").read_text())))
+    elif which == "ist":
+        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
+            path = RESULTS / f"ist_table_{part}.json"
+            if path.exists():
+                print(ist_table(json.loads(path.read_text()), metric), end="\n\n")
     elif which == "trims":
         rows = rows_of("trims_budgets*.json")
         print(trims_table(rows))
