@@ -151,6 +151,28 @@ def ist_table(d: dict, metric: str) -> str:
     return "\n".join(out)
 
 
+def spsft_table(d: dict) -> str:
+    """One row per task and method: test accuracy over seeds, the paired per-seed differences to LoRA
+    r=16 and to full fine-tuning (same seed, same data order), the chosen rate, the trainable
+    parameters and the counted peak."""
+    out = ["| task | method | lr | accuracy (mean ± sd) | paired vs LoRA r=16 | paired vs full | trainable params "
+           "| counted peak MiB |", "|" + "---|" * 8]
+    by = {(r["task"], r["label"], r["seed"]): r["test"]["accuracy"] for r in d["rows"]}
+
+    def paired(task, label, other):
+        seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
+        if label == other or not seeds:
+            return "—"
+        m, sd = mean_sd(100 * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
+        return f"{m:+.1f} ± {sd:.1f} pt"
+    for row in d["table"]:
+        t, lab = row["task"], row["label"]
+        out.append(f"| {t} | {lab} | {row['lr']:g} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f} | "
+                   f"{paired(t, lab, 'lora_r16')} | {paired(t, lab, 'full')} | {row['trainable_params']:,} | "
+                   f"{row['counted_peak_MiB']:.1f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "baselines"
     if which == "baselines":
@@ -176,6 +198,8 @@ if __name__ == "__main__":
             path = RESULTS / f"ist_table_{part}.json"
             if path.exists():
                 print(ist_table(json.loads(path.read_text()), metric), end="\n\n")
+    elif which == "spsft":
+        print(spsft_table(json.loads((RESULTS / "spsft_table.json").read_text())))
     elif which == "trims":
         rows = rows_of("trims_budgets*.json")
         print(trims_table(rows))
