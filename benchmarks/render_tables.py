@@ -128,13 +128,10 @@ def dynalora_table(d: dict) -> str:
     return "\n".join(out)
 
 
-def ist_table(d: dict, metric: str) -> str:
-    """One row per task and method: the test metric over seeds, the paired per-seed differences to
-    random layers and to LoRA (same seed, same data order), the chosen rate and mu, the largest
-    per-step trainable parameters and the counted peak."""
-    out = [f"| task | method | lr | mu | {metric} (mean ± sd) | paired vs random | paired vs LoRA | active params (max) "
-           "| counted peak MiB |", "|" + "---|" * 9]
-    by = {(r["task"], r["label"], r["seed"]): r["test"][metric] for r in d["rows"]}
+def paired_differences(rows, metric):
+    """paired(task, label, other): the mean ± sd over seeds of label's test metric minus other's
+    on the same seed (same data order), in points; "—" against itself or without common seeds."""
+    by = {(r["task"], r["label"], r["seed"]): r["test"][metric] for r in rows}
 
     def paired(task, label, other):
         seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
@@ -142,6 +139,16 @@ def ist_table(d: dict, metric: str) -> str:
             return "—"
         m, sd = mean_sd(100 * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
         return f"{m:+.1f} ± {sd:.1f} pt"
+    return paired
+
+
+def ist_table(d: dict, metric: str) -> str:
+    """One row per task and method: the test metric over seeds, the paired per-seed differences to
+    random layers and to LoRA (same seed, same data order), the chosen rate and mu, the largest
+    per-step trainable parameters and the counted peak."""
+    out = [f"| task | method | lr | mu | {metric} (mean ± sd) | paired vs random | paired vs LoRA | active params (max) "
+           "| counted peak MiB |", "|" + "---|" * 9]
+    paired = paired_differences(d["rows"], metric)
     for row in d["table"]:
         t, lab = row["task"], row["label"]
         mu = f"{row['mu']:g}" if row.get("mu") else "—"
@@ -157,14 +164,7 @@ def spsft_table(d: dict) -> str:
     parameters and the counted peak."""
     out = ["| task | method | lr | accuracy (mean ± sd) | paired vs LoRA r=16 | paired vs full | trainable params "
            "| counted peak MiB |", "|" + "---|" * 8]
-    by = {(r["task"], r["label"], r["seed"]): r["test"]["accuracy"] for r in d["rows"]}
-
-    def paired(task, label, other):
-        seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
-        if label == other or not seeds:
-            return "—"
-        m, sd = mean_sd(100 * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
-        return f"{m:+.1f} ± {sd:.1f} pt"
+    paired = paired_differences(d["rows"], "accuracy")
     for row in d["table"]:
         t, lab = row["task"], row["label"]
         out.append(f"| {t} | {lab} | {row['lr']:g} | {row['accuracy']:.3f} ± {row['accuracy_std']:.3f} | "
