@@ -87,12 +87,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def whole_weights(tuner) -> dict:
+    """Every parameter whole, on the CPU, by name. Under FSDP2 each shard is gathered, so every rank
+    calls this, in the same order."""
+    return {n: full_tensor(p).detach().contiguous().cpu() for n, p in tuner.params.items()}
+
+
 def gather(tuner) -> tuple[dict, dict]:
-    """(whole weights on the CPU by name, the tuner's state): what a checkpoint holds. Under FSDP2
-    every shard is gathered whole, so every rank calls this, in the same order; a checkpoint has
-    one format whatever wrote it, and resumes on any number of ranks."""
-    weights = {n: full_tensor(p).detach().contiguous().cpu() for n, p in tuner.params.items()}
-    return weights, tuner.state_dict()
+    """(whole_weights, the tuner's state, its optimizer state gathered whole too): what a checkpoint
+    holds. Every rank calls it under FSDP2; a checkpoint has one format whatever wrote it, and
+    resumes on any number of ranks."""
+    return whole_weights(tuner), tuner.state_dict()
 
 
 def save(run_dir: Path, tuner, scheduler, loop_state: LoopState, keep: int = 2, rng_ranks: list | None = None,

@@ -498,15 +498,11 @@ def train(cfg) -> dict:
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
-    model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
-                                  label_names=task.label_names)
+    device = resolve_device(cfg.device)
+    model, tokenizer = _run_model(cfg, task, device)
     if cfg.metric_for_best is not None and cfg.metric_for_best not in task.metric_names:
         raise DynatuneError(f"metric_for_best={cfg.metric_for_best} is not among task {cfg.task}'s validation "
                             f"metrics ({', '.join(task.metric_names)}); choose one of them.")
-    device = resolve_device(cfg.device)
-    model.to(device)
-    if cfg.precision == "bf16":
-        model.to(torch.bfloat16)
     run_calibration(model, method, task.train, task.collate, cfg, device)
     tuner = make_tuner(model, method, cfg, device)
     # only now, with model, data, task and budget accepted: a refused run leaves nothing behind
@@ -544,7 +540,7 @@ def train(cfg) -> dict:
     if tuner.sync is not None and tuner.sync.strategy == "fsdp":
         # the trained weights gathered whole (every rank), into an unsharded model that rank 0 evaluates
         # and saves as a single process would
-        weights, _ = checkpoint.gather(tuner)
+        weights = checkpoint.whole_weights(tuner)
         if main:
             model = _unsharded(cfg, task, weights, device)
     if not main:  # rank 0 evaluates and writes what the run produced
@@ -589,14 +585,21 @@ def train(cfg) -> dict:
     return metrics
 
 
-def _unsharded(cfg, task, weights: dict, device):
-    """The run's model rebuilt whole from `weights` (by parameter name): what an FSDP2 run evaluates
-    and saves. Block methods (the ones FSDP2 runs) leave the model's structure as loaded."""
-    model, _ = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
-                          label_names=task.label_names)
+def _run_model(cfg, task, device):
+    """(model, tokenizer) as the run trains it: the config's model with the task's head, seeded, on
+    the device, in bf16 when precision=bf16."""
+    model, tokenizer = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
+                                  label_names=task.label_names)
     model.to(device)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)
+    return model, tokenizer
+
+
+def _unsharded(cfg, task, weights: dict, device):
+    """The run's model rebuilt whole from `weights` (by parameter name): what an FSDP2 run evaluates
+    and saves. Block methods (the ones FSDP2 runs) leave the model's structure as loaded."""
+    model, _ = _run_model(cfg, task, device)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if unexpected or set(missing) - tied - {n for n, _ in model.named_buffers()}:
