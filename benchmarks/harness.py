@@ -100,6 +100,28 @@ def run_one(overrides: list[str], reuse: bool = False) -> dict:
     return {**collect(overrides), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def _run_one_job(args):
+    overrides, reuse, threads = args
+    torch.set_num_threads(threads)
+    try:
+        return run_one(overrides, reuse=reuse)
+    except Exception as err:  # one failed run must not take the others down: reported, not raised
+        return {"overrides": overrides, "error": f"{type(err).__name__}: {err}"}
+
+
+def run_many(runs: list[list[str]], jobs: int = 1, reuse: bool = False, threads: int = 1) -> list[dict]:
+    """run_one over every override list, `jobs` at a time, each run in a fresh process (spawned: a
+    forked CUDA context is unusable; fresh: nothing an earlier run left counts in a GPU peak), each
+    with `threads` torch threads; results in the order given."""
+    if jobs <= 1:
+        return [_run_one_job((o, reuse, threads)) for o in runs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        return list(pool.map(_run_one_job, [(o, reuse, threads) for o in runs]))
+
+
 def sweep_then_seeds(base: list[str], rates, seeds, out: str, reuse: bool, sweep: list, label: str,
                      metric: str = "accuracy") -> tuple[str, list[dict]]:
     """Seed 0 at every candidate rate (recorded in `sweep`), the best validation `metric` chosen, then

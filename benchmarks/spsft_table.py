@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import print_table, save, summarise, sweep_then_seeds  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
-SPSFT_RATES = ("1e-4", "3e-4", "1e-3")
+SPSFT_RATES = ("1e-4", "3e-4", "1e-3", "3e-3")
 LORA_RATES = ("3e-4", "1e-3", "3e-3")
 FULL_RATES = ("2e-5", "5e-5", "1e-4")
 

@@ -1,87 +1,192 @@
-"""TriMS against the baselines that fit the same memory budget (MiniLM-L6, CPU).
+"""TriMS against full fine-tuning and the static plans that fit the same memory budget.
 
-    python benchmarks/trims_budgets.py                                   # 3 tasks x 4 budgets x 3 seeds
-    python benchmarks/trims_budgets.py --tasks trec --budgets 0.8,0.6,0.4 --seeds 0,1,2
+    python benchmarks/trims_budgets.py                           # MiniLM-L6: 3 tasks x 80/60/40% x 3 seeds
+    python benchmarks/trims_budgets.py --only smollm2            # SmolLM2-135M SFT on trec-sft at 60/40%, exits on
+    python benchmarks/trims_budgets.py --device cuda --jobs 12   # the same on a GPU, 12 runs at a time
+    python benchmarks/trims_budgets.py --smoke                   # 2 steps per run, one rate, seed 0: checks the script
 
-Budgets are fractions of full fine-tuning's predicted peak. For each budget the planner
-(`dynatune estimate`) picks the largest top-k, the largest LoRA rank and the largest LISA k
-that fit; TriMS runs with the budget itself. Every method sees the same seeded 1,000 training
-examples (2 epochs, batch 16, max_length 48) and the same 300 test examples.
-Writes benchmarks/results/trims_budgets<suffix>.json.
+Budgets are fractions of full fine-tuning's predicted peak on the run's device. At each budget
+the planner (`dynatune estimate`, priced for that device) picks the largest top-k, LoRA rank and
+LISA k that fit; "does not fit" means no setting of that family fits. TriMS runs under the budget
+twice: with dynatune's defaults (`trims.preset=dynatune`) and with the paper's settings
+(`trims.preset=paper`), and three ablations of the defaults, one change each, at the rate chosen
+for the defaults (`ABLATIONS`). Every other method's learning rate is chosen on validation with seed 0 from its
+family's candidates, then used for the other seeds; rows that share a configuration (top-2 at
+two budgets, full fine-tuning at every budget) share their runs. Comparisons are paired per seed:
+the same seed gives every method the same data order.
+
+MiniLM: the same seeded 1,000 training examples of TREC, SMS spam and movie sentiment, 2 epochs
+(126 steps), batch 16, max_length 48, 300 held-out test examples. SmolLM2: trec-sft, exact match,
+the step count and batch below (`SMOLLM2`), exits allowed (`trims.exits=auto` allows them on decoders).
+Writes benchmarks/results/trims_budgets_<only>[_<device>][_smoke].json: rows, the lr sweep, the
+chosen rates, the planner's choices and the table, with provenance.
 """
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import collect, print_table, run_one, save, summarise  # noqa: E402
+from harness import print_table, run_many, save, summarise  # noqa: E402
 
-LR = {"full": 1e-4, "trims": 3e-4, "topk": 3e-4, "lisa": 1e-4, "lora": 1e-3}
-NUM_LABELS = {"trec": 6, "sms-spam": 2, "movie-sentiment": 2}
+MINILM_TASKS = {"trec": 6, "sms-spam": 2, "movie-sentiment": 2}
+MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
+          "max_length=48"]
+SMOLLM2 = ["model=smollm2-135m", "data.max_train=2000", "data.max_eval=300", "max_steps=300", "batch_size=16",
+           "max_length=48", "eval_each_epoch=false"]
+RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", "1e-3"),
+                    "lora": ("3e-4", "1e-3", "3e-3")},
+         "smollm2": {"full": ("3e-5", "1e-4", "3e-4"), "block": ("1e-4", "3e-4", "1e-3"),
+                     "lora": ("3e-4", "1e-3", "3e-3")}}
 
 
-def fitting_baselines(task: str, budget: float, batch: int, seq: int) -> dict:
-    """The planner's largest fitting setting per family, priced for this CPU run."""
+# TriMS's lambda_M = lambda_T: swept with the rate on seed 0, then one value for every task and
+# budget (the best mean validation score), ties to the paper's 0.1 first
+LAMBDAS = ("0.1", "0.01", "0")
+# Ablations of the dynatune preset, one change each, at the chosen lambda and the defaults' rate (not swept)
+ABLATIONS = {"trims_start_last": ["trims.start=last"], "trims_con_last": ["trims.con=last"]}
+
+
+def fitting_baselines(only: str, task: str, budget: float, device: str) -> dict:
+    """The planner's largest fitting setting per family ({family: config name}), priced for the run."""
     from dynatune.planner import estimate
 
-    rows = estimate({"model": "minilm-l6", "kind": "classification", "num_labels": NUM_LABELS[task],
-                     "batch_size": batch, "seq_len": seq, "device_type": "cpu", "budget": budget,
-                     "families": "top,lisa,lora"})
-    return {r["family"]: r["config"] for r in rows if r.get("fits_best")}
+    shape = {"batch_size": 16, "seq_len": 48, "device_type": device, "budget": budget, "families": "top,lisa,lora"}
+    if only == "minilm":
+        spec = {"model": "minilm-l6", "kind": "classification", "num_labels": MINILM_TASKS[task]}
+    else:
+        spec = {"model": "smollm2-135m", "kind": "causal-lm"}
+    return {r["family"]: r["config"] for r in estimate({**spec, **shape}) if r.get("fits_best")}
 
 
-def planned_runs(task: str, budgets: list[float], seeds: list[int]):
-    """(label, budget, overrides) of every run, in the order they train; the planner's choices."""
-    common = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
-              "max_length=48", f"task={task}"]
-    runs, chosen = [], {}
-    for seed in seeds:
-        runs.append(("full", 1.0, [*common, "method=full", f"lr={LR['full']}", "budget=none", f"seed={seed}",
-                                   f"output_dir=runs/trims-bench/{task}-full-{seed}"]))
+def lambdas(lam: str) -> list[str]:
+    return [f"trims.lambda_m={lam}", f"trims.lambda_t={lam}"]
+
+
+def configs(only: str, task: str, budgets: list[float], device: str):
+    """{run name: (overrides, rate family)} and {(label, budget): run name}: what trains, and which
+    runs stand for which row of the table (TriMS's defaults and ablations are added once lambda is
+    chosen: `add_trims_rows`)."""
+    runs = {"full": (["method=full", "budget=none"], "full")}
+    rows = {("full", 1.0): "full"}
+    chosen = {}
     for b in budgets:
-        best = fitting_baselines(task, b, 16, 48)
-        chosen[f"{task}@{b}"] = best
-        methods = {"trims": ["method=trims", f"budget={b}"]}
-        for cfg in best.values():
+        runs[f"trims_paper-b{b}"] = (["method=trims", "trims.preset=paper", f"budget={b}"], "block")
+        rows[("trims_paper", b)] = f"trims_paper-b{b}"
+        for lam in LAMBDAS:
+            runs[f"trims_dynatune-l{lam}-b{b}"] = (["method=trims", *lambdas(lam), f"budget={b}"], "block")
+        picked = fitting_baselines(only, task, b, device)
+        chosen[f"{task}@{b}"] = picked
+        for family, cfg in picked.items():
             if cfg.startswith("top"):
-                methods[cfg] = ["method=topk", f"topk.k={int(cfg[3:])}", "budget=none"]
+                runs[cfg] = (["method=topk", f"topk.k={int(cfg[3:])}", "budget=none"], "block")
             elif cfg.startswith("lora_r"):
-                methods[cfg] = ["method=lora", f"lora.r={int(cfg[6:])}", "budget=none"]
+                runs[cfg] = (["method=lora", f"lora.r={int(cfg[6:])}", "budget=none"], "lora")
             elif cfg.startswith("lisa"):
-                methods[cfg] = ["method=lisa", f"lisa.k={int(cfg[4:])}", "lisa.period=20", "budget=none"]
-        for label, opts in methods.items():
-            method = opts[0].split("=")[1]
-            for seed in seeds:
-                runs.append((f"{label}@{b}", b, [*common, *opts, f"lr={LR[method]}", f"seed={seed}",
-                                                 f"output_dir=runs/trims-bench/{task}-{label}-{b}-{seed}"]))
-    return runs, chosen
+                runs[cfg] = (["method=lisa", f"lisa.k={int(cfg[4:])}", "lisa.period=20", "budget=none"], "block")
+            else:
+                continue
+            rows[(family, b)] = cfg
+    return runs, rows, chosen
+
+
+def add_trims_rows(runs: dict, rows: dict, budgets: list[float], lam: str) -> None:
+    """The defaults' row at the chosen lambda, and each ablation (rate family: the defaults' run)."""
+    for b in budgets:
+        base = f"trims_dynatune-l{lam}-b{b}"
+        rows[("trims_dynatune", b)] = base
+        for label, extra in ABLATIONS.items():
+            runs[f"{label}-l{lam}-b{b}"] = (["method=trims", *lambdas(lam), *extra, f"budget={b}"], base)
+            rows[(label, b)] = f"{label}-l{lam}-b{b}"
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", default="trec,sms-spam,movie-sentiment")
-    ap.add_argument("--budgets", default="1.0,0.8,0.6,0.4")
+    ap.add_argument("--only", choices=["minilm", "smollm2"], default="minilm")
+    ap.add_argument("--tasks", default=None, help="comma-separated (minilm: trec,sms-spam,movie-sentiment)")
+    ap.add_argument("--budgets", default=None, help="fractions of full fine-tuning's predicted peak")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--name", default="")
-    ap.add_argument("--collect", action="store_true",
-                    help="do not train: read the figures back from the run directories of an earlier invocation")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, one rate")
+    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    minilm = args.only == "minilm"
+    tasks = (args.tasks or ("trec,sms-spam,movie-sentiment" if minilm else "trec-sft")).split(",")
+    budgets = [float(b) for b in (args.budgets or ("0.8,0.6,0.4" if minilm else "0.6,0.4")).split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    budgets = [float(x) for x in args.budgets.split(",")]
-    rows, chosen = [], {}
-    for task in args.tasks.split(","):
-        runs, picked = planned_runs(task, budgets, seeds)
-        chosen.update(picked)
-        for label, b, overrides in runs:
-            r = collect(overrides) if args.collect else run_one(overrides)
-            rows.append({**r, "label": label, "budget": b})
-            print(task, label, r["seed"], r["test"]["accuracy"], r["counted_peak_bytes"], flush=True)
-    table = summarise(rows, "accuracy")
-    print_table(table, "accuracy")
-    print(save("trims_budgets" + args.name, {"rows": rows, "table": table, "planner_choice": chosen}))
+    metric = "accuracy" if minilm else "exact_match"
+    common = [*(MINILM if minilm else SMOLLM2), f"device={args.device}"]
+    rates = RATES[args.only]
+    if args.smoke:
+        common += ["data.max_train=32", "data.max_eval=16", "max_steps=2", "eval_each_epoch=false",
+                   "trims.tau=1"]
+        seeds, rates = [0], {k: v[1:2] for k, v in rates.items()}
+    root = f"runs/trims-bench-{args.only}-{args.device}" + ("-smoke" if args.smoke else "")
+    suffix = f"_{args.only}" + ("" if args.device == "cpu" else f"_{args.device}") + ("_smoke" if args.smoke else "")
+
+    plan = {task: configs(args.only, task, budgets, args.device) for task in tasks}
+
+    def overrides(task, name, lr, seed):
+        opts, _ = plan[task][0][name]
+        return [*common, f"task={task}", *opts, f"lr={lr}", f"seed={seed}",
+                f"output_dir={root}/{task}-{name}-lr{lr}-{seed}"]
+
+    def val(r):
+        return ((r.get("validation") or {}).get(metric) or 0) if "error" not in r else -1
+
+    # seed 0 at every candidate rate, all at once; then the other seeds at the chosen rates
+    sweep_keys = [(task, name, lr) for task in tasks for name, (_, fam) in plan[task][0].items() if fam in rates
+                  for lr in rates[fam]]
+    swept = run_many([overrides(t, n, lr, 0) for t, n, lr in sweep_keys], args.jobs, args.reuse, args.threads)
+    sweep = [{**r, "run": n, "lr": float(lr)} for (t, n, lr), r in zip(sweep_keys, swept)]
+    by_key = dict(zip(sweep_keys, swept))
+    best_val = {}  # (task, run) -> its best seed-0 validation score over the rates
+    chosen_lr = {}
+    for task in tasks:
+        for name, (_, fam) in plan[task][0].items():
+            chosen_lr[(task, name)] = max(rates[fam], key=lambda lr: val(by_key[(task, name, lr)]))
+            best_val[(task, name)] = val(by_key[(task, name, chosen_lr[(task, name)])])
+            print("chosen", task, name, chosen_lr[(task, name)],
+                  [round(val(by_key[(task, name, lr)]), 4) for lr in rates[fam]], flush=True)
+    lambda_scores = {lam: sum(best_val[(t, f"trims_dynatune-l{lam}-b{b}")] for t in tasks for b in budgets)
+                     / (len(tasks) * len(budgets)) for lam in LAMBDAS}
+    lam = max(LAMBDAS, key=lambda x: lambda_scores[x])  # max keeps the first of equal scores
+    print("lambda", lam, lambda_scores, flush=True)
+    for task in tasks:
+        add_trims_rows(plan[task][0], plan[task][1], budgets, lam)
+        for name, (_, fam) in plan[task][0].items():
+            if fam not in rates:  # an ablation: the rate of the run it varies
+                chosen_lr[(task, name)] = chosen_lr[(task, fam)]
+    swept_runs = {(t, n) for t, n, _ in sweep_keys}
+    rows_runs = {(t, n) for t in tasks for n in plan[t][1].values()}
+    seed_keys = [(t, n, s) for (t, n) in sorted(rows_runs) for s in seeds if s != 0 or (t, n) not in swept_runs]
+    others = run_many([overrides(t, n, chosen_lr[(t, n)], s) for t, n, s in seed_keys], args.jobs, args.reuse,
+                      args.threads)
+    results = {(t, n, 0): by_key[(t, n, chosen_lr[(t, n)])] for (t, n) in rows_runs if (t, n) in swept_runs}
+    results.update(zip(seed_keys, others))
+    failed = [r for r in results.values() if "error" in r]
+    for r in failed:
+        print("FAILED", " ".join(r["overrides"]), r["error"], flush=True)
+
+    rows = []
+    for task in tasks:
+        for (label, b), name in plan[task][1].items():
+            budgets_of_row = budgets if label == "full" else [b]
+            for budget in budgets_of_row:
+                for s in seeds:
+                    r = results[(task, name, s)]
+                    if "error" not in r:
+                        rows.append({**r, "label": f"{name}@{budget}" if label != "full" else "full",
+                                     "family": label, "run": name, "budget": budget,
+                                     "lr": float(chosen_lr[(task, name)])})
+    table = summarise(rows, metric, group=("task", "budget", "family"))
+    print_table(table, metric)
+    print(save("trims_budgets" + suffix, {
+        "metric": metric, "rows": rows, "sweep": sweep, "failed": failed,
+        "chosen_lr": {f"{t}/{n}": lr for (t, n), lr in chosen_lr.items()},
+        "lambda": {"chosen": float(lam), "mean_best_validation": lambda_scores},
+        "planner_choice": {k: v for task in tasks for k, v in plan[task][2].items()}, "table": table}))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ FASTER = dict(speed=0.05, gp=2.0, up=4.0)
 
 def make(n=8, budget=None, memory_model=True, count_memory=False, **cfg):
     """A TriMS method on a real tuner over a tiny llama with n blocks (plans are really applied)."""
-    m = Trims(TrimsConfig(**cfg))
+    m = Trims(TrimsConfig(**{"start": "last", "con": "last", **cfg}))  # the paper's start unless a test says otherwise
     t = Tuner(causal_lm(num_hidden_layers=n), m, count_memory=count_memory)
     if memory_model:
         t.memory_model = FakeMemoryModel(n)
@@ -195,7 +195,7 @@ def test_when_nothing_fits_the_smallest_plan_is_taken():
 @pytest.mark.parametrize("time", ["model", "measured"])
 def test_time_comes_from_the_tuners_clock_unless_one_is_injected(time):
     ticks = iter(range(0, 1000, 3))
-    m = Trims(TrimsConfig(tau=2, time=time))
+    m = Trims(TrimsConfig(tau=2, time=time, start="last", con="last"))
     t = Tuner(causal_lm(), m, clock=lambda: float(next(ticks)), count_memory=False)
     drive(t, m, 2, steady_loss, lambda s, j: 1.0)
     assert m.decisions[0]["t"] == 3.0  # one read at plan, one at end_step: 3 apart
@@ -304,6 +304,60 @@ def test_kappa_initialised_by_eq6_after_the_first_left_expand(reading, shr, ext)
     assert m.kappa == pytest.approx({"exp": 0.25, "shr": shr * 0.25, "ext": ext * 0.25})
 
 
+# -- dynatune's start (start=fit), CON's trend and the presets ----------------------------------------
+def test_start_fit_begins_at_the_largest_top_window_the_budget_admits():
+    # the fake prices a top window of k blocks at 40 + 5 k + 10 k (no exit, nothing probed at l = 1;
+    # a probe below the window adds one block to the path): usable budget 100 admits k = 3 with its
+    # probe (40 + 5*4 + 10*3 = 90) and not k = 4 (40 + 25 + 40 = 105)
+    t, m = make(budget=100 / (1 - 0.1), start="fit")
+    t.budget_margin = 0.1
+    m.plan(0)
+    assert m.state_tuple() == (6, 8, 8, 8)
+    assert t.memory_model.price(m.plan_for((6, 8, 8, 8))) == 90
+    assert t.memory_model.price(m.plan_for((5, 8, 8, 8))) == 105
+    # without a budget every block trains from the first step
+    _, m2 = make(start="fit")
+    m2.plan(0)
+    assert m2.state_tuple() == (1, 8, 8, 8)
+
+
+def test_start_fit_holds_two_periods_then_sets_kappa_from_the_windows_loss_change():
+    t, m = make(tau=1, start="fit", con="last", budget=100 / (1 - 0.1))
+    t.budget_margin = 0.1
+    grads = {5: 4.0, 6: 1.0, 7: 2.0, 8: 1.0}
+    drive(t, m, 2, lambda s, st: [3.0, 2.2][s], lambda s, j: grads.get(j, 0.0))
+    assert m.decisions[0]["action"] == "CON" and m.decisions[0]["forced"]  # no loss change yet: hold
+    assert "forced" not in m.decisions[1]  # kappa known: the utility chooses
+    # eq. 6 from the warm-up: kappa_exp = |L_1 - L_0| / (g(6) + g(7) + g(8)) = 0.8 / 4.0
+    assert m.kappa == pytest.approx({"exp": 0.2, "shr": 1.1 * 0.2, "ext": 0.9 * 0.2})
+
+
+def test_con_trend_is_the_least_squares_slope_of_the_last_period_losses():
+    t, m = make(tau=1, start="fit", con="trend", trend_periods=4)
+    losses = [3.0, 2.0, 2.5, 1.5, 1.9]
+    drive(t, m, 5, lambda s, st: losses[s], lambda s, j: 1.0)
+    # the last four period losses 2.0, 2.5, 1.5, 1.9 at x = 0..3: slope = sum (x - 1.5)(y - 1.975) / 5
+    slope = sum((x - 1.5) * (y - 1.975) for x, y in enumerate(losses[1:])) / 5.0
+    assert m.loss_trend() == pytest.approx(slope) and slope == pytest.approx(-0.13)
+    assert m.decisions[-1]["candidates"]["CON"]["v"] == pytest.approx(slope)
+    m.config.con = "last"
+    assert m.loss_trend() == pytest.approx(1.9 - 1.5)
+
+
+def test_presets_fill_only_the_options_left_unset():
+    c = Trims(TrimsConfig()).config
+    assert (c.start, c.con, c.exits, c.time) == ("fit", "trend", "auto", "model")
+    p = Trims(TrimsConfig(preset="paper")).config
+    assert (p.start, p.con, p.exits, p.time) == ("last", "last", "on", "measured")
+    assert (p.tau, p.lambda_m, p.lambda_t, p.alpha, p.beta, p.eta) == (10, 0.1, 0.1, 0.1, 0.9, 0.99)
+    mixed = Trims(TrimsConfig(preset="paper", exits="auto", time="model")).config
+    assert (mixed.start, mixed.con, mixed.exits, mixed.time) == ("last", "last", "auto", "model")
+    with pytest.raises(DynatuneError, match="trims.preset"):
+        Trims(TrimsConfig(preset="fast"))
+    with pytest.raises(DynatuneError, match="trims.start"):
+        Trims(TrimsConfig(start="middle"))
+
+
 # -- decisions follow the signals ---------------------------------------------------------------------
 def steady_loss(step, state):
     return 3.0 - 0.05 * step
@@ -382,7 +436,7 @@ def lm_data(n=64, seq=10, seed=1):
 
 
 def trims(**cfg):
-    m = Trims(TrimsConfig(**{"tau": 2, "lambda_m": 0.01, "lambda_t": 0.01, **cfg}))
+    m = Trims(TrimsConfig(**{"tau": 2, "lambda_m": 0.01, "lambda_t": 0.01, "start": "last", "con": "last", **cfg}))
     m.clock = FakeClock(m)
     return m
 
@@ -461,7 +515,7 @@ def test_cli_resume_at_a_decision_step_on_a_faster_machine_equals_the_straight_r
     # lazily, and the resumed run's fresh one must not shift the dropout masks either
     common = [f"model={tiny_bert_dir}", "task=trec", "data.max_train=120", "data.max_eval=16", "batch_size=4",
               "max_length=32", "max_steps=30", "progress=false", "save_model=false", "lr=3e-3",
-              "method=trims", "trims.tau=5", "trims.lambda_m=0.001", "trims.lambda_t=0.01"]
+              "method=trims", "trims.tau=5", "trims.lambda_m=0.001", "trims.lambda_t=0.01", "trims.start=last", "trims.con=last"]
     setup = Trims.setup
 
     def on_clock(**clock):  # every TriMS the CLI builds from now on measures time with this clock

@@ -28,8 +28,9 @@ records every reading of the paper made here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 from statistics import median
 
 import torch
@@ -79,6 +80,14 @@ def ema(prev: float, new: float, beta: float) -> float:
 
 @dataclass
 class TrimsConfig(MethodConfig):
+    preset: str = opt("dynatune", "'dynatune': the defaults below; 'paper': the paper's settings exactly (start=last, "
+                                  "time=measured, exits=on); an option set explicitly overrides either preset")
+    start: Optional[str] = opt(None, "the first state: 'fit' (dynatune): the largest top window that the budget "
+                                     "admits, held for two periods while the signals warm up; 'last' (paper): only "
+                                     "the last block trains and the first action is LE")
+    con: Optional[str] = opt(None, "CON's predicted loss change: 'trend' (dynatune): the slope of the last "
+                                   "trend_periods period losses; 'last' (paper): L_i - L_{i-1}")
+    trend_periods: int = opt(4, "periods the CON trend is fitted over (con=trend)")
     tau: int = opt(10, "selection period: steps between two actions (the paper's tau)")
     alpha: float = opt(0.1, "sensitivity spread between expand, shrink and exit coefficients (alpha, eq. 6)")
     beta: float = opt(0.9, "EMA weight of the old value (beta, eq. 7): gradient strengths, alpha_m, alpha_t, kappa")
@@ -92,13 +101,19 @@ class TrimsConfig(MethodConfig):
     activation_ratio: float = opt(0.5, "M_A = ratio * M_P per block, used only when no memory model prices plans")
     state_policy: str = opt("drop", "optimizer state of blocks that freeze: drop (paper: frozen blocks hold none), "
                                     "keep or offload")
-    exits: str = opt("auto", "exit actions PU/PO: 'on', 'off', or 'auto' (off when the task head reads the first "
-                             "token, as encoder classifiers do: see docs/methods/trims.md)")
-    time: str = opt("model", "how eq. 8 prices time: 'model' (default): eq. 5's sums in mean-block units (forward "
+    exits: Optional[str] = opt(None, "exit actions PU/PO: 'on', 'off', or 'auto' (off when the task head reads the first "
+                             "token, as encoder classifiers do: see docs/methods/trims.md); dynatune preset: 'auto', paper: 'on'")
+    time: Optional[str] = opt(None, "how eq. 8 prices time: 'model' (default): eq. 5's sums in mean-block units (forward "
                              "1..e, gradient l..e, update l..r, by parameter count), a function of the state alone, "
                              "so runs and resumes are reproducible; 'measured': the paper's calibration against "
                              "measured step times (Operation 2), which makes decisions depend on wall-clock time: "
-                             "two runs with one seed, or a run and its resume, may then take different actions")
+                             "two runs with one seed, or a run and its resume, may then take different actions; "
+                                     "dynatune preset: 'model', paper: 'measured'")
+
+
+# What each preset sets for the options left unset (None).
+PRESETS = {"dynatune": {"start": "fit", "con": "trend", "exits": "auto", "time": "model"},
+           "paper": {"start": "last", "con": "last", "exits": "on", "time": "measured"}}
 
 
 @register
@@ -115,6 +130,15 @@ class Trims(Method):
     def __init__(self, config=None, seed=0):
         super().__init__(config, seed)
         c = self.config
+        if c.preset not in PRESETS:
+            raise DynatuneError(f"trims.preset must be 'dynatune' or 'paper', got '{c.preset}'.")
+        self.config = c = replace(c, **{k: v for k, v in PRESETS[c.preset].items() if getattr(c, k) is None})
+        if c.start not in ("fit", "last"):
+            raise DynatuneError(f"trims.start must be 'fit' or 'last', got '{c.start}'.")
+        if c.con not in ("trend", "last"):
+            raise DynatuneError(f"trims.con must be 'trend' or 'last', got '{c.con}'.")
+        if c.trend_periods < 2:
+            raise DynatuneError(f"trims.trend_periods must be at least 2, got {c.trend_periods}.")
         if c.tau < 1:
             raise DynatuneError(f"trims.tau must be at least 1, got {c.tau}.")
         if c.exits not in ("auto", "on", "off"):
@@ -170,6 +194,7 @@ class Trims(Method):
         self.alpha_t, self.t_base, self.t_unit = 1.0, 0.0, None  # t_unit: seconds per mean block pass
         self.loss_last: float | None = None  # L_i of the period that just ended
         self.loss_prev: float | None = None  # L_{i-1}
+        self.period_losses: list[float] = []  # L_1 .. L_i (con=trend fits its slope to the last few)
         self.last_action: str | None = None  # a_{i-1}: the action that led to the current state
         self.prev_state: State | None = None  # the state a_{i-1} was taken from
         self._new_period()
@@ -234,7 +259,7 @@ class Trims(Method):
 
     def plan(self, step: int) -> Plan:
         if self.period == 0 and not self.decisions and self._t_start is None and step == 0:
-            self._check_start()
+            self._start()
         self._place_blocks()
         p = self.plan_for(self.state, self._note())
         self._ran = {"state": self.state, "decided": None}  # what this step runs (for log_fields)
@@ -273,17 +298,25 @@ class Trims(Method):
                 s += f" pred={c['pred']}"
         return s
 
-    def _check_start(self) -> None:
+    def _start(self) -> None:
+        """The first state. Only the last block training must fit; start=fit then widens the window
+        downwards while the budget admits it: a static top-k that fits trains those blocks from the
+        first step, and growing one block per period from the last gives away the run's first
+        periods (docs/methods/trims.md, "Where the start state comes from")."""
+        n = self.n
         budget = self.budget_bytes()
-        if budget is None:
-            return
-        pred = self.predict_peak(self.plan_for(self.state))
-        limit = budget * (1.0 - self._margin())
-        if pred is not None and pred > limit:
-            raise BudgetError(
-                f"TriMS starts with only the last block training, and even that plan is predicted at {pred} bytes, "
-                f"above the budget's usable {int(limit)} bytes; raise the budget.", predicted_bytes=pred,
-                budget_bytes=int(budget))
+        if budget is not None:
+            pred = self.predict_peak(self.plan_for((n, n, n, n)))
+            limit = budget * (1.0 - self._margin())
+            if pred is not None and pred > limit:
+                raise BudgetError(
+                    f"TriMS needs at least the last block training, and even that plan is predicted at {pred} "
+                    f"bytes, above the budget's usable {int(limit)} bytes; raise the budget.",
+                    predicted_bytes=pred, budget_bytes=int(budget))
+        self.state = (n, n, n, n)
+        if self.config.start == "fit":
+            while self.state[0] > 1 and self.admitted((self.state[0] - 1, n, n, n))[0]:
+                self.state = (self.state[0] - 1, n, n, n)
 
     def _margin(self) -> float:
         return float(self.tuner.budget_margin)
@@ -361,10 +394,22 @@ class Trims(Method):
             raise DynatuneError(f"action {action} is not possible from state {s}.")
         m_hat, t_hat = self.memory_hat(new), self.time_hat(new)
         if action == "CON":
-            v_hat = (self.loss_last - self.loss_prev) if self.loss_prev is not None else 0.0
+            v_hat = self.loss_trend()
         else:
             v_hat = SIGN_OF[action] * self.kappa[KAPPA_OF[action]] * self.g[touched(s, action)]
         return m_hat, t_hat, v_hat
+
+    def loss_trend(self) -> float:
+        """CON's predicted loss change: L_i - L_{i-1} (con=last, the paper), or the least-squares slope
+        of the last `trend_periods` period losses (con=trend): at batch 16 one period's mean moves by
+        more than the trend, and a period that rose by chance made CON look worse than a shrink."""
+        if self.loss_prev is None:
+            return 0.0
+        if self.config.con == "last":
+            return self.loss_last - self.loss_prev
+        ys = self.period_losses[-self.config.trend_periods:]
+        xm, ym = (len(ys) - 1) / 2, sum(ys) / len(ys)
+        return sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / sum((x - xm) ** 2 for x in range(len(ys)))
 
     def update_estimators(self, L: float, m: float | None, t: float | None) -> None:
         """Operation 2 for the period that ran in self.state (observations L_i, m_i, t_i)."""
@@ -390,15 +435,19 @@ class Trims(Method):
         a = self.last_action
         if a is None or self.loss_last is None:
             return
-        if a == "CON":
+        if a == "CON" and (self.kappa_ready or c.start == "last"):
             if self.kappa_ready:
                 self.kappa = {k: c.eta * v for k, v in self.kappa.items()}
             return
-        g = self.g[touched(self.prev_state, a)]
+        if a == "CON":  # start=fit's warm-up: the window's loss change over its gradient strength
+            l, r = s[0], s[1]
+            g = sum(self.g[j] for j in range(l, r + 1) if self.g_seen[j])
+        else:
+            g = self.g[touched(self.prev_state, a)]
         if g <= 0:
             return
         ratio = abs(L - self.loss_last) / g
-        if not self.kappa_ready:  # eq. 6, from the first action (LE from the initial state)
+        if not self.kappa_ready:  # eq. 6, from the first action (LE from the initial state, or the warm-up)
             spread = (1 + c.alpha, 1 - c.alpha) if c.kappa_init == "text" else (1 - c.alpha, 1 + c.alpha)
             self.kappa = {"exp": ratio, "shr": spread[0] * ratio, "ext": spread[1] * ratio}
             self.kappa_ready = True
@@ -439,6 +488,7 @@ class Trims(Method):
         self.update_gradients({j: a["g_sum"][j] / a["g_n"][j] for j in a["g_sum"]})
         self.update_estimators(L, m, t if measured else None)
         self.loss_prev, self.loss_last = self.loss_last, L
+        self.period_losses.append(L)
         m_i = m if m is not None else self.memory_hat(self.state)
         t_i = t if (measured and t is not None) else self.time_hat(self.state)
         action, record = self.choose(L, m_i, t_i)
@@ -485,8 +535,11 @@ class Trims(Method):
                 over[act] = entry
                 filtered[act] = "budget"
         record = {"state": list(s), "candidates": {**admitted, **over}, "filtered": filtered}
-        if self.last_action is None:  # the first selection: Left Expand, if it fits
+        if self.config.start == "last" and self.last_action is None:  # the first selection: Left Expand, if it fits
             action = "LE" if "LE" in admitted else "CON" if "CON" in admitted else None
+            record["forced"] = True
+        elif self.config.start == "fit" and not self.kappa_ready:  # warm-up: hold until kappa is known
+            action = "CON" if "CON" in admitted else None
             record["forced"] = True
         else:  # max keeps the first of equal utilities: TIE_ORDER
             action = max(admitted, key=lambda k: admitted[k]["U"]) if admitted else None
@@ -519,7 +572,8 @@ class Trims(Method):
                 "g_seen": list(self.g_seen), "kappa": dict(self.kappa), "kappa_ready": self.kappa_ready,
                 "alpha_m": self.alpha_m, "m_base": self.m_base, "mem_ready": self.mem_ready,
                 "alpha_t": self.alpha_t, "t_base": self.t_base, "t_unit": self.t_unit,
-                "loss_last": self.loss_last, "loss_prev": self.loss_prev, "last_action": self.last_action,
+                "loss_last": self.loss_last, "loss_prev": self.loss_prev, "period_losses": list(self.period_losses),
+                "last_action": self.last_action,
                 "prev_state": list(self.prev_state) if self.prev_state else None,
                 "acc": {**self.acc, "g_sum": dict(self.acc["g_sum"]), "g_n": dict(self.acc["g_n"]),
                         "times": list(self.acc["times"])},
@@ -540,6 +594,7 @@ class Trims(Method):
         self.alpha_m, self.m_base, self.mem_ready = sd["alpha_m"], sd["m_base"], sd["mem_ready"]
         self.alpha_t, self.t_base, self.t_unit = sd["alpha_t"], sd["t_base"], sd["t_unit"]
         self.loss_last, self.loss_prev = sd["loss_last"], sd["loss_prev"]
+        self.period_losses = list(sd["period_losses"])
         self.last_action = sd["last_action"]
         self.prev_state = tuple(sd["prev_state"]) if sd["prev_state"] else None
         acc = sd["acc"]
