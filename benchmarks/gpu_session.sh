@@ -55,9 +55,9 @@ step ist_gpu 150 python3 benchmarks/ist_gpu.py
 step spsft_gpu 150 python3 benchmarks/spsft_gpu.py
 step gpu_phases 150 python3 benchmarks/gpu_phases.py
 step dynalora_gpu 120 python3 benchmarks/dynalora_gpu.py
-# TriMS's MiniLM budget table on the GPU, 12 runs at a time; the run directories come back (no
+# TriMS's MiniLM budget table on the GPU, 14 runs at a time; the run directories come back (no
 # weights) so that `trims_budgets.py --reuse` can read them again elsewhere
-step trims_budgets_minilm_cuda 420 python3 benchmarks/trims_budgets.py --device cuda --jobs 12 --reuse
+step trims_budgets_minilm_cuda 540 python3 benchmarks/trims_budgets.py --device cuda --jobs 14 --reuse
 if [[ $steps == *" trims_budgets_minilm_cuda "* ]] && [ -d runs/trims-bench-minilm-cuda ]; then
     tar czf "$out/trims-bench-minilm-cuda.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.png' \
         runs/trims-bench-minilm-cuda
