@@ -8,9 +8,9 @@
 Budgets are fractions of full fine-tuning's predicted peak on the run's device. At each budget
 the planner (`dynatune estimate`, priced for that device) picks the largest top-k, LoRA rank and
 LISA k that fit; "does not fit" means no setting of that family fits. TriMS runs under the budget
-twice: with dynatune's defaults (`trims.preset=dynatune`) and with the paper's settings
-(`trims.preset=paper`), and three ablations of the defaults, one change each, at the rate chosen
-for the defaults (`ABLATIONS`). Every other method's learning rate is chosen on validation with seed 0 from its
+with dynatune's defaults, and two variants at the rate chosen for the defaults (`VARIANTS`): the
+paper's start alone, and the paper's settings (`trims.preset=paper`, seed 0). Every method's
+learning rate is chosen on validation with seed 0 from its
 family's candidates, then used for the other seeds; rows that share a configuration (top-2 at
 two budgets, full fine-tuning at every budget) share their runs. Comparisons are paired per seed:
 the same seed gives every method the same data order.
@@ -39,11 +39,10 @@ RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", 
                      "lora": ("3e-4", "1e-3", "3e-3")}}
 
 
-# TriMS's lambda_M = lambda_T: swept with the rate on seed 0, then one value for every task and
-# budget (the best mean validation score), ties to the paper's 0.1 first
-LAMBDAS = ("0.1", "0.01", "0")
-# Ablations of the dynatune preset, one change each, at the chosen lambda and the defaults' rate (not swept)
-ABLATIONS = {"trims_start_last": ["trims.start=last"], "trims_con_last": ["trims.con=last"]}
+# Variants of TriMS at the rate chosen for the defaults (not swept): the paper's start alone
+# (every seed: it is what the defaults change), and the paper preset (seed 0: on encoders it
+# also turns exits on, which starves a first-token head; docs/methods/trims.md)
+VARIANTS = {"trims_start_last": (["trims.start=last"], "all"), "trims_paper": (["trims.preset=paper"], "first")}
 
 
 def fitting_baselines(only: str, task: str, budget: float, device: str) -> dict:
@@ -58,22 +57,18 @@ def fitting_baselines(only: str, task: str, budget: float, device: str) -> dict:
     return {r["family"]: r["config"] for r in estimate({**spec, **shape}) if r.get("fits_best")}
 
 
-def lambdas(lam: str) -> list[str]:
-    return [f"trims.lambda_m={lam}", f"trims.lambda_t={lam}"]
-
-
 def configs(only: str, task: str, budgets: list[float], device: str):
     """{run name: (overrides, rate family)} and {(label, budget): run name}: what trains, and which
-    runs stand for which row of the table (TriMS's defaults and ablations are added once lambda is
-    chosen: `add_trims_rows`)."""
+    runs stand for which row of the table. A variant's rate family names the run whose rate it takes."""
     runs = {"full": (["method=full", "budget=none"], "full")}
     rows = {("full", 1.0): "full"}
     chosen = {}
     for b in budgets:
-        runs[f"trims_paper-b{b}"] = (["method=trims", "trims.preset=paper", f"budget={b}"], "block")
-        rows[("trims_paper", b)] = f"trims_paper-b{b}"
-        for lam in LAMBDAS:
-            runs[f"trims_dynatune-l{lam}-b{b}"] = (["method=trims", *lambdas(lam), f"budget={b}"], "block")
+        runs[f"trims-b{b}"] = (["method=trims", f"budget={b}"], "block")
+        rows[("trims", b)] = f"trims-b{b}"
+        for label, (extra, _) in VARIANTS.items():
+            runs[f"{label}-b{b}"] = (["method=trims", *extra, f"budget={b}"], f"trims-b{b}")
+            rows[(label, b)] = f"{label}-b{b}"
         picked = fitting_baselines(only, task, b, device)
         chosen[f"{task}@{b}"] = picked
         for family, cfg in picked.items():
@@ -89,14 +84,9 @@ def configs(only: str, task: str, budgets: list[float], device: str):
     return runs, rows, chosen
 
 
-def add_trims_rows(runs: dict, rows: dict, budgets: list[float], lam: str) -> None:
-    """The defaults' row at the chosen lambda, and each ablation (rate family: the defaults' run)."""
-    for b in budgets:
-        base = f"trims_dynatune-l{lam}-b{b}"
-        rows[("trims_dynatune", b)] = base
-        for label, extra in ABLATIONS.items():
-            runs[f"{label}-l{lam}-b{b}"] = (["method=trims", *lambdas(lam), *extra, f"budget={b}"], base)
-            rows[(label, b)] = f"{label}-l{lam}-b{b}"
+def seeds_of(name: str, seeds: list[int]) -> list[int]:
+    variant = VARIANTS.get(name.split("-b")[0])
+    return seeds[:1] if variant and variant[1] == "first" else seeds
 
 
 def main():
@@ -141,26 +131,20 @@ def main():
     swept = run_many([overrides(t, n, lr, 0) for t, n, lr in sweep_keys], args.jobs, args.reuse, args.threads)
     sweep = [{**r, "run": n, "lr": float(lr)} for (t, n, lr), r in zip(sweep_keys, swept)]
     by_key = dict(zip(sweep_keys, swept))
-    best_val = {}  # (task, run) -> its best seed-0 validation score over the rates
     chosen_lr = {}
     for task in tasks:
         for name, (_, fam) in plan[task][0].items():
-            chosen_lr[(task, name)] = max(rates[fam], key=lambda lr: val(by_key[(task, name, lr)]))
-            best_val[(task, name)] = val(by_key[(task, name, chosen_lr[(task, name)])])
-            print("chosen", task, name, chosen_lr[(task, name)],
-                  [round(val(by_key[(task, name, lr)]), 4) for lr in rates[fam]], flush=True)
-    lambda_scores = {lam: sum(best_val[(t, f"trims_dynatune-l{lam}-b{b}")] for t in tasks for b in budgets)
-                     / (len(tasks) * len(budgets)) for lam in LAMBDAS}
-    lam = max(LAMBDAS, key=lambda x: lambda_scores[x])  # max keeps the first of equal scores
-    print("lambda", lam, lambda_scores, flush=True)
-    for task in tasks:
-        add_trims_rows(plan[task][0], plan[task][1], budgets, lam)
+            if fam in rates:
+                chosen_lr[(task, name)] = max(rates[fam], key=lambda lr: val(by_key[(task, name, lr)]))
+                print("chosen", task, name, chosen_lr[(task, name)],
+                      [round(val(by_key[(task, name, lr)]), 4) for lr in rates[fam]], flush=True)
         for name, (_, fam) in plan[task][0].items():
-            if fam not in rates:  # an ablation: the rate of the run it varies
+            if fam not in rates:  # a variant: the rate of the run it varies
                 chosen_lr[(task, name)] = chosen_lr[(task, fam)]
     swept_runs = {(t, n) for t, n, _ in sweep_keys}
     rows_runs = {(t, n) for t in tasks for n in plan[t][1].values()}
-    seed_keys = [(t, n, s) for (t, n) in sorted(rows_runs) for s in seeds if s != 0 or (t, n) not in swept_runs]
+    seed_keys = [(t, n, s) for (t, n) in sorted(rows_runs) for s in seeds_of(n, seeds)
+                 if s != 0 or (t, n) not in swept_runs]
     others = run_many([overrides(t, n, chosen_lr[(t, n)], s) for t, n, s in seed_keys], args.jobs, args.reuse,
                       args.threads)
     results = {(t, n, 0): by_key[(t, n, chosen_lr[(t, n)])] for (t, n) in rows_runs if (t, n) in swept_runs}
@@ -174,7 +158,7 @@ def main():
         for (label, b), name in plan[task][1].items():
             budgets_of_row = budgets if label == "full" else [b]
             for budget in budgets_of_row:
-                for s in seeds:
+                for s in seeds_of(name, seeds):
                     r = results[(task, name, s)]
                     if "error" not in r:
                         rows.append({**r, "label": f"{name}@{budget}" if label != "full" else "full",
@@ -185,7 +169,6 @@ def main():
     print(save("trims_budgets" + suffix, {
         "metric": metric, "rows": rows, "sweep": sweep, "failed": failed,
         "chosen_lr": {f"{t}/{n}": lr for (t, n), lr in chosen_lr.items()},
-        "lambda": {"chosen": float(lam), "mean_best_validation": lambda_scores},
         "planner_choice": {k: v for task in tasks for k, v in plan[task][2].items()}, "table": table}))
 
 
