@@ -110,10 +110,11 @@ def test_eval_reproduces_a_pure_bf16_run(method, run, capsys):
 
 def test_trims_run_that_ends_exited_evals_to_the_same_figures(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    # a high rate moves TriMS's window each step: its last step runs 2 of the 3 blocks (state (1, 2, 2))
+    # from the paper's start a high rate moves TriMS's window each step: its last step runs 2 of the 3
+    # blocks (state (1, 2, 2))
     assert main(["train", f"model={tiny_llama_dir}", "task=trec", "data.max_train=80", "data.max_eval=24",
                  "batch_size=8", "max_length=32", "max_steps=9", "lr=0.2", "method=trims", "trims.tau=1",
-                 "progress=false", f"output_dir={out}"]) == 0
+                 "trims.start=last", "trims.con=last", "progress=false", f"output_dir={out}"]) == 0
     assert json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 2
     metrics = metrics_of(out)
     got = evaluated(out, capsys)
