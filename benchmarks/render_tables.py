@@ -41,50 +41,60 @@ def mean_sd(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+STATIC = ("top", "lora", "lisa")  # the static plans the planner fits to a budget
+
+
 def trims_groups(rows):
-    """{(task, budget): {family: [rows]}}: family is full, trims, top, lora or lisa."""
+    """{(task, budget): {family: [rows]}}; full fine-tuning's rows stand at every budget."""
     out: dict = {}
-    measured = {(r["task"], r["budget"]) for r in rows if r["label"] != "full"}
     for r in rows:
-        label = r["label"].split("@")[0]
-        family = next(f for f in ("full", "trims", "top", "lora", "lisa") if label.startswith(f))
-        # full fine-tuning is the reference at every budget (it only fits at 100%)
-        budgets = sorted(b for t, b in measured if t == r["task"]) if family == "full" else [r["budget"]]
-        for b in budgets:
-            out.setdefault((r["task"], b), {}).setdefault(family, []).append(r)
+        out.setdefault((r["task"], r["budget"]), {}).setdefault(r["family"], []).append(r)
     return out
 
 
-def trims_table(rows):
-    """TriMS against the baselines that fit each budget: accuracy mean ± sd, counted peak, and the
-    gap to full fine-tuning and to the best fitting baseline."""
-    head = ("| task | budget | full | TriMS | top-k | LoRA | LISA | TriMS − full | TriMS − best fitting baseline "
-            "| TriMS budget use |\n|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
+def trims_table(rows, metric="accuracy"):
+    """Per task and budget: each method's test metric (mean ± sd over seeds, mean counted peak),
+    TriMS's paired per-seed differences to full fine-tuning, to the best fitting static plan (the
+    best mean) and to TriMS from the paper's start, and TriMS's largest predicted plan over the budget."""
+    head = ("| task | budget | full | TriMS | TriMS, paper's start | top-k | LoRA | LISA | TriMS − full "
+            "| TriMS − best static | TriMS − paper's start | paper preset (seed 0) | TriMS budget use |")
+    lines = [head, "|" + "---|" * 13]
+
+    def paired(fam, a, b):
+        x = {r["seed"]: r["test"][metric] for r in fam.get(a, [])}
+        y = {r["seed"]: r["test"][metric] for r in fam.get(b, [])}
+        seeds = sorted(set(x) & set(y))
+        if not seeds:
+            return "—"
+        m, sd = mean_sd(100 * (x[s] - y[s]) for s in seeds)
+        return f"{m:+.1f} ± {sd:.1f} pt"
+
     for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         cells, means = [], {}
-        for f in ("full", "trims", "top", "lora", "lisa"):
+        for f in ("full", "trims", "trims_start_last", *STATIC):
             rs = fam.get(f)
             if not rs:
                 cells.append("does not fit")
                 continue
-            m, sd = mean_sd(r["test"]["accuracy"] for r in rs)
+            m, sd = mean_sd(r["test"][metric] for r in rs)
             means[f] = m
             peak = statistics.mean(r["counted_peak_bytes"] for r in rs) / 2**20
-            name = "" if f in ("full", "trims") else rs[0]["label"].split("@")[0] + " "
+            name = rs[0]["label"].split("@")[0] + " " if f in STATIC else ""
             cells.append(f"{name}{m:.3f} ± {sd:.3f} ({peak:.0f} MiB)")
-        best = max((means[f] for f in ("top", "lora", "lisa") if f in means), default=None)
-        gap_full = f"{100 * (means['trims'] - means['full']):+.1f} pt"
-        gap_best = f"{100 * (means['trims'] - best):+.1f} pt" if best is not None else "—"
+        best = max((f for f in STATIC if f in means), key=lambda f: means[f], default=None)
+        paper = fam.get("trims_paper")
         use = [r["largest_step_predicted_peak_bytes"] / r["budget_bytes"] for r in fam["trims"]
                if r.get("largest_step_predicted_peak_bytes") and r.get("budget_bytes")]
+        paper_cell = f"{paper[0]['test'][metric]:.3f}" if paper else "—"
         use_cell = f"{max(use):.0%}" if use else "—"
-        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {gap_full} | {gap_best} | {use_cell} |")
+        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {paired(fam, 'trims', 'full')} | "
+                     f"{paired(fam, 'trims', best) if best else '—'} | {paired(fam, 'trims', 'trims_start_last')} | "
+                     f"{paper_cell} | {use_cell} |")
     return "\n".join(lines)
 
 
-def trims_plot(rows, path):
-    """Accuracy against budget, one panel per task: TriMS, the fitting baselines, full as a line."""
+def trims_plot(rows, path, metric="accuracy"):
+    """Test metric against budget, one panel per task: TriMS, the fitting static plans, full as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,15 +105,16 @@ def trims_plot(rows, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         budgets = sorted(b for t, b in groups if t == task)
-        for f, style in (("trims", "o-"), ("top", "s--"), ("lora", "^--"), ("lisa", "v--")):
-            pts = [(b, mean_sd(r["test"]["accuracy"] for r in groups[(task, b)][f])) for b in budgets
+        for f, style in (("trims", "o-"), ("trims_start_last", "o:"), ("top", "s--"), ("lora", "^--"),
+                         ("lisa", "v--")):
+            pts = [(b, mean_sd(r["test"][metric] for r in groups[(task, b)][f])) for b in budgets
                    if f in groups[(task, b)]]
             if pts:
                 ax.errorbar([100 * b for b, _ in pts], [m for _, (m, _) in pts], yerr=[sd for _, (_, sd) in pts],
                             fmt=style, capsize=3, label=f)
-        full, _ = mean_sd(r["test"]["accuracy"] for r in groups[(task, 1.0)]["full"])
+        full, _ = mean_sd(r["test"][metric] for r in groups[(task, budgets[0])]["full"])
         ax.axhline(full, color="black", lw=1, label="full (100%)")
-        ax.set(title=task, xlabel="budget (% of full fine-tuning's predicted peak)", ylabel="test accuracy")
+        ax.set(title=task, xlabel="budget (% of full fine-tuning's predicted peak)", ylabel=f"test {metric}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -201,6 +212,9 @@ if __name__ == "__main__":
     elif which == "spsft":
         print(spsft_table(json.loads((RESULTS / "spsft_table.json").read_text())))
     elif which == "trims":
-        rows = rows_of("trims_budgets*.json")
-        print(trims_table(rows))
-        print(trims_plot(rows, RESULTS / "trims_budgets.png"))
+        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
+            path = RESULTS / f"trims_budgets_{part}.json"
+            if path.exists():
+                rows = json.loads(path.read_text())["rows"]
+                print(trims_table(rows, metric), end="\n\n")
+                print(trims_plot(rows, RESULTS / f"trims_budgets_{part}.png", metric))

@@ -31,12 +31,11 @@ from harness import print_table, run_many, save, summarise  # noqa: E402
 MINILM_TASKS = {"trec": 6, "sms-spam": 2, "movie-sentiment": 2}
 MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
           "max_length=48"]
-SMOLLM2 = ["model=smollm2-135m", "data.max_train=2000", "data.max_eval=300", "max_steps=300", "batch_size=16",
+SMOLLM2 = ["model=smollm2-135m", "data.max_train=400", "data.max_eval=100", "max_steps=200", "batch_size=8",
            "max_length=48", "eval_each_epoch=false"]
 RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", "1e-3"),
                     "lora": ("3e-4", "1e-3", "3e-3")},
-         "smollm2": {"full": ("3e-5", "1e-4", "3e-4"), "block": ("1e-4", "3e-4", "1e-3"),
-                     "lora": ("3e-4", "1e-3", "3e-3")}}
+         "smollm2": {"full": ("1e-4", "5e-4"), "block": ("1e-4", "5e-4"), "lora": ("5e-4", "2e-3")}}
 
 
 # Variants of TriMS at the rate chosen for the defaults (not swept): the paper's start alone
@@ -49,7 +48,7 @@ def fitting_baselines(only: str, task: str, budget: float, device: str) -> dict:
     """The planner's largest fitting setting per family ({family: config name}), priced for the run."""
     from dynatune.planner import estimate
 
-    shape = {"batch_size": 16, "seq_len": 48, "device_type": device, "budget": budget, "families": "top,lisa,lora"}
+    shape = {"batch_size": 16 if only == "minilm" else 8, "seq_len": 48, "device_type": device, "budget": budget, "families": "top,lisa,lora"}
     if only == "minilm":
         spec = {"model": "minilm-l6", "kind": "classification", "num_labels": MINILM_TASKS[task]}
     else:
