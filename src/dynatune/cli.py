@@ -53,7 +53,8 @@ def _ls(args) -> int:
     for name, cls in sorted(METHODS.items()):
         print(f"  {name:<14} {cls.summary}  [default lr {cls.default_lr:g}]")
         for key, default, help_text in config_help(cls.Config):
-            print(f"      {name}.{key}={default!s:<12} {help_text}")
+            shown = "(preset)" if default is None and hasattr(cls.Config, "preset") else default  # the preset sets it
+            print(f"      {name}.{key}={shown!s:<12} {help_text}")
     print("models (model=NAME; each is a plain Hugging Face directory once fetched, loadable with from_pretrained):")
     for name in model_names():
         m = MODELS[name]

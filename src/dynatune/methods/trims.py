@@ -81,7 +81,8 @@ def ema(prev: float, new: float, beta: float) -> float:
 @dataclass
 class TrimsConfig(MethodConfig):
     preset: str = opt("dynatune", "'dynatune': the defaults below; 'paper': the paper's settings exactly (start=last, "
-                                  "time=measured, exits=on); an option set explicitly overrides either preset")
+                                  "con=last, exits=on, time=measured); an option set explicitly overrides either "
+                                  "preset")
     start: Optional[str] = opt(None, "the first state: 'fit' (dynatune): the largest top window that the budget "
                                      "admits, held for two periods while the signals warm up; 'last' (paper): only "
                                      "the last block trains and the first action is LE")
