@@ -8,8 +8,8 @@
 Budgets are fractions of full fine-tuning's predicted peak on the run's device. At each budget
 the planner (`dynatune estimate`, priced for that device) picks the largest top-k, LoRA rank and
 LISA k that fit; "does not fit" means no setting of that family fits. TriMS runs under the budget
-with dynatune's defaults, and two variants at the rate chosen for the defaults (`VARIANTS`): the
-paper's start alone, and the paper's settings (`trims.preset=paper`, seed 0). Every method's
+with dynatune's defaults, and from the paper's start alone at the rate chosen for the defaults
+(`VARIANTS`; `--paper` adds the paper's settings, `trims.preset=paper`, seed 0). Every method's
 learning rate is chosen on validation with seed 0 from its
 family's candidates, then used for the other seeds; rows that share a configuration (top-2 at
 two budgets, full fine-tuning at every budget) share their runs. Comparisons are paired per seed:
@@ -38,10 +38,11 @@ RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", 
          "smollm2": {"full": ("1e-4", "5e-4"), "block": ("1e-4", "5e-4"), "lora": ("5e-4", "2e-3")}}
 
 
-# Variants of TriMS at the rate chosen for the defaults (not swept): the paper's start alone
-# (every seed: it is what the defaults change), and the paper preset (seed 0: on encoders it
-# also turns exits on, which starves a first-token head; docs/methods/trims.md)
-VARIANTS = {"trims_start_last": (["trims.start=last"], "all"), "trims_paper": (["trims.preset=paper"], "first")}
+# Variants of TriMS at the rate chosen for the defaults (not swept): the paper's start alone, every
+# seed (it is what the defaults change). `--paper` adds the paper preset, seed 0 (on encoders it also
+# turns exits on, which starves a first-token head: docs/methods/trims.md, "Exits and first-token heads").
+VARIANTS = {"trims_start_last": (["trims.start=last"], "all")}
+PAPER = {"trims_paper": (["trims.preset=paper"], "first")}
 
 
 def fitting_baselines(only: str, task: str, budget: float, device: str) -> dict:
@@ -99,7 +100,10 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, one rate")
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
+    ap.add_argument("--paper", action="store_true", help="also TriMS with trims.preset=paper (seed 0)")
     args = ap.parse_args()
+    if args.paper:
+        VARIANTS.update(PAPER)
     minilm = args.only == "minilm"
     tasks = (args.tasks or ("trec,sms-spam,movie-sentiment" if minilm else "trec-sft")).split(",")
     budgets = [float(b) for b in (args.budgets or ("0.8,0.6,0.4" if minilm else "0.6,0.4")).split(",")]
