@@ -86,40 +86,44 @@ def machine() -> dict:
     return info
 
 
-def run_one(overrides: list[str], reuse: bool = False) -> dict:
+def run_one(overrides: list[str], reuse: bool = False, train_missing: bool = True) -> dict:
     """Train one config; return the figures a table needs. With reuse, a run directory that already
-    holds a finished run of the same config (output_dir aside) is read back instead of retrained."""
+    holds a finished run of the same config (output_dir aside) is read back instead of retrained;
+    without train_missing, a run that has not finished raises instead of training."""
     from dynatune.config import load_config
     from dynatune.loop import train
 
     cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
     if reuse and finished_same_run(cfg):
         return collect(overrides)
+    if not train_missing:
+        raise RuntimeError("not finished, and --finished-only trains nothing")
     t0 = time.perf_counter()
     train(cfg)
     return {**collect(overrides), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def _run_one_job(args):
-    overrides, reuse, threads = args
+    overrides, reuse, threads, train_missing = args
     torch.set_num_threads(threads)
     try:
-        return run_one(overrides, reuse=reuse)
+        return run_one(overrides, reuse=reuse, train_missing=train_missing)
     except Exception as err:  # one failed run must not take the others down: reported, not raised
         return {"overrides": overrides, "error": f"{type(err).__name__}: {err}"}
 
 
-def run_many(runs: list[list[str]], jobs: int = 1, reuse: bool = False, threads: int = 1) -> list[dict]:
+def run_many(runs: list[list[str]], jobs: int = 1, reuse: bool = False, threads: int = 1,
+             train: bool = True) -> list[dict]:
     """run_one over every override list, `jobs` at a time, each run in a fresh process (spawned: a
     forked CUDA context is unusable; fresh: nothing an earlier run left counts in a GPU peak), each
     with `threads` torch threads; results in the order given."""
     if jobs <= 1:
-        return [_run_one_job((o, reuse, threads)) for o in runs]
+        return [_run_one_job((o, reuse, threads, train)) for o in runs]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        return list(pool.map(_run_one_job, [(o, reuse, threads) for o in runs]))
+        return list(pool.map(_run_one_job, [(o, reuse, threads, train) for o in runs]))
 
 
 def sweep_then_seeds(base: list[str], rates, seeds, out: str, reuse: bool, sweep: list, label: str,

@@ -101,6 +101,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, one rate")
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
     ap.add_argument("--paper", action="store_true", help="also TriMS with trims.preset=paper (seed 0)")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="train nothing: write the table from the runs already finished (the others are listed as missing)")
     args = ap.parse_args()
     if args.paper:
         VARIANTS.update(PAPER)
@@ -131,7 +133,8 @@ def main():
     # seed 0 at every candidate rate, all at once; then the other seeds at the chosen rates
     sweep_keys = [(task, name, lr) for task in tasks for name, (_, fam) in plan[task][0].items() if fam in rates
                   for lr in rates[fam]]
-    swept = run_many([overrides(t, n, lr, 0) for t, n, lr in sweep_keys], args.jobs, args.reuse, args.threads)
+    swept = run_many([overrides(t, n, lr, 0) for t, n, lr in sweep_keys], args.jobs, args.reuse, args.threads,
+                     train=not args.finished_only)
     sweep = [{**r, "run": n, "lr": float(lr)} for (t, n, lr), r in zip(sweep_keys, swept)]
     by_key = dict(zip(sweep_keys, swept))
     chosen_lr = {}
@@ -146,15 +149,16 @@ def main():
                 chosen_lr[(task, name)] = chosen_lr[(task, fam)]
     swept_runs = {(t, n) for t, n, _ in sweep_keys}
     rows_runs = {(t, n) for t in tasks for n in plan[t][1].values()}
-    seed_keys = [(t, n, s) for (t, n) in sorted(rows_runs) for s in seeds_of(n, seeds)
-                 if s != 0 or (t, n) not in swept_runs]
+    # the rows every comparison needs first, then the variants
+    seed_keys = sorted(((t, n, s) for (t, n) in rows_runs for s in seeds_of(n, seeds)
+                        if s != 0 or (t, n) not in swept_runs), key=lambda k: (k[1].split("-b")[0] in VARIANTS, k))
     others = run_many([overrides(t, n, chosen_lr[(t, n)], s) for t, n, s in seed_keys], args.jobs, args.reuse,
-                      args.threads)
+                      args.threads, train=not args.finished_only)
     results = {(t, n, 0): by_key[(t, n, chosen_lr[(t, n)])] for (t, n) in rows_runs if (t, n) in swept_runs}
     results.update(zip(seed_keys, others))
     failed = [r for r in results.values() if "error" in r]
     for r in failed:
-        print("FAILED", " ".join(r["overrides"]), r["error"], flush=True)
+        print("MISSING", " ".join(r["overrides"]), r["error"], flush=True)
 
     rows = []
     for task in tasks:
@@ -170,7 +174,7 @@ def main():
     table = summarise(rows, metric, group=("task", "budget", "family"))
     print_table(table, metric)
     print(save("trims_budgets" + suffix, {
-        "metric": metric, "rows": rows, "sweep": sweep, "failed": failed,
+        "metric": metric, "rows": rows, "sweep": sweep, "missing": failed,
         "chosen_lr": {f"{t}/{n}": lr for (t, n), lr in chosen_lr.items()},
         "planner_choice": {k: v for task in tasks for k, v in plan[task][2].items()}, "table": table}))
 
