@@ -149,9 +149,12 @@ def main():
                 chosen_lr[(task, name)] = chosen_lr[(task, fam)]
     swept_runs = {(t, n) for t, n, _ in sweep_keys}
     rows_runs = {(t, n) for t in tasks for n in plan[t][1].values()}
-    # the rows every comparison needs first, then the variants
+    # the rows every comparison needs first, then the variants, seed by seed over every task and budget
+    def order(key):
+        variant = key[1].split("-b")[0] in VARIANTS
+        return variant, key[2] if variant else 0, key
     seed_keys = sorted(((t, n, s) for (t, n) in rows_runs for s in seeds_of(n, seeds)
-                        if s != 0 or (t, n) not in swept_runs), key=lambda k: (k[1].split("-b")[0] in VARIANTS, k))
+                        if s != 0 or (t, n) not in swept_runs), key=order)
     others = run_many([overrides(t, n, chosen_lr[(t, n)], s) for t, n, s in seed_keys], args.jobs, args.reuse,
                       args.threads, train=not args.finished_only)
     results = {(t, n, 0): by_key[(t, n, chosen_lr[(t, n)])] for (t, n) in rows_runs if (t, n) in swept_runs}
