@@ -90,6 +90,8 @@ def trims_table(rows, metric="accuracy"):
         lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {paired(fam, 'trims', 'full')} | "
                      f"{paired(fam, 'trims', best) if best else '—'} | {paired(fam, 'trims', 'trims_start_last')} | "
                      f"{paper_cell} | {use_cell} |")
+    if not any(r["family"] == "trims_paper" for r in rows):  # --paper was not run: no column for it
+        lines = ["|".join(c for i, c in enumerate(line.split("|")) if i != 12) for line in lines]
     return "\n".join(lines)
 
 
