@@ -2,7 +2,7 @@
 
     python benchmarks/render_tables.py [baselines|adagradselect|trims|dynalora]
 
-`trims` also draws benchmarks/results/trims_budgets.png (accuracy against budget per task).
+`trims` also draws benchmarks/results/trims_budgets_<part>.png (the test metric against budget per task).
 """
 import json
 import statistics
