@@ -55,21 +55,16 @@ def trims_groups(rows):
 def trims_table(rows, metric="accuracy"):
     """Per task and budget: each method's test metric (mean ± sd over seeds, mean counted peak),
     TriMS's paired per-seed differences to full fine-tuning, to the best fitting static plan (the
-    best mean) and to TriMS from the paper's start, and TriMS's largest predicted plan over the budget."""
-    head = ("| task | budget | full | TriMS | TriMS, paper's start | top-k | LoRA | LISA | TriMS − full "
-            "| TriMS − best static | TriMS − paper's start | paper preset (seed 0) | TriMS budget use |")
-    lines = [head, "|" + "---|" * 13]
-
-    def paired(fam, a, b):
-        x = {r["seed"]: r["test"][metric] for r in fam.get(a, [])}
-        y = {r["seed"]: r["test"][metric] for r in fam.get(b, [])}
-        seeds = sorted(set(x) & set(y))
-        if not seeds:
-            return "—"
-        m, sd = mean_sd(100 * (x[s] - y[s]) for s in seeds)
-        return f"{m:+.1f} ± {sd:.1f} pt"
-
+    best mean) and to TriMS from the paper's start, the paper preset's seed 0 when it ran (--paper),
+    and TriMS's largest predicted plan over the budget."""
+    with_paper = any(r["family"] == "trims_paper" for r in rows)
+    cols = ["task", "budget", "full", "TriMS", "TriMS, paper's start", "top-k", "LoRA", "LISA", "TriMS − full",
+            "TriMS − best static", "TriMS − paper's start", *(["paper preset (seed 0)"] if with_paper else []),
+            "TriMS budget use"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        # the families as labels of one task: paired_differences pairs them seed by seed
+        paired = paired_differences([{**r, "label": f} for f, rs in fam.items() for r in rs], metric)
         cells, means = [], {}
         for f in ("full", "trims", "trims_start_last", *STATIC):
             rs = fam.get(f)
@@ -82,16 +77,15 @@ def trims_table(rows, metric="accuracy"):
             name = rs[0]["label"].split("@")[0] + " " if f in STATIC else ""
             cells.append(f"{name}{m:.3f} ± {sd:.3f} ({peak:.0f} MiB)")
         best = max((f for f in STATIC if f in means), key=lambda f: means[f], default=None)
-        paper = fam.get("trims_paper")
+        cells += [paired(task, "trims", "full"), paired(task, "trims", best) if best else "—",
+                  paired(task, "trims", "trims_start_last")]
+        if with_paper:
+            paper = fam.get("trims_paper")
+            cells.append(f"{paper[0]['test'][metric]:.3f}" if paper else "—")
         use = [r["largest_step_predicted_peak_bytes"] / r["budget_bytes"] for r in fam["trims"]
                if r.get("largest_step_predicted_peak_bytes") and r.get("budget_bytes")]
-        paper_cell = f"{paper[0]['test'][metric]:.3f}" if paper else "—"
-        use_cell = f"{max(use):.0%}" if use else "—"
-        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + f" | {paired(fam, 'trims', 'full')} | "
-                     f"{paired(fam, 'trims', best) if best else '—'} | {paired(fam, 'trims', 'trims_start_last')} | "
-                     f"{paper_cell} | {use_cell} |")
-    if not any(r["family"] == "trims_paper" for r in rows):  # --paper was not run: no column for it
-        lines = ["|".join(c for i, c in enumerate(line.split("|")) if i != 12) for line in lines]
+        cells.append(f"{max(use):.0%}" if use else "—")
+        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

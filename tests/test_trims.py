@@ -216,7 +216,7 @@ def hand_made(m):
     m.kappa, m.kappa_ready = {"exp": 0.2, "shr": 0.3, "ext": 0.1}, True
     m.alpha_m, m.m_base, m.mem_ready = 2.0, 5.0, True
     m.t_unit, m.alpha_t, m.t_base = 0.5, 1.5, 1.0
-    m.loss_prev, m.loss_last = 2.0, 1.8
+    m.period_losses = [2.0, 1.8]  # L_{i-1}, L_i
 
 
 def test_operation1_on_a_hand_made_state():
@@ -254,7 +254,7 @@ def test_operation2_updates_against_hand_computed_numbers():
     m.kappa, m.kappa_ready = {"exp": 0.2, "shr": 0.22, "ext": 0.18}, True
     m.alpha_m, m.m_base, m.mem_ready = 1.0, 10.0, True
     m.t_unit, m.alpha_t, m.t_base = 0.5, 1.0, 1.0
-    m.loss_last = 2.0
+    m.period_losses = [2.0]  # L_i
     # price(3,5,6,8) = 40 + 5*5 + 10*3 - 2*2 = 91; time units 6 + 4 + 3 = 13
     m.update_estimators(L=1.8, m=130.0, t=9.0)
     assert m.alpha_m == pytest.approx(0.9 * 1.0 + 0.1 * (130 - 10) / 91)   # 1.031868
@@ -265,10 +265,10 @@ def test_operation2_updates_against_hand_computed_numbers():
     assert m.kappa == pytest.approx({"exp": 0.22, "shr": 0.22, "ext": 0.18})
     assert m.memory_hat(m.state) == pytest.approx(130.0)  # calibrated on what was measured
 
-    m.loss_last, m.prev_state, m.last_action = 2.0, (3, 5, 7, 8), "PO"  # PO touched block 7
+    m.period_losses, m.prev_state, m.last_action = [2.0], (3, 5, 7, 8), "PO"  # PO touched block 7
     m.update_estimators(L=2.5, m=None, t=None)
     assert m.kappa["ext"] == pytest.approx(0.9 * 0.18 + 0.1 * 0.5 / 1.0)
-    m.loss_last, m.prev_state, m.last_action = 2.0, (2, 5, 6, 8), "LS"  # LS froze block 2
+    m.period_losses, m.prev_state, m.last_action = [2.0], (2, 5, 6, 8), "LS"  # LS froze block 2
     m.update_estimators(L=2.1, m=None, t=None)
     assert m.kappa["shr"] == pytest.approx(0.9 * 0.22 + 0.1 * 0.1 / 1.0)
     before = dict(m.kappa)
@@ -515,7 +515,8 @@ def test_cli_resume_at_a_decision_step_on_a_faster_machine_equals_the_straight_r
     # lazily, and the resumed run's fresh one must not shift the dropout masks either
     common = [f"model={tiny_bert_dir}", "task=trec", "data.max_train=120", "data.max_eval=16", "batch_size=4",
               "max_length=32", "max_steps=30", "progress=false", "save_model=false", "lr=3e-3",
-              "method=trims", "trims.tau=5", "trims.lambda_m=0.001", "trims.lambda_t=0.01", "trims.start=last", "trims.con=last"]
+              "method=trims", "trims.tau=5", "trims.lambda_m=0.001", "trims.lambda_t=0.01", "trims.start=last",
+              "trims.con=last"]
     setup = Trims.setup
 
     def on_clock(**clock):  # every TriMS the CLI builds from now on measures time with this clock

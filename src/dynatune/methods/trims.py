@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 from statistics import median
+from typing import Optional
 
 import torch
 
@@ -102,14 +102,15 @@ class TrimsConfig(MethodConfig):
     activation_ratio: float = opt(0.5, "M_A = ratio * M_P per block, used only when no memory model prices plans")
     state_policy: str = opt("drop", "optimizer state of blocks that freeze: drop (paper: frozen blocks hold none), "
                                     "keep or offload")
-    exits: Optional[str] = opt(None, "exit actions PU/PO: 'on', 'off', or 'auto' (off when the task head reads the first "
-                             "token, as encoder classifiers do: see docs/methods/trims.md); dynatune preset: 'auto', paper: 'on'")
-    time: Optional[str] = opt(None, "how eq. 8 prices time: 'model' (default): eq. 5's sums in mean-block units (forward "
-                             "1..e, gradient l..e, update l..r, by parameter count), a function of the state alone, "
-                             "so runs and resumes are reproducible; 'measured': the paper's calibration against "
-                             "measured step times (Operation 2), which makes decisions depend on wall-clock time: "
-                             "two runs with one seed, or a run and its resume, may then take different actions; "
-                                     "dynatune preset: 'model', paper: 'measured'")
+    exits: Optional[str] = opt(None, "exit actions PU/PO: 'on', 'off', or 'auto' (off when the task head reads the "
+                                     "first token, as encoder classifiers do: see docs/methods/trims.md); dynatune "
+                                     "preset: 'auto', paper: 'on'")
+    time: Optional[str] = opt(None, "how eq. 8 prices time: 'model': eq. 5's sums in mean-block units (forward 1..e, "
+                                    "gradient l..e, update l..r, by parameter count), a function of the state alone, "
+                                    "so runs and resumes are reproducible; 'measured': the paper's calibration against "
+                                    "measured step times (Operation 2), which makes decisions depend on wall-clock "
+                                    "time: two runs with one seed, or a run and its resume, may then take different "
+                                    "actions; dynatune preset: 'model', paper: 'measured'")
 
 
 # What each preset sets for the options left unset (None).
@@ -193,9 +194,7 @@ class Trims(Method):
         self.kappa_ready = False
         self.alpha_m, self.m_base, self.mem_ready = 1.0, 0.0, False
         self.alpha_t, self.t_base, self.t_unit = 1.0, 0.0, None  # t_unit: seconds per mean block pass
-        self.loss_last: float | None = None  # L_i of the period that just ended
-        self.loss_prev: float | None = None  # L_{i-1}
-        self.period_losses: list[float] = []  # L_1 .. L_i (con=trend fits its slope to the last few)
+        self.period_losses: list[float] = []  # L_1 .. L_i: loss_last, loss_prev and CON's trend read them
         self.last_action: str | None = None  # a_{i-1}: the action that led to the current state
         self.prev_state: State | None = None  # the state a_{i-1} was taken from
         self._new_period()
@@ -242,7 +241,7 @@ class Trims(Method):
 
     def smallest_plan(self, units) -> Plan:
         """The cheapest state: l = r = e = 1 (block 1 trains, every later block exited); without
-        exits, l = r = e = n (only the last block trains: the starting state)."""
+        exits, l = r = e = n (only the last block trains: the paper's starting state)."""
         n = units.n_blocks
         if not self._exits_allowed(units):
             return Plan.of({f"block.{n - 1}"} | self._top_units(units))
@@ -400,6 +399,16 @@ class Trims(Method):
             v_hat = SIGN_OF[action] * self.kappa[KAPPA_OF[action]] * self.g[touched(s, action)]
         return m_hat, t_hat, v_hat
 
+    @property
+    def loss_last(self) -> float | None:
+        """L_i, the mean loss of the period that just ended."""
+        return self.period_losses[-1] if self.period_losses else None
+
+    @property
+    def loss_prev(self) -> float | None:
+        """L_{i-1}."""
+        return self.period_losses[-2] if len(self.period_losses) > 1 else None
+
     def loss_trend(self) -> float:
         """CON's predicted loss change: L_i - L_{i-1} (con=last, the paper), or the least-squares slope
         of the last `trend_periods` period losses (con=trend): at batch 16 one period's mean moves by
@@ -436,15 +445,15 @@ class Trims(Method):
         a = self.last_action
         if a is None or self.loss_last is None:
             return
-        if a == "CON" and (self.kappa_ready or c.start == "last"):
-            if self.kappa_ready:
-                self.kappa = {k: c.eta * v for k, v in self.kappa.items()}
-            return
-        if a == "CON":  # start=fit's warm-up: the window's loss change over its gradient strength
-            l, r = s[0], s[1]
-            g = sum(self.g[j] for j in range(l, r + 1) if self.g_seen[j])
-        else:
+        if a != "CON":
             g = self.g[touched(self.prev_state, a)]
+        elif self.kappa_ready:
+            self.kappa = {k: c.eta * v for k, v in self.kappa.items()}
+            return
+        elif c.start == "fit":  # the warm-up: the window's loss change over its gradient strength
+            g = sum(self.g[j] for j in range(s[0], s[1] + 1) if self.g_seen[j])
+        else:  # the paper sets kappa from its first action, never from CON
+            return
         if g <= 0:
             return
         ratio = abs(L - self.loss_last) / g
@@ -488,8 +497,7 @@ class Trims(Method):
         measured = self.config.time == "measured"
         self.update_gradients({j: a["g_sum"][j] / a["g_n"][j] for j in a["g_sum"]})
         self.update_estimators(L, m, t if measured else None)
-        self.loss_prev, self.loss_last = self.loss_last, L
-        self.period_losses.append(L)
+        self.period_losses.append(L)  # now L_i: loss_last; the previous one is loss_prev
         m_i = m if m is not None else self.memory_hat(self.state)
         t_i = t if (measured and t is not None) else self.time_hat(self.state)
         action, record = self.choose(L, m_i, t_i)
@@ -573,8 +581,7 @@ class Trims(Method):
                 "g_seen": list(self.g_seen), "kappa": dict(self.kappa), "kappa_ready": self.kappa_ready,
                 "alpha_m": self.alpha_m, "m_base": self.m_base, "mem_ready": self.mem_ready,
                 "alpha_t": self.alpha_t, "t_base": self.t_base, "t_unit": self.t_unit,
-                "loss_last": self.loss_last, "loss_prev": self.loss_prev, "period_losses": list(self.period_losses),
-                "last_action": self.last_action,
+                "period_losses": list(self.period_losses), "last_action": self.last_action,
                 "prev_state": list(self.prev_state) if self.prev_state else None,
                 "acc": {**self.acc, "g_sum": dict(self.acc["g_sum"]), "g_n": dict(self.acc["g_n"]),
                         "times": list(self.acc["times"])},
@@ -594,7 +601,6 @@ class Trims(Method):
         self.kappa, self.kappa_ready = dict(sd["kappa"]), sd["kappa_ready"]
         self.alpha_m, self.m_base, self.mem_ready = sd["alpha_m"], sd["m_base"], sd["mem_ready"]
         self.alpha_t, self.t_base, self.t_unit = sd["alpha_t"], sd["t_base"], sd["t_unit"]
-        self.loss_last, self.loss_prev = sd["loss_last"], sd["loss_prev"]
         self.period_losses = list(sd["period_losses"])
         self.last_action = sd["last_action"]
         self.prev_state = tuple(sd["prev_state"]) if sd["prev_state"] else None
