@@ -31,7 +31,7 @@ from harness import print_table, run_many, save, summarise  # noqa: E402
 MINILM_TASKS = {"trec": 6, "sms-spam": 2, "movie-sentiment": 2}
 MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
           "max_length=48"]
-SMOLLM2 = ["model=smollm2-135m", "data.max_train=400", "data.max_eval=100", "max_steps=200", "batch_size=8",
+SMOLLM2 = ["model=smollm2-135m", "data.max_train=400", "data.max_eval=100", "max_steps=60", "batch_size=8",
            "max_length=48", "eval_each_epoch=false"]
 RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", "1e-3"),
                     "lora": ("3e-4", "1e-3", "3e-3")},

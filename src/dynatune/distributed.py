@@ -24,6 +24,7 @@ time (rank 0's).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import zlib
@@ -53,7 +54,26 @@ def init_from_env(device_name: str = "auto") -> "Replicas | None":
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    destroy_at_exit()
     return current()
+
+
+_destroy_registered = False
+
+
+def destroy_at_exit() -> None:
+    """Tear the process group down when the interpreter exits, while it is still whole. Left to the
+    interpreter's finalization, gloo's worker threads can outlive it and the process aborts
+    ("terminate called without an active exception") after the run has finished and saved."""
+    global _destroy_registered
+    if not _destroy_registered:
+        _destroy_registered = True
+        atexit.register(_destroy_if_initialized)
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 STRATEGIES = ("ddp", "fsdp")

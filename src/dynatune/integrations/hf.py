@@ -568,7 +568,7 @@ class DynatuneTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from ..distributed import current
+        from ..distributed import current, destroy_at_exit
         cb = self._dynatune_callback()
         if cb is not None and getattr(self, "is_fsdp_enabled", False):
             raise DynatuneError("DynatuneTrainer does not run under the Trainer's FSDP yet (its wrapping fixes "
@@ -576,6 +576,7 @@ class DynatuneTrainer(Trainer):
                                 "`dynatune train strategy=fsdp` for the block methods (docs/distributed.md).")
         if cb is not None and current() is not None:
             cb.reduces_gradients = True
+            destroy_at_exit()  # accelerate set the group up and leaves it to the interpreter's exit
             prepare_model = self.accelerator.prepare_model
 
             def without_ddp(model, device_placement=None, evaluation_mode=False):
