@@ -3,7 +3,8 @@
 #   1. the CUDA tests (every method through the real loop under bf16 autocast, the row-sparse
 #      delta, the memory model against max_memory_allocated);
 #   2. benchmarks/dynalora_gpu.py, ist_gpu.py and spsft_gpu.py at their issue-sized defaults;
-#   3. benchmarks/gpu_phases.py: measured peaks phase by phase beside the memory model's.
+#   3. benchmarks/gpu_phases.py: measured peaks phase by phase beside the memory model's;
+#   4. benchmarks/peers.py: the peers beside dynatune, and the shared anchors in the same run.
 # Each step has its own time limit, so one that hangs does not cost the others. Logs, a summary
 # and the result JSON files land in OUTDIR (default $OUT, else /tmp/gpu_session).
 #
@@ -38,7 +39,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())" 2>&1
 } >> "$summary"
 
-steps=" ${STEPS:-tests ist_gpu spsft_gpu gpu_phases dynalora_gpu trims_budgets_minilm_cuda} "
+steps=" ${STEPS:-tests ist_gpu spsft_gpu gpu_phases dynalora_gpu trims_budgets_minilm_cuda peers_gpu peers_lisa_memory_cuda anchors} "
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUTDIR/NAME.log, note rc and seconds
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
@@ -62,4 +63,10 @@ if [[ $steps == *" trims_budgets_minilm_cuda "* ]] && [ -d runs/trims-bench-mini
     tar czf "$out/trims-bench-minilm-cuda.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.png' \
         runs/trims-bench-minilm-cuda
 fi
+# the peers beside dynatune on Qwen2-0.5B (16 x 256), then LISA's optimizer state over 8 switches, then
+# the shared anchor scripts in the same session (carried in gpucache/anchors when ../shared does not travel)
+step peers_gpu 330 python3 benchmarks/peers.py gpu
+step peers_lisa_memory_cuda 90 python3 benchmarks/peers.py lisa-memory --device cuda
+anchors=$( [ -d ../shared/anchors ] && echo ../shared/anchors || echo gpucache/anchors )
+step anchors 150 bash -c "cd $anchors && python3 anchors_gpu.py qwen2-0.5b && python3 badam_gpu.py qwen2-0.5b"
 exit 0

@@ -1,0 +1,499 @@
+"""dynatune beside the tools users would pick instead, under one protocol.
+
+    python benchmarks/peers.py gpu                 # Qwen2-0.5B architecture at 16 x 256 on CUDA: every peer and
+                                                   # dynatune method, measured peak and step time, in one run
+    python benchmarks/peers.py gpu --smoke         # tiny Llama on the CPU, 2 x 32 tokens: checks the script
+    python benchmarks/peers.py lisa-memory         # optimizer-state bytes after each of 8 LISA switches: LISA's
+                                                   # public callbacks against dynatune's lisa (CPU, counted exactly)
+    python benchmarks/peers.py lisa-memory --device cuda   # the same at 16 x 256 on Qwen2-0.5B, measured peaks too
+
+Peers run as their own libraries run them: peft for LoRA, DoRA, VeRA, AdaLoRA (its allocator,
+`update_and_allocate`, called after every optimizer step) and SHiRA; `badam` 1.4 for BAdam
+(BlockOptimizer with random and ascending switching, and BlockOptimizerRatio); `galore-torch` for
+GaLore; plain PyTorch for full fine-tuning, top-k and LISA as its public callbacks do it (one
+optimizer over every parameter, blocks switched by requires_grad, so Adam state accrues for every
+block ever drawn). dynatune's methods run through its engine and training step. Install the peers
+with `pip install -e ".[peers]"`.
+
+GPU protocol (the one ../shared/anchors/anchors_gpu.py measures, so its figures can be run beside
+these): random init of the real architecture (memory and time do not depend on the weights), fp32
+weights, bf16 autocast, AdamW, batches of 16 x 256 random tokens with labels = inputs, the same
+seeded batches for every runner. BAdam also runs in its own recommended setting (bf16 weights, fp32
+copies of the active block, no autocast). Each runner builds its own model after the previous one is
+released; its measured peak is torch.cuda.max_memory_allocated from before the model is built to the
+end of its steps (weights included), its step time the median of the steps after --warmup. Switching
+methods switch every --period steps so that several switches fall inside the run. Beside the measured
+peak each row has the optimizer-state bytes read by `state_bytes`, which walks any optimizer's state
+(BAdam's, GaLore's projectors, AdaLoRA's) rather than only dynatune's.
+
+Writes benchmarks/results/peers_<what>[_smoke].json with the commit, the command and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import release_cuda, save  # noqa: E402
+
+
+# ---- reading any optimizer's state -------------------------------------------------------------
+
+def _tensors_in(obj, depth: int = 0):
+    """Tensors reachable from an optimizer's state: nested dicts, lists and plain objects (GaLore keeps
+    its projection matrix in a projector object inside the state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 4 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
+    elif depth < 4 and hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        yield from _tensors_in(vars(obj), depth + 1)
+
+
+def state_bytes(optimizer, exclude=()) -> int:
+    """Bytes of the distinct storages an optimizer holds beyond the model's parameters: its state (any
+    optimizer's: nested containers and objects are walked), plus, for BAdam, the fp32 copies of the
+    active block and the wrapped optimizer's state."""
+    from dynatune.memory.counting import storage_key, unique_bytes
+
+    holders = [optimizer.state]
+    base = getattr(optimizer, "base_optimizer", None)
+    if base is not None:  # BAdam's BlockOptimizer
+        holders += [base.state, getattr(optimizer, "param_idx2hp", {})]
+    exclude_keys = {storage_key(p) for p in exclude}
+    return unique_bytes((t for h in holders for t in _tensors_in(h)), exclude=exclude_keys)
+
+
+# ---- peers, each as its library runs it ---------------------------------------------------------
+
+def _galore_adamw():
+    """galore_torch.adamw.AdamW. The package's __init__ also imports its 8-bit variant, which needs
+    bitsandbytes (not used here), so the package is entered without running it."""
+    if "galore_torch" not in sys.modules:
+        spec = importlib.util.find_spec("galore_torch")
+        if spec is None:
+            raise SystemExit("galore-torch is not installed: pip install -e '.[peers]'")
+        pkg = types.ModuleType("galore_torch")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["galore_torch"] = pkg
+    from galore_torch.adamw import AdamW
+    return AdamW
+
+
+def blocks_of(model):
+    return model.model.layers
+
+
+def freeze_all(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def adamw(params, args):
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=args.lr)
+
+
+def peer_full(model, args):
+    return model, adamw(model.parameters(), args), None
+
+
+def peer_top(k):
+    def setup(model, args):
+        freeze_all(model)
+        for p in [*blocks_of(model)[-k:].parameters(), *model.model.norm.parameters()]:
+            p.requires_grad_(True)
+        return model, adamw(model.parameters(), args), None
+    return setup
+
+
+def peer_lisa_public(k):
+    """LISA as its public callbacks run it: the Trainer's optimizer is built once over every parameter;
+    every `period` steps k random blocks are switched on by requires_grad (embeddings and head stay on).
+    The optimizer keeps the Adam state of every block it ever updated."""
+    def setup(model, args):
+        rng = random.Random(0)
+        layers = blocks_of(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+
+        def switch(step):
+            if step % args.period:
+                return
+            freeze_all(model)
+            for i in rng.sample(range(len(layers)), k):
+                layers[i].requires_grad_(True)
+            for m in (model.model.embed_tokens, model.model.norm, model.lm_head):
+                m.requires_grad_(True)
+        switch(0)
+        return model, opt, lambda step: switch(step + 1)
+    return setup
+
+
+def peer_badam(mode: str):
+    """BAdam's BlockOptimizer, one block per switch, in its recommended setting when the model is bf16."""
+    def setup(model, args):
+        from badam import BlockOptimizer
+
+        n = len(blocks_of(model))
+        base = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        opt = BlockOptimizer(base_optimizer=base, named_parameters_list=list(model.named_parameters()),
+                             switch_block_every=args.period, switch_mode=mode, verbose=0,
+                             block_prefix_list=[[f"model.layers.{i}."] for i in range(n)])
+        return model, opt, None
+    return setup
+
+
+def peer_badam_ratio(ratio: float):
+    def setup(model, args):
+        from badam import BlockOptimizerRatio
+
+        opt = BlockOptimizerRatio(param_groups=[{"params": list(model.parameters())}],
+                                  named_parameters_list=list(model.named_parameters()), update_ratio=ratio,
+                                  switch_every=args.period, lr=args.lr, verbose=0,
+                                  include_lm_head=True)  # tied to the embedding (which stays frozen): no lm_head of its own
+        return model, opt, None
+    return setup
+
+
+def peer_galore(rank: int):
+    """GaLore on the blocks' linear weights (its README's recipe: scale 0.25, projection refreshed every
+    200 steps), everything else in a plain AdamW group."""
+    def setup(model, args):
+        galore, rest = [], []
+        for name, p in model.named_parameters():
+            (galore if p.dim() == 2 and "layers." in name and "proj" in name else rest).append(p)
+        opt = _galore_adamw()([{"params": rest}, {"params": galore, "rank": rank, "update_proj_gap": 200,
+                                                   "scale": 0.25, "proj_type": "std"}], lr=args.lr)
+        return model, opt, None
+    return setup
+
+
+def peer_peft(kind: str, r: int):
+    def setup(model, args):
+        import peft
+
+        common = {"target_modules": "all-linear"}
+        if kind == "lora":
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, **common)
+        elif kind == "dora":
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, use_dora=True, **common)
+        elif kind == "vera":
+            cfg = peft.VeraConfig(r=r, **common)
+        elif kind == "shira":
+            cfg = peft.ShiraConfig(r=r, **common)
+        elif kind == "adalora":  # the allocator prunes from init_r to target_r between tinit and total_step - tfinal
+            steps = args.warmup + args.steps
+            cfg = peft.AdaLoraConfig(init_r=r, target_r=r // 2, tinit=1, tfinal=1, deltaT=1, total_step=steps,
+                                     lora_alpha=2 * r, **common)
+        else:
+            raise ValueError(kind)
+        pm = peft.get_peft_model(model, cfg)
+        opt = adamw(pm.parameters(), args)
+        after = (lambda step: pm.base_model.update_and_allocate(step)) if kind == "adalora" else None
+        return pm, opt, after
+    return setup
+
+
+def peers(n_blocks: int, r: int = 64) -> dict:
+    """{label: (setup, weights dtype or None for fp32 + autocast)}."""
+    k = max(1, n_blocks // 4)
+    return {
+        "full": (peer_full, None),
+        f"top{k}": (peer_top(k), None),
+        "lisa2 (public callbacks)": (peer_lisa_public(2), None),
+        "badam random (bf16 weights)": (peer_badam("random"), torch.bfloat16),
+        "badam ascending (bf16 weights)": (peer_badam("ascending"), torch.bfloat16),
+        "badam random (fp32 + autocast)": (peer_badam("random"), None),
+        "badam ratio 0.1": (peer_badam_ratio(0.1), None),
+        "galore r128": (peer_galore(128), None),
+        f"lora r{r}": (peer_peft("lora", r), None),
+        f"dora r{r}": (peer_peft("dora", r), None),
+        "vera r256": (peer_peft("vera", 256), None),
+        f"adalora r{r}->{r // 2}": (peer_peft("adalora", r), None),
+        f"shira r{r}": (peer_peft("shira", r), None),
+    }
+
+
+def dynatune_runners(n_blocks: int, period: int, r: int = 64) -> dict:
+    """{label: (method, options, budget)}: dynatune's methods at settings comparable to the peers'."""
+    k = max(1, n_blocks // 4)
+    adapter = {"r": r, "alpha": 2.0 * r, "targets": "all-linear"}
+    return {
+        "dynatune full": ("full", {}, None),
+        f"dynatune top{k}": ("topk", {"k": k}, None),
+        "dynatune lisa2": ("lisa", {"k": 2, "period": period}, None),
+        "dynatune trims @80%": ("trims", {}, 0.8),
+        "dynatune trims @60%": ("trims", {}, 0.6),
+        "dynatune trims @40%": ("trims", {}, 0.4),
+        "dynatune adagradselect k=0.3": ("adagradselect", {}, None),
+        f"dynatune lora r{r}": ("lora", adapter, None),
+        f"dynatune dynalora r{r} 2/3": ("dynalora", {**adapter, "period": period}, None),
+        f"dynatune spsft r{r}": ("spsft", {"r": r}, None),
+        "dynatune ist r32": ("ist", {"targets": "all-linear"}, None),
+    }
+
+
+# ---- one runner ------------------------------------------------------------------------------
+
+def batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": ids.clone().to(device)})
+    return out
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(args, device, dtype=None):
+    from dynatune.models import load_model
+
+    with torch.device(device):  # random init straight on the device: no host copy
+        model, _ = load_model(f"arch:{args.arch}", "causal-lm", seed=0)
+    model = model.to(device)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _peak_start(device) -> int:
+    left = release_cuda()  # what earlier runners left: recorded and kept out of the peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return left
+
+
+def _row(label, kind, times, left, device, model_params, trainable, opt_bytes, last_loss, **extra) -> dict:
+    peak = torch.cuda.max_memory_allocated(device) - left if device.type == "cuda" else None
+    return {"label": label, "kind": kind, "measured_peak_bytes": peak,
+            "median_step_s": statistics.median(times), "trainable_params": trainable,
+            "params": model_params, "optimizer_state_bytes": opt_bytes, "last_loss": last_loss, **extra}
+
+
+def run_peer(label, setup, dtype, args, device, data) -> dict:
+    left = _peak_start(device)
+    model = build_model(args, device, dtype)
+    model, opt, after_step = setup(model, args)
+    model.train()
+    autocast = dtype is None and args.precision == "amp-bf16"
+    times, trainable = [], 0
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**data[i % len(data)]).loss
+        loss.backward()
+        trainable = max(trainable, sum(p.numel() for p in model.parameters() if p.grad is not None))
+        opt.step()
+        if after_step is not None:
+            after_step(i)
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    params = list(model.parameters())
+    row = _row(label, "peer", times, left, device, sum(p.numel() for p in params), trainable,
+               state_bytes(opt, exclude=params), float(loss), weights_dtype=str(dtype or torch.float32))
+    del model, opt, params, after_step
+    return row
+
+
+def run_dynatune(label, name, options, budget, args, device, data) -> dict:
+    from dynatune.engine import Tuner
+    from dynatune.loop import train_step
+    from dynatune.memory import MemoryModel
+    from dynatune.memory.install import install_budget
+    from dynatune.methods import build_method
+
+    left = _peak_start(device)
+    model = build_model(args, device)
+    method = build_method(name, seed=0, **options)
+    method.configure_loop(1, args.warmup + args.steps)
+    tuner = Tuner(model, method, lr=args.lr)
+    shape = (args.batch, args.seq)
+    if budget is not None:  # a fraction of full fine-tuning's predicted peak, as `budget=0.6` in a run
+        install_budget(tuner, budget, batch_shape=shape, precision=args.precision, device_type=device.type)
+    else:  # no budget: the memory model still prices every plan
+        tuner.set_budget(MemoryModel.from_tuner(tuner, precision=args.precision, batch_shape=shape,
+                                                device_type=device.type), None)
+    cfg = SimpleNamespace(grad_clip=0.0, precision=args.precision, chunked_loss=0)
+    tuner.model.train()
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = train_step(tuner, tuner.model, [data[i % len(data)]], cfg, device)
+        sync(device)
+        tuner.end_step(loss)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    trainable = max(sum(tuner.params[p].numel() for u in h["update"] for p in tuner.units[u].param_names)
+                    for h in tuner.history)
+    row = _row(label, "dynatune", times, left, device, sum(p.numel() for p in tuner.params.values()), trainable,
+               state_bytes(tuner.optimizer, exclude=tuner.params.values()), float(loss), method=name,
+               options=options, budget=budget, budget_bytes=tuner.budget_bytes,
+               counted_peak_bytes=tuner.peak.counted, predicted_peak_bytes_max=max(
+                   tuner.memory_model.predict(tuner.plan).predicted_peak_bytes, 0))
+    tuner.close_hooks()
+    del tuner, model, method
+    return row
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+def smoke_settings(args):
+    args.arch, args.device, args.batch, args.seq = "tiny-llama", "cpu", 2, 32
+    args.precision, args.warmup, args.steps, args.period, args.r = "fp32", 1, 4, 2, 8
+
+
+def cmd_gpu(args, on_row=lambda payload: None) -> dict:
+    """Every runner in turn; on_row(payload so far) after each, so a run cut short keeps its rows."""
+    device = torch.device(args.device)
+    from dynatune.models import resolve_config
+
+    config = resolve_config(f"arch:{args.arch}")
+    data = batches(4, args.batch, args.seq, config.vocab_size, device)
+    only = set(args.only.split(",")) if args.only else None
+    runners = [(label, lambda s=setup, d=dtype, l=label: run_peer(l, s, d, args, device, data))
+               for label, (setup, dtype) in peers(config.num_hidden_layers, args.r).items()]
+    runners += [(label, lambda n=name, o=options, b=budget, l=label: run_dynatune(l, n, o, b, args, device, data))
+                for label, (name, options, budget) in dynatune_runners(config.num_hidden_layers, args.period,
+                                                                       args.r).items()]
+    payload = {"arch": args.arch, "device": args.device, "batch": args.batch, "seq": args.seq, "r": args.r,
+               "precision": args.precision, "warmup": args.warmup, "steps": args.steps, "period": args.period,
+               "rows": []}
+    for label, fn in runners:
+        if only is None or label in only:
+            payload["rows"].append(_guarded(label, fn))
+            _ratios_to_full(payload["rows"])
+            on_row(payload)
+    return payload
+
+
+def _ratios_to_full(rows) -> None:
+    full = next((r for r in rows if r["label"] == "full" and r.get("measured_peak_bytes")), None)
+    for r in rows:
+        if full and r.get("measured_peak_bytes"):
+            r["measured_peak_vs_full"] = r["measured_peak_bytes"] / full["measured_peak_bytes"]
+            r["step_vs_full"] = r["median_step_s"] / full["median_step_s"]
+
+
+def _guarded(label, fn) -> dict:
+    """One runner; a peer that fails (out of memory, a library that refuses the model) is a row that says
+    so, not a lost run."""
+    try:
+        row = fn()
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row
+        row = {"label": label, "error": f"{type(err).__name__}: {err}"[:500]}
+    print(label, {k: row.get(k) for k in ("measured_peak_bytes", "median_step_s", "trainable_params",
+                                          "optimizer_state_bytes", "error")}, flush=True)
+    return row
+
+
+def cmd_lisa_memory(args) -> dict:
+    """Optimizer-state bytes after each switch, LISA's public callbacks vs dynatune's lisa (drop)."""
+    from dynatune.engine import Tuner
+    from dynatune.loop import train_step
+    from dynatune.methods import build_method
+    from dynatune.models import resolve_config
+
+    device = torch.device(args.device)
+    config = resolve_config(f"arch:{args.arch}")
+    data = batches(2, args.batch, args.seq, config.vocab_size, device)
+    steps = args.switches * args.period
+    out = {}
+    # public callbacks: one optimizer over every parameter
+    left = _peak_start(device)
+    model = build_model(args, device)
+    model.train()
+    model, opt, after = peer_lisa_public(2)(model, args)
+    public = []
+    for i in range(steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "amp-bf16"):
+            loss = model(**data[i % len(data)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (i + 1) % args.period == 0:  # the end of a period, before the next draw
+            public.append(_switch_point(i, state_bytes(opt, exclude=list(model.parameters())), left, device))
+        after(i)
+    out["public_callbacks"] = public
+    del model, opt, after
+    # dynatune's lisa: state of blocks that leave is freed
+    left = _peak_start(device)
+    model = build_model(args, device)
+    method = build_method("lisa", seed=0, k=2, period=args.period)
+    tuner = Tuner(model, method, lr=args.lr)
+    tuner.model.train()
+    cfg = SimpleNamespace(grad_clip=0.0, precision=args.precision, chunked_loss=0)
+    ours = []
+    for i in range(steps):
+        loss = train_step(tuner, tuner.model, [data[i % len(data)]], cfg, device)
+        tuner.end_step(loss)
+        if (i + 1) % args.period == 0:
+            ours.append(_switch_point(i, state_bytes(tuner.optimizer, exclude=list(tuner.params.values())),
+                                      left, device, counted=tuner.record.optimizer))
+    out["dynatune_lisa"] = ours
+    tuner.close_hooks()
+    return {"arch": args.arch, "device": args.device, "batch": args.batch, "seq": args.seq,
+            "precision": args.precision, "period": args.period, "switches": args.switches, "k": 2, **out}
+
+
+def _switch_point(step, opt_bytes, left, device, counted=None) -> dict:
+    point = {"step": step + 1, "optimizer_state_bytes": opt_bytes}
+    if counted is not None:
+        point["engine_counted_optimizer_bytes"] = counted
+    if device.type == "cuda":
+        point["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device) - left
+    return point
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["gpu", "lisa-memory"])
+    ap.add_argument("--arch", default=None, help="default: qwen2-0.5b (gpu), smollm2-135m (lisa-memory on the CPU)")
+    ap.add_argument("--device", default=None, help="default: cuda (gpu), cpu (lisa-memory)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--precision", default="amp-bf16")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--r", type=int, default=64, help="adapter rank (LoRA, DoRA, AdaLoRA's initial, SHiRA, SPSFT rows)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--period", type=int, default=4, help="steps between switches (LISA, BAdam, DynaLoRA)")
+    ap.add_argument("--switches", type=int, default=8, help="lisa-memory: periods measured")
+    ap.add_argument("--only", default=None, help="gpu: comma-separated row labels")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    on_cpu = args.what == "lisa-memory" and args.device in (None, "cpu")
+    args.arch = args.arch or ("smollm2-135m" if on_cpu else "qwen2-0.5b")
+    args.device = args.device or ("cpu" if on_cpu else "cuda")
+    args.batch = args.batch or (2 if on_cpu else 16)
+    args.seq = args.seq or (64 if on_cpu else 256)
+    if args.smoke:
+        smoke_settings(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run with --smoke on a CPU, or on a GPU machine")
+    name = "peers_" + args.what.replace("-", "_") + ("" if args.device == "cpu" or args.what == "gpu" else "_cuda")
+    name += "_smoke" if args.smoke else ""
+    payload = cmd_gpu(args, lambda p: save(name, p)) if args.what == "gpu" else cmd_lisa_memory(args)
+    print(save(name, payload))
+
+
+if __name__ == "__main__":
+    main()
