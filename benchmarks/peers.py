@@ -6,6 +6,10 @@
     python benchmarks/peers.py lisa-memory         # optimizer-state bytes after each of 8 LISA switches: LISA's
                                                    # public callbacks against dynatune's lisa (CPU, counted exactly)
     python benchmarks/peers.py lisa-memory --device cuda   # the same at 16 x 256 on Qwen2-0.5B, measured peaks too
+    python benchmarks/peers.py table --tasks trec --jobs 2 # real data on the CPU: budgets of 100/80/60/40% of full
+                                                   # fine-tuning's counted peak, each peer at its largest
+                                                   # setting that fits, dynatune's methods at the budget
+    python benchmarks/peers.py table --smoke       # 2 steps per run on 32 examples: checks the script
 
 Peers run as their own libraries run them: peft for LoRA, DoRA, VeRA, AdaLoRA (its allocator,
 `update_and_allocate`, called after every optimizer step) and SHiRA; `badam` 1.4 for BAdam
@@ -25,6 +29,17 @@ end of its steps (weights included), its step time the median of the steps after
 methods switch every --period steps so that several switches fall inside the run. Beside the measured
 peak each row has the optimizer-state bytes read by `state_bytes`, which walks any optimizer's state
 (BAdam's, GaLore's projectors, AdaLoRA's) rather than only dynatune's.
+
+Real-data protocol (`table`): MiniLM-L6 on the same seeded 1,000 training examples of each task as
+the TriMS table (2 epochs, batch 16, max_length 48, 300 validation and 300 test examples), AdamW,
+linear warm-up (6%) and decay, gradient clipping at 1.0, the data order of `dynatune train` for the
+seed (every runner sees the same batches). A peer's memory is counted as dynatune counts its own:
+weights + gradients + optimizer state (`state_bytes`) + tensors saved for backward (dynatune's
+SavedTensorCounter), the largest over the steps. Full fine-tuning's counted peak in a 2-step probe
+sets the budgets; each peer family's settings are probed the same way, largest first, and the
+largest whose probe fits is trained. dynatune's methods get the budget in bytes and choose their own
+size under it (`k`, `r`, `fraction` left to the budget). Learning rates are swept on seed 0 from each
+family's candidates and chosen on validation; the other seeds reuse the choice.
 
 Writes benchmarks/results/peers_<what>[_smoke].json with the commit, the command and the machine.
 """
@@ -317,7 +332,7 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
     from dynatune.engine import Tuner
     from dynatune.loop import train_step
     from dynatune.memory import MemoryModel
-    from dynatune.memory.install import install_budget
+    from dynatune.memory.install import install_budget, largest_prediction
     from dynatune.methods import build_method
 
     left = _peak_start(device)
@@ -347,11 +362,278 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
     row = _row(label, "dynatune", times, left, device, sum(p.numel() for p in tuner.params.values()), trainable,
                state_bytes(tuner.optimizer, exclude=tuner.params.values()), float(loss), method=name,
                options=options, budget=budget, budget_bytes=tuner.budget_bytes,
-               counted_peak_bytes=tuner.peak.counted, predicted_peak_bytes_max=max(
-                   tuner.memory_model.predict(tuner.plan).predicted_peak_bytes, 0))
+               counted_peak_bytes=tuner.peak.counted,
+               predicted_peak_bytes_max=largest_prediction(tuner.memory_model, tuner.applied_plans).get(
+                   "predicted_peak_bytes"))
     tuner.close_hooks()
     del tuner, model, method
     return row
+
+
+# ---- real data on the CPU --------------------------------------------------------------------
+
+MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
+          "max_length=48"]
+SMOKE = ["data.max_train=32", "data.max_eval=16", "max_steps=2"]
+HEAD = "classifier"  # MiniLM's task head: fresh, so every peer trains it
+# settings per family, largest first; the first that fits a budget is trained
+PEER_FAMILIES = {
+    "full": ["all"], "top": [6, 5, 4, 3, 2, 1], "lisa_public": [4, 3, 2, 1], "badam": ["random"],
+    "galore": [256, 128, 64, 32, 16], "lora": [64, 32, 16, 8, 4, 2], "dora": [64, 32, 16, 8, 4, 2],
+    "vera": [256, 128, 64], "adalora": [64, 32, 16, 8, 4], "shira": [64, 32, 16, 8, 4],
+}
+RATES = {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", "1e-3"), "adapter": ("3e-4", "1e-3", "3e-3"),
+         "vera": ("1e-3", "4e-3", "1e-2")}
+RATE_OF = {"full": "full", "galore": "full", "top": "block", "lisa_public": "block", "badam": "block",
+           "lora": "adapter", "dora": "adapter", "adalora": "adapter", "shira": "adapter", "vera": "vera",
+           "trims": "block", "adagradselect": "block", "spsft": "adapter", "dynalora": "adapter", "ist": "adapter"}
+DYNATUNE_AT_BUDGET = {"trims": [], "adagradselect": ["adagradselect.k=null"], "spsft": ["spsft.r=null"],
+                      "dynalora": ["dynalora.fraction=null"], "ist": ["ist.fraction=null"]}
+
+
+def classifier_peer(family: str, setting):
+    """A peer's setup for MiniLM's classifier: (model, optimizer, after_step) from (model, lr)."""
+    def setup(model, lr):
+        args = SimpleNamespace(lr=lr, period=20, warmup=0, steps=0)
+        layers = model.bert.encoder.layer
+        if family == "full":
+            return model, torch.optim.AdamW(model.parameters(), lr=lr), None
+        if family == "top":
+            freeze_all(model)
+            for m in (*layers[-setting:], model.bert.pooler, model.classifier):
+                m.requires_grad_(True)
+            return model, adamw(model.parameters(), args), None
+        if family == "lisa_public":  # k random layers + embeddings + head; one optimizer over everything
+            rng, opt = random.Random(0), torch.optim.AdamW(model.parameters(), lr=lr)
+
+            def switch(step):
+                if step % args.period == 0:
+                    freeze_all(model)
+                    for i in rng.sample(range(len(layers)), setting):
+                        layers[i].requires_grad_(True)
+                    for m in (model.bert.embeddings, model.bert.pooler, model.classifier):
+                        m.requires_grad_(True)
+            switch(0)
+            return model, opt, lambda step: switch(step + 1)
+        if family == "badam":
+            from badam import BlockOptimizer
+
+            base = torch.optim.AdamW(model.parameters(), lr=lr)
+            opt = BlockOptimizer(base_optimizer=base, named_parameters_list=list(model.named_parameters()),
+                                 switch_block_every=args.period, switch_mode=setting, verbose=0,
+                                 block_prefix_list=[[f"bert.encoder.layer.{i}."] for i in range(len(layers))],
+                                 active_modules=["bert.pooler.", f"{HEAD}."])
+            return model, opt, None
+        if family == "galore":
+            galore, rest = [], []
+            for name, p in model.named_parameters():
+                (galore if p.dim() == 2 and ".encoder.layer." in name else rest).append(p)
+            opt = _galore_adamw()([{"params": rest}, {"params": galore, "rank": setting, "update_proj_gap": 200,
+                                                       "scale": 0.25, "proj_type": "std"}], lr=lr)
+            return model, opt, None
+        import peft
+
+        common = {"target_modules": "all-linear", "modules_to_save": [HEAD]}
+        if family in ("lora", "dora"):
+            cfg = peft.LoraConfig(r=setting, lora_alpha=2 * setting, use_dora=family == "dora", **common)
+        elif family == "vera":
+            cfg = peft.VeraConfig(r=setting, **common)
+        elif family == "shira":
+            cfg = peft.ShiraConfig(r=setting, **common)
+        else:  # adalora: the allocator prunes the rank budget to half between the first and last tenth
+            cfg = peft.AdaLoraConfig(init_r=setting, target_r=max(1, setting // 2), lora_alpha=2 * setting,
+                                     tinit=TOTAL_STEPS // 10, tfinal=TOTAL_STEPS // 10, deltaT=1,
+                                     total_step=TOTAL_STEPS, **common)
+        pm = peft.get_peft_model(model, cfg)
+        after = (lambda step: pm.base_model.update_and_allocate(step)) if family == "adalora" else None
+        return pm, adamw(pm.parameters(), args), after
+    return setup
+
+
+TOTAL_STEPS = 126  # 2 epochs of 1,000 examples at batch 16 (set from the data in train_peer)
+
+
+def train_peer(spec: dict) -> dict:
+    """One peer run on real data (a spawned process): spec has task, family, setting, lr, seed, out,
+    overrides and probe_steps (0: the whole run, evaluated; n: n steps, counted only)."""
+    global TOTAL_STEPS
+    import json
+    import math
+
+    from dynatune.config import load_config
+    from dynatune.data.metrics import evaluate
+    from dynatune.data.tasks import load_task, task_kind
+    from dynatune.loop import epoch_order, linear_schedule, seed_everything
+    from dynatune.memory.counting import SavedTensorCounter, grad_bytes, weight_bytes
+    from dynatune.models import load_model
+
+    out = Path(spec["out"]) / "result.json"
+    if spec.get("reuse") and out.exists():
+        return json.loads(out.read_text())
+    torch.set_num_threads(spec.get("threads", 1))
+    cfg = load_config(None, [*spec["overrides"], f"task={spec['task']}", f"seed={spec['seed']}"])
+    seed_everything(cfg.seed)
+    _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
+    task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
+    model, _ = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
+                          label_names=task.label_names)
+    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    TOTAL_STEPS = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    total = spec["probe_steps"] or TOTAL_STEPS
+    model, opt, after = classifier_peer(spec["family"], spec["setting"])(model, float(spec["lr"]))
+    sched = linear_schedule(opt, int(cfg.warmup_ratio * TOTAL_STEPS), TOTAL_STEPS)
+    device = torch.device("cpu")
+    params = list(model.parameters())
+    counter = SavedTensorCounter(device)
+    counter.attach({"model": model}, params)
+    model.train()
+    peak, peak_terms, times, trainable, step = 0, {}, [], 0, 0
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        order = epoch_order(len(task.train), cfg.seed, epoch)
+        for start in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            batch = task.collate([task.train[i] for i in order[start:start + cfg.batch_size]])
+            with counter.counting():
+                loss = model(**batch).loss
+                loss.backward()
+            grads = grad_bytes(params, device)
+            trainable = max(trainable, sum(p.numel() for p in params if p.grad is not None))
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
+            opt.step()
+            if after is not None:
+                after(step)
+            sched.step()
+            terms = {"weights": weight_bytes(params, device), "gradients": grads,
+                     "optimizer": state_bytes(opt, exclude=params), "activations": counter.total}
+            if sum(terms.values()) > peak:
+                peak, peak_terms = sum(terms.values()), terms
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+            step += 1
+    counter.detach()
+    row = {"task": spec["task"], "family": spec["family"], "setting": spec["setting"], "lr": float(spec["lr"]),
+           "seed": spec["seed"], "steps": step, "counted_peak_bytes": peak, "counted_peak_terms": peak_terms,
+           "trainable_params": trainable, "median_step_s": statistics.median(times[2:] or times)}
+    if not spec["probe_steps"]:
+        row["validation"] = evaluate(model, task, "validation", cfg.eval_batch_size, device)
+        row["test"] = evaluate(model, task, "test", cfg.eval_batch_size, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row))
+    return row
+
+
+def _train_peer_job(spec):
+    try:
+        return train_peer(spec)
+    except Exception as err:  # noqa: BLE001 - one failed run is a row that says so
+        return {**{k: spec[k] for k in ("task", "family", "setting", "lr", "seed")},
+                "error": f"{type(err).__name__}: {err}"[:500]}
+
+
+def pool_map(fn, specs, jobs):
+    """fn over specs, `jobs` spawned processes at a time (one per spec), in order."""
+    if jobs <= 1:
+        return [fn(s) for s in specs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        return list(pool.map(fn, specs))
+
+
+def cmd_table(args) -> dict:
+    """Budgets of each task from full fine-tuning's counted probe; each peer family's largest setting
+    that fits each budget (probed); the learning-rate sweep on seed 0; the other seeds; dynatune's
+    methods at each budget through `dynatune train` (harness.run_many)."""
+    from harness import run_many
+
+    overrides = MINILM + (SMOKE if args.smoke else [])
+    root = Path("runs") / ("peers-table" + ("-smoke" if args.smoke else ""))
+    tasks = args.tasks.split(",")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
+    rates = {k: v[1:2] for k, v in RATES.items()} if args.smoke else RATES
+    families = args.families.split(",") if args.families else list(PEER_FAMILIES)
+
+    def spec(task, family, setting, lr, seed, probe=0):
+        tag = f"probe{probe}" if probe else f"lr{lr}-{seed}"
+        return {"task": task, "family": family, "setting": setting, "lr": lr, "seed": seed, "probe_steps": probe,
+                "overrides": overrides, "reuse": args.reuse, "threads": args.threads,
+                "out": str(root / f"{task}-{family}-{setting}-{tag}")}
+
+    # 1. probes: every family's every setting, 2 steps, counted
+    probe_specs = [spec(t, f, s, rates[RATE_OF[f]][0], 0, probe=2) for t in tasks for f in families
+                   for s in PEER_FAMILIES[f]]
+    probes = pool_map(_train_peer_job, probe_specs, args.jobs)
+    counted = {(p["task"], p["family"], p["setting"]): p.get("counted_peak_bytes") for p in probes}
+    budget_bytes = {(t, b): b * counted[(t, "full", "all")] for t in tasks for b in budgets}
+    # 2. the largest setting of each family that fits each budget
+    chosen = {}
+    for (t, b), limit in budget_bytes.items():
+        for f in families:
+            fits = [s for s in PEER_FAMILIES[f] if (counted.get((t, f, s)) or float("inf")) <= limit]
+            chosen[(t, b, f)] = fits[0] if fits else None  # None: does not fit
+    configs = sorted({(t, f, s) for (t, b, f), s in chosen.items() if s is not None}, key=str)
+    # 3. dynatune's methods at each budget, in bytes
+    dyn = {(t, b, m): [*overrides, f"task={t}", f"method={m}", *extra,
+                       f"budget={int(budget_bytes[(t, b)])}B"]
+           for t in tasks for b in budgets for m in (args.methods.split(",") if args.methods else DYNATUNE_AT_BUDGET)
+           for extra in [DYNATUNE_AT_BUDGET[m]]}
+
+    def dyn_run(key, lr, seed):
+        t, b, m = key
+        return [*dyn[key], f"lr={lr}", f"seed={seed}", "count_memory=true",
+                f"output_dir={root}/{t}-dynatune-{m}-b{b}-lr{lr}-{seed}"]
+
+    # 4. the sweep on seed 0, then the other seeds at the chosen rate
+    sweep_peer = [spec(t, f, s, lr, 0) for t, f, s in configs for lr in rates[RATE_OF[f]]]
+    sweep_dyn = [(k, lr) for k in dyn for lr in rates[RATE_OF[k[2]]]]
+    peer_rows = pool_map(_train_peer_job, sweep_peer, args.jobs)
+    dyn_rows = run_many([dyn_run(k, lr, 0) for k, lr in sweep_dyn], args.jobs, args.reuse, args.threads)
+
+    def val(r):
+        return (r.get("validation") or {}).get("accuracy", -1) if "error" not in r else -1
+
+    best_peer = {}  # (task, family, setting) -> (rate as swept, seed 0's row), the best on validation
+    for sp, r in zip(sweep_peer, peer_rows):
+        key = (sp["task"], sp["family"], sp["setting"])
+        if key not in best_peer or val(r) > val(best_peer[key][1]):
+            best_peer[key] = (sp["lr"], r)
+    best_dyn = {}
+    for (k, lr), r in zip(sweep_dyn, dyn_rows):
+        if k not in best_dyn or val(r) > val(best_dyn[k][1]):
+            best_dyn[k] = (lr, r)
+    more_peer = [spec(t, f, s, best_peer[(t, f, s)][0], seed) for t, f, s in configs for seed in seeds if seed != 0]
+    more_dyn = [(k, best_dyn[k][0], seed) for k in dyn for seed in seeds if seed != 0]
+    more_peer_rows = pool_map(_train_peer_job, more_peer, args.jobs)
+    more_dyn_rows = run_many([dyn_run(k, lr, s) for k, lr, s in more_dyn], args.jobs, args.reuse, args.threads)
+
+    rows = []
+    for t, b, f in chosen:
+        s = chosen[(t, b, f)]
+        if s is None:
+            rows.append({"task": t, "budget": b, "label": f, "kind": "peer", "fits": False})
+            continue
+        first = best_peer[(t, f, s)][1]
+        seeded = [first] + [r for sp, r in zip(more_peer, more_peer_rows)
+                            if (sp["task"], sp["family"], sp["setting"]) == (t, f, s)]
+        rows += [{**r, "budget": b, "label": f"{f} {s}" if s is not None and f != "full" else f, "kind": "peer",
+                  "fits": True} for r in seeded]
+    for k in dyn:
+        t, b, m = k
+        lr, first = best_dyn[k]
+        seeded = [first] + [r for (k2, _, _), r in zip(more_dyn, more_dyn_rows) if k2 == k]
+        rows += [{**r, "task": t, "budget": b, "label": f"dynatune {m}", "kind": "dynatune", "lr": float(lr),
+                  "fits": "error" not in r} for r in seeded]
+    return {"protocol": overrides, "budgets": budgets, "seeds": seeds, "rates": rates,
+            "full_counted_probe_bytes": {t: counted[(t, "full", "all")] for t in tasks},
+            "budget_bytes": {f"{t}@{b}": v for (t, b), v in budget_bytes.items()},
+            "probes": probes, "chosen_settings": {f"{t}@{b}/{f}": s for (t, b, f), s in chosen.items()},
+            "sweep": [{**r, "kind": "peer"} for r in peer_rows] + [{**r, "kind": "dynatune", "key": list(k), "lr": float(lr)}
+                                                                   for (k, lr), r in zip(sweep_dyn, dyn_rows)],
+            "rows": rows}
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -465,7 +747,7 @@ def _switch_point(step, opt_bytes, left, device, counted=None) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["gpu", "lisa-memory"])
+    ap.add_argument("what", choices=["gpu", "lisa-memory", "table"])
     ap.add_argument("--arch", default=None, help="default: qwen2-0.5b (gpu), smollm2-135m (lisa-memory on the CPU)")
     ap.add_argument("--device", default=None, help="default: cuda (gpu), cpu (lisa-memory)")
     ap.add_argument("--batch", type=int, default=None)
@@ -479,12 +761,24 @@ def main(argv=None) -> None:
     ap.add_argument("--switches", type=int, default=8, help="lisa-memory: periods measured")
     ap.add_argument("--only", default=None, help="gpu: comma-separated row labels")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--tasks", default="trec,sms-spam,movie-sentiment", help="table: MiniLM tasks")
+    ap.add_argument("--budgets", default="1.0,0.8,0.6,0.4", help="table: fractions of full's counted peak")
+    ap.add_argument("--seeds", default="0,1,2", help="table: seeds (rates are chosen on seed 0)")
+    ap.add_argument("--families", default=None, help="table: peer families (default: all of PEER_FAMILIES)")
+    ap.add_argument("--methods", default=None, help="table: dynatune methods at the budget (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="table: runs at a time, each in its own process")
+    ap.add_argument("--threads", type=int, default=1, help="table: torch threads per run")
+    ap.add_argument("--reuse", action="store_true", help="table: read back finished runs")
     args = ap.parse_args(argv)
     on_cpu = args.what == "lisa-memory" and args.device in (None, "cpu")
     args.arch = args.arch or ("smollm2-135m" if on_cpu else "qwen2-0.5b")
     args.device = args.device or ("cpu" if on_cpu else "cuda")
     args.batch = args.batch or (2 if on_cpu else 16)
     args.seq = args.seq or (64 if on_cpu else 256)
+    if args.what == "table":
+        args.device = "cpu"
+        print(save("peers_table" + ("_smoke" if args.smoke else ""), cmd_table(args)))
+        return
     if args.smoke:
         smoke_settings(args)
     if args.device == "cuda" and not torch.cuda.is_available():

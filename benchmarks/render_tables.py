@@ -1,8 +1,9 @@
 """Print the README's benchmark tables (markdown) from benchmarks/results/*.json.
 
-    python benchmarks/render_tables.py [baselines|adagradselect|trims|dynalora]
+    python benchmarks/render_tables.py [baselines|adagradselect|trims|dynalora|ist|spsft|peers]
 
-`trims` also draws benchmarks/results/trims_budgets_<part>.png (the test metric against budget per task).
+`trims` also draws benchmarks/results/trims_budgets_<part>.png (the test metric against budget per task);
+`peers` prints docs/results.md's tables and draws peers_gpu.png and peers_lisa_memory.png.
 """
 import json
 import statistics
@@ -89,6 +90,36 @@ def trims_table(rows, metric="accuracy"):
     return "\n".join(lines)
 
 
+TRIMS_VARIANTS = {"trims_start_last": "start=last", "trims_con_last": "con=last"}
+
+
+def trims_defaults_table(rows, metric="accuracy"):
+    """The sweep behind TriMS's defaults, on validation: the defaults against each one turned back to
+    the paper's alone, per task and budget (mean over seeds, paired per-seed differences), and the
+    mean of the paired differences over every task and budget."""
+    variants = [v for v in TRIMS_VARIANTS if any(r["family"] == v for r in rows)]
+    cols = ["task", "budget", "defaults (start=fit, con=trend)", *(TRIMS_VARIANTS[v] for v in variants),
+            *(f"defaults − {TRIMS_VARIANTS[v]}" for v in variants)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    overall = {v: [] for v in variants}
+    for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        if "trims" not in fam:
+            continue
+        cells = []
+        for f in ("trims", *variants):
+            m, sd = mean_sd(r["validation"][metric] for r in fam.get(f, []))
+            cells.append(f"{m:.3f} ± {sd:.3f}" if fam.get(f) else "—")
+        paired = paired_differences([{**r, "label": f} for f, rs in fam.items() for r in rs], metric, "validation")
+        cells += [paired(task, "trims", v) for v in variants]
+        val = {(f, r["seed"]): r["validation"][metric] for f in ("trims", *variants) for r in fam.get(f, [])}
+        for v in variants:
+            overall[v] += [100 * (val[("trims", s)] - val[(v, s)]) for (f, s) in val if f == v and ("trims", s) in val]
+        lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + " |")
+    summary = ", ".join(f"defaults − {TRIMS_VARIANTS[v]}: {statistics.mean(d):+.2f} pt over {len(d)} pairs"
+                        for v, d in overall.items() if d)
+    return "\n".join(lines) + f"\n\nMean paired validation difference over every task, budget and seed: {summary}."
+
+
 def trims_plot(rows, path, metric="accuracy"):
     """Test metric against budget, one panel per task: TriMS, the fitting static plans, full as a line."""
     import matplotlib
@@ -135,10 +166,10 @@ def dynalora_table(d: dict) -> str:
     return "\n".join(out)
 
 
-def paired_differences(rows, metric):
-    """paired(task, label, other): the mean ± sd over seeds of label's test metric minus other's
+def paired_differences(rows, metric, split="test"):
+    """paired(task, label, other): the mean ± sd over seeds of label's `split` metric minus other's
     on the same seed (same data order), in points; "—" against itself or without common seeds."""
-    by = {(r["task"], r["label"], r["seed"]): r["test"][metric] for r in rows}
+    by = {(r["task"], r["label"], r["seed"]): r[split][metric] for r in rows}
 
     def paired(task, label, other):
         seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
@@ -180,6 +211,95 @@ def spsft_table(d: dict) -> str:
     return "\n".join(out)
 
 
+def peers_gpu_table(d: dict, anchors: dict | None = None) -> str:
+    """One row per runner of benchmarks/peers.py gpu: measured peak and step time, each against full
+    fine-tuning of the same run; dynatune's rows add the memory model's predicted peak. With the
+    shared anchors of the same GPU session, the anchor of the same configuration beside it."""
+    anchor = {r["config"]: r for r in (anchors or {}).get("rows", [])}
+    same = {"full": "full", "dynatune full": "full", "top6": "top6_blocks", "dynatune top6": "top6_blocks",
+            "lora r64": "lora_r64_all_linear", "dynatune lora r64": "lora_r64_all_linear",
+            "lisa2 (public callbacks)": "lisa2_plus_embed", "dynatune lisa2": "lisa2_plus_embed",
+            "badam random (bf16 weights)": "badam_bf16_switch10"}
+    out = ["| runner | trainable | measured peak GiB | vs full | median step s | vs full | optimizer state MiB "
+           "| predicted peak GiB | anchor peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "error" in r:
+            out.append(f"| {r['label']} | does not run: {r['error'].split(';')[0]} | | | | | | | |")
+            continue
+        pred = r.get("predicted_peak_bytes_max", r.get("predicted_peak_bytes_last_plan"))
+        a = anchor.get(same.get(r["label"], ""), {})
+        out.append(f"| {r['label']} | {r['trainable_params'] / 1e6:.1f}M | {r['measured_peak_bytes'] / 2**30:.2f} | "
+                   f"{r['measured_peak_vs_full']:.2f} | {r['median_step_s']:.3f} | {r['step_vs_full']:.2f} | "
+                   f"{r['optimizer_state_bytes'] / 2**20:.0f} | {'' if pred is None else f'{pred / 2**30:.2f}'} | "
+                   f"{a.get('peak_GiB', '')} |")
+    return "\n".join(out)
+
+
+def peers_gpu_plot(d: dict, path) -> Path:
+    """Measured peak against median step time, one marker per runner (dynatune's filled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in d["rows"]:
+        if "error" in r:
+            continue
+        ours = r["label"].startswith("dynatune")
+        ax.scatter(r["median_step_s"], r["measured_peak_bytes"] / 2**30, marker="o" if ours else "s",
+                   color="tab:blue" if ours else "tab:orange", s=30)
+        ax.annotate(r["label"].replace("dynatune ", "dt "), (r["median_step_s"], r["measured_peak_bytes"] / 2**30),
+                    fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+    ax.set(xlabel="median step time (s)", ylabel="measured peak (GiB)",
+           title=f"{d['arch']} on {d['machine'].get('gpu', d['device'])}, {d['batch']} x {d['seq']}, "
+                 f"{d['precision']} (blue: dynatune, orange: peers)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def lisa_memory_table(runs: dict) -> str:
+    """Optimizer-state MiB (and measured peak GiB on a GPU) at the end of each period, both LISAs."""
+    out = []
+    for where, d in runs.items():
+        pub, ours = d["public_callbacks"], d["dynatune_lisa"]
+        measured = "measured_peak_bytes" in pub[0]
+        out += [f"{where}: {d['arch']}, {d['batch']} x {d['seq']}, k={d['k']}, a switch every {d['period']} steps",
+                "", "| after switch | public callbacks: optimizer MiB | dynatune lisa: optimizer MiB |"
+                + (" public: measured peak GiB | dynatune: measured peak GiB |" if measured else ""),
+                "|---|---|---|" + ("---|---|" if measured else "")]
+        for i, (a, b) in enumerate(zip(pub, ours), 1):
+            peaks = "".join(f" {x['measured_peak_bytes'] / 2**30:.2f} |" for x in (a, b)) if measured else ""
+            out.append(f"| {i} | {a['optimizer_state_bytes'] / 2**20:.0f} | {b['optimizer_state_bytes'] / 2**20:.0f} |"
+                       + peaks)
+        out.append("")
+    return "\n".join(out)
+
+
+def lisa_memory_plot(runs: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+    for ax, (where, d) in zip(axes[0], runs.items()):
+        for key, label, style in (("public_callbacks", "public callbacks (one optimizer over all)", "s-"),
+                                  ("dynatune_lisa", "dynatune lisa (state of blocks that leave freed)", "o-")):
+            ys = [p["optimizer_state_bytes"] / 2**20 for p in d[key]]
+            ax.plot(range(1, len(ys) + 1), ys, style, label=label)
+        ax.set(title=f"{where}: {d['arch']}, k={d['k']}", xlabel="switch", ylabel="optimizer state (MiB)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "baselines"
     if which == "baselines":
@@ -207,10 +327,24 @@ if __name__ == "__main__":
                 print(ist_table(json.loads(path.read_text()), metric), end="\n\n")
     elif which == "spsft":
         print(spsft_table(json.loads((RESULTS / "spsft_table.json").read_text())))
+    elif which == "peers":
+        gpu = RESULTS / "peers_gpu.json"
+        if gpu.exists():
+            d = json.loads(gpu.read_text())
+            anchors = RESULTS / "peers_anchors_gpu.json"
+            print(peers_gpu_table(d, json.loads(anchors.read_text()) if anchors.exists() else None), end="\n\n")
+            print(peers_gpu_plot(d, RESULTS / "peers_gpu.png"), end="\n\n")
+        runs = {where: json.loads((RESULTS / name).read_text()) for where, name in
+                (("CPU, counted", "peers_lisa_memory.json"), ("GPU, counted and measured", "peers_lisa_memory_cuda.json"))
+                if (RESULTS / name).exists()}
+        if runs:
+            print(lisa_memory_table(runs))
+            print(lisa_memory_plot(runs, RESULTS / "peers_lisa_memory.png"))
     elif which == "trims":
         for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
             path = RESULTS / f"trims_budgets_{part}.json"
             if path.exists():
                 rows = json.loads(path.read_text())["rows"]
                 print(trims_table(rows, metric), end="\n\n")
+                print(trims_defaults_table(rows, metric), end="\n\n")
                 print(trims_plot(rows, RESULTS / f"trims_budgets_{part}.png", metric))

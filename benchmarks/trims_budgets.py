@@ -38,10 +38,12 @@ RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", 
          "smollm2": {"full": ("1e-4", "5e-4"), "block": ("1e-4", "5e-4"), "lora": ("5e-4", "2e-3")}}
 
 
-# Variants of TriMS at the rate chosen for the defaults (not swept): the paper's start alone, every
-# seed (it is what the defaults change). `--paper` adds the paper preset, seed 0 (on encoders it also
-# turns exits on, which starves a first-token head: docs/methods/trims.md, "Exits and first-token heads").
-VARIANTS = {"trims_start_last": (["trims.start=last"], "all")}
+# Variants of TriMS at the rate chosen for the defaults (not swept), every seed: each default that
+# departs from the paper, turned back alone (the paper's start; CON reading the last period's loss
+# change). Their validation scores are the sweep that chose the defaults. `--paper` adds the paper
+# preset, seed 0 (on encoders it also turns exits on, which starves a first-token head:
+# docs/methods/trims.md, "Exits and first-token heads").
+VARIANTS = {"trims_start_last": (["trims.start=last"], "all"), "trims_con_last": (["trims.con=last"], "all")}
 PAPER = {"trims_paper": (["trims.preset=paper"], "first")}
 
 

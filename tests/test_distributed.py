@@ -494,3 +494,25 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
     assert [e["update"] for e in log(on_one)] == [e["update"] for e in fsdp_log]
     for n, w in _saved_weights(on_one).items():
         assert torch.allclose(w, w_fsdp[n], atol=WEIGHT_TOL, rtol=0), n
+
+
+def test_a_process_group_dynatune_joins_is_torn_down_once_at_exit(tmp_path):
+    """Left to the interpreter's finalization, gloo's threads can outlive it and abort a finished
+    run; the teardown is registered once, however often a run or Trainer asks, and destroys the
+    group while the interpreter is whole."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from dynatune import distributed
+
+    before = atexit._ncallbacks()
+    distributed.destroy_at_exit()
+    distributed.destroy_at_exit()
+    assert atexit._ncallbacks() - before <= 1
+    assert distributed._destroy_registered
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    assert dist.is_initialized()
+    distributed._destroy_if_initialized()
+    assert not dist.is_initialized()
+    distributed._destroy_if_initialized()  # nothing left to destroy: no error
