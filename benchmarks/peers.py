@@ -108,8 +108,17 @@ def _galore_adamw():
     return AdamW
 
 
-def blocks_of(model):
-    return model.model.layers
+def anatomy(model) -> SimpleNamespace:
+    """Where a peer finds what it trains: the blocks, their parameter prefix, the modules that train
+    with any block set (a classifier's fresh head and pooler; a decoder's final norm), those BAdam
+    keeps active (a fresh head only), the embeddings, and what peft must save beside its adapters."""
+    if hasattr(model, "bert"):  # MiniLM's classifier: the head is fresh, so every peer trains it
+        return SimpleNamespace(layers=model.bert.encoder.layer, prefix="bert.encoder.layer.",
+                               with_blocks=[model.bert.pooler, model.classifier],
+                               badam_active=["bert.pooler.", "classifier."], embeddings=model.bert.embeddings,
+                               peft_save=["classifier"])
+    return SimpleNamespace(layers=model.model.layers, prefix="model.layers.", with_blocks=[model.model.norm],
+                           badam_active=[], embeddings=model.model.embed_tokens, peft_save=None)
 
 
 def freeze_all(model):
@@ -117,127 +126,102 @@ def freeze_all(model):
         p.requires_grad_(False)
 
 
-def adamw(params, args):
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=args.lr)
+def adamw(params, lr):
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
 
 
-def peer_full(model, args):
-    return model, adamw(model.parameters(), args), None
-
-
-def peer_top(k):
-    def setup(model, args):
-        freeze_all(model)
-        for p in [*blocks_of(model)[-k:].parameters(), *model.model.norm.parameters()]:
-            p.requires_grad_(True)
-        return model, adamw(model.parameters(), args), None
-    return setup
-
-
-def peer_lisa_public(k):
-    """LISA as its public callbacks run it: the Trainer's optimizer is built once over every parameter;
-    every `period` steps k random blocks are switched on by requires_grad (embeddings and head stay on).
-    The optimizer keeps the Adam state of every block it ever updated."""
-    def setup(model, args):
-        rng = random.Random(0)
-        layers = blocks_of(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-
-        def switch(step):
-            if step % args.period:
-                return
+def peer(family: str, setting):
+    """A peer as its library (or public recipe) runs it: setup(model, lr, period, total_steps) ->
+    (model, optimizer, after_step or None), after_step(step) called after each optimizer step."""
+    def setup(model, lr, period, total_steps):
+        a = anatomy(model)
+        if family == "full":
+            return model, torch.optim.AdamW(model.parameters(), lr=lr), None
+        if family == "top":  # the last k blocks and what trains with them
             freeze_all(model)
-            for i in rng.sample(range(len(layers)), k):
-                layers[i].requires_grad_(True)
-            for m in (model.model.embed_tokens, model.model.norm, model.lm_head):
+            for m in (*a.layers[-setting:], *a.with_blocks):
                 m.requires_grad_(True)
-        switch(0)
-        return model, opt, lambda step: switch(step + 1)
-    return setup
+            return model, adamw(model.parameters(), lr), None
+        if family == "lisa_public":
+            # LISA as its public callbacks run it: one optimizer built over every parameter; every
+            # `period` steps k random blocks switched on by requires_grad, embeddings and head always on.
+            # The optimizer keeps the Adam state of every block it ever updated.
+            rng, opt = random.Random(0), torch.optim.AdamW(model.parameters(), lr=lr)
 
+            def switch(step):
+                if step % period == 0:
+                    freeze_all(model)
+                    for i in rng.sample(range(len(a.layers)), setting):
+                        a.layers[i].requires_grad_(True)
+                    for m in (a.embeddings, *a.with_blocks, model.get_output_embeddings() or a.embeddings):
+                        m.requires_grad_(True)
+            switch(0)
+            return model, opt, lambda step: switch(step + 1)
+        if family == "badam":  # BlockOptimizer, one block per switch (`setting`: random, ascending)
+            from badam import BlockOptimizer
 
-def peer_badam(mode: str):
-    """BAdam's BlockOptimizer, one block per switch, in its recommended setting when the model is bf16."""
-    def setup(model, args):
-        from badam import BlockOptimizer
+            base = torch.optim.AdamW(model.parameters(), lr=lr)
+            opt = BlockOptimizer(base_optimizer=base, named_parameters_list=list(model.named_parameters()),
+                                 switch_block_every=period, switch_mode=setting, verbose=0,
+                                 block_prefix_list=[[f"{a.prefix}{i}."] for i in range(len(a.layers))],
+                                 active_modules=a.badam_active)
+            return model, opt, None
+        if family == "badam_ratio":  # BlockOptimizerRatio, `setting` of each matrix updated
+            from badam import BlockOptimizerRatio
 
-        n = len(blocks_of(model))
-        base = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        opt = BlockOptimizer(base_optimizer=base, named_parameters_list=list(model.named_parameters()),
-                             switch_block_every=args.period, switch_mode=mode, verbose=0,
-                             block_prefix_list=[[f"model.layers.{i}."] for i in range(n)])
-        return model, opt, None
-    return setup
-
-
-def peer_badam_ratio(ratio: float):
-    def setup(model, args):
-        from badam import BlockOptimizerRatio
-
-        opt = BlockOptimizerRatio(param_groups=[{"params": list(model.parameters())}],
-                                  named_parameters_list=list(model.named_parameters()), update_ratio=ratio,
-                                  switch_every=args.period, lr=args.lr, verbose=0,
-                                  include_lm_head=True)  # tied to the embedding (which stays frozen): no lm_head of its own
-        return model, opt, None
-    return setup
-
-
-def peer_galore(rank: int):
-    """GaLore on the blocks' linear weights (its README's recipe: scale 0.25, projection refreshed every
-    200 steps), everything else in a plain AdamW group."""
-    def setup(model, args):
-        galore, rest = [], []
-        for name, p in model.named_parameters():
-            (galore if p.dim() == 2 and "layers." in name and "proj" in name else rest).append(p)
-        opt = _galore_adamw()([{"params": rest}, {"params": galore, "rank": rank, "update_proj_gap": 200,
-                                                   "scale": 0.25, "proj_type": "std"}], lr=args.lr)
-        return model, opt, None
-    return setup
-
-
-def peer_peft(kind: str, r: int):
-    def setup(model, args):
+            opt = BlockOptimizerRatio(param_groups=[{"params": list(model.parameters())}],
+                                      named_parameters_list=list(model.named_parameters()), update_ratio=setting,
+                                      switch_every=period, lr=lr, verbose=0,
+                                      include_lm_head=True)  # tied to the frozen embedding: no lm_head of its own
+            return model, opt, None
+        if family == "galore":
+            # GaLore on the blocks' matrices (its README's recipe: scale 0.25, projection refreshed every
+            # 200 steps), everything else in a plain AdamW group
+            galore, rest = [], []
+            for name, p in model.named_parameters():
+                (galore if p.dim() == 2 and name.startswith(a.prefix) else rest).append(p)
+            opt = _galore_adamw()([{"params": rest}, {"params": galore, "rank": setting, "update_proj_gap": 200,
+                                                       "scale": 0.25, "proj_type": "std"}], lr=lr)
+            return model, opt, None
         import peft
 
-        common = {"target_modules": "all-linear"}
-        if kind == "lora":
-            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, **common)
-        elif kind == "dora":
-            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, use_dora=True, **common)
-        elif kind == "vera":
-            cfg = peft.VeraConfig(r=r, **common)
-        elif kind == "shira":
-            cfg = peft.ShiraConfig(r=r, **common)
-        elif kind == "adalora":  # the allocator prunes from init_r to target_r between tinit and total_step - tfinal
-            steps = args.warmup + args.steps
-            cfg = peft.AdaLoraConfig(init_r=r, target_r=r // 2, tinit=1, tfinal=1, deltaT=1, total_step=steps,
-                                     lora_alpha=2 * r, **common)
+        common = {"target_modules": "all-linear", "modules_to_save": a.peft_save}
+        if family in ("lora", "dora"):
+            cfg = peft.LoraConfig(r=setting, lora_alpha=2 * setting, lora_dropout=0.0, use_dora=family == "dora",
+                                  **common)
+        elif family == "vera":
+            cfg = peft.VeraConfig(r=setting, **common)
+        elif family == "shira":
+            cfg = peft.ShiraConfig(r=setting, **common)
+        elif family == "adalora":  # the allocator prunes the rank to half between the first and last tenth
+            tenth = total_steps // 10
+            cfg = peft.AdaLoraConfig(init_r=setting, target_r=max(1, setting // 2), lora_alpha=2 * setting,
+                                     tinit=tenth, tfinal=tenth, deltaT=1, total_step=total_steps, **common)
         else:
-            raise ValueError(kind)
+            raise ValueError(f"unknown peer family {family!r}")
         pm = peft.get_peft_model(model, cfg)
-        opt = adamw(pm.parameters(), args)
-        after = (lambda step: pm.base_model.update_and_allocate(step)) if kind == "adalora" else None
-        return pm, opt, after
+        after = (lambda step: pm.base_model.update_and_allocate(step)) if family == "adalora" else None
+        return pm, adamw(pm.parameters(), lr), after
     return setup
 
 
 def peers(n_blocks: int, r: int = 64) -> dict:
-    """{label: (setup, weights dtype or None for fp32 + autocast)}."""
+    """The GPU runners: {label: (family, setting, weights dtype or None for fp32 + autocast)}."""
     k = max(1, n_blocks // 4)
     return {
-        "full": (peer_full, None),
-        f"top{k}": (peer_top(k), None),
-        "lisa2 (public callbacks)": (peer_lisa_public(2), None),
-        "badam random (bf16 weights)": (peer_badam("random"), torch.bfloat16),
-        "badam ascending (bf16 weights)": (peer_badam("ascending"), torch.bfloat16),
-        "badam random (fp32 + autocast)": (peer_badam("random"), None),
-        "badam ratio 0.1": (peer_badam_ratio(0.1), None),
-        "galore r128": (peer_galore(128), None),
-        f"lora r{r}": (peer_peft("lora", r), None),
-        f"dora r{r}": (peer_peft("dora", r), None),
-        "vera r256": (peer_peft("vera", 256), None),
-        f"adalora r{r}->{r // 2}": (peer_peft("adalora", r), None),
-        f"shira r{r}": (peer_peft("shira", r), None),
+        "full": ("full", "all", None),
+        f"top{k}": ("top", k, None),
+        "lisa2 (public callbacks)": ("lisa_public", 2, None),
+        "badam random (bf16 weights)": ("badam", "random", torch.bfloat16),
+        "badam ascending (bf16 weights)": ("badam", "ascending", torch.bfloat16),
+        "badam random (fp32 + autocast)": ("badam", "random", None),
+        "badam ratio 0.1": ("badam_ratio", 0.1, None),
+        "galore r128": ("galore", 128, None),
+        f"lora r{r}": ("lora", r, None),
+        f"dora r{r}": ("dora", r, None),
+        "vera r256": ("vera", 256, None),
+        f"adalora r{r}->{r // 2}": ("adalora", r, None),
+        f"shira r{r}": ("shira", r, None),
     }
 
 
@@ -300,10 +284,10 @@ def _row(label, kind, times, left, device, model_params, trainable, opt_bytes, l
             "params": model_params, "optimizer_state_bytes": opt_bytes, "last_loss": last_loss, **extra}
 
 
-def run_peer(label, setup, dtype, args, device, data) -> dict:
+def run_peer(label, family, setting, dtype, args, device, data) -> dict:
     left = _peak_start(device)
     model = build_model(args, device, dtype)
-    model, opt, after_step = setup(model, args)
+    model, opt, after_step = peer(family, setting)(model, args.lr, args.period, args.warmup + args.steps)
     model.train()
     autocast = dtype is None and args.precision == "amp-bf16"
     times, trainable = [], 0
@@ -375,8 +359,8 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
 MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
           "max_length=48"]
 SMOKE = ["data.max_train=32", "data.max_eval=16", "max_steps=2"]
-HEAD = "classifier"  # MiniLM's task head: fresh, so every peer trains it
 # settings per family, largest first; the first that fits a budget is trained
+SWITCH_EVERY = 20  # LISA's and BAdam's period on real data (dynatune's lisa.period in the TriMS table)
 PEER_FAMILIES = {
     "full": ["all"], "top": [6, 5, 4, 3, 2, 1], "lisa_public": [4, 3, 2, 1], "badam": ["random"],
     "galore": [256, 128, 64, 32, 16], "lora": [64, 32, 16, 8, 4, 2], "dora": [64, 32, 16, 8, 4, 2],
@@ -391,72 +375,9 @@ DYNATUNE_AT_BUDGET = {"trims": [], "adagradselect": ["adagradselect.k=null"], "s
                       "dynalora": ["dynalora.fraction=null"], "ist": ["ist.fraction=null"]}
 
 
-def classifier_peer(family: str, setting):
-    """A peer's setup for MiniLM's classifier: (model, optimizer, after_step) from (model, lr)."""
-    def setup(model, lr):
-        args = SimpleNamespace(lr=lr, period=20, warmup=0, steps=0)
-        layers = model.bert.encoder.layer
-        if family == "full":
-            return model, torch.optim.AdamW(model.parameters(), lr=lr), None
-        if family == "top":
-            freeze_all(model)
-            for m in (*layers[-setting:], model.bert.pooler, model.classifier):
-                m.requires_grad_(True)
-            return model, adamw(model.parameters(), args), None
-        if family == "lisa_public":  # k random layers + embeddings + head; one optimizer over everything
-            rng, opt = random.Random(0), torch.optim.AdamW(model.parameters(), lr=lr)
-
-            def switch(step):
-                if step % args.period == 0:
-                    freeze_all(model)
-                    for i in rng.sample(range(len(layers)), setting):
-                        layers[i].requires_grad_(True)
-                    for m in (model.bert.embeddings, model.bert.pooler, model.classifier):
-                        m.requires_grad_(True)
-            switch(0)
-            return model, opt, lambda step: switch(step + 1)
-        if family == "badam":
-            from badam import BlockOptimizer
-
-            base = torch.optim.AdamW(model.parameters(), lr=lr)
-            opt = BlockOptimizer(base_optimizer=base, named_parameters_list=list(model.named_parameters()),
-                                 switch_block_every=args.period, switch_mode=setting, verbose=0,
-                                 block_prefix_list=[[f"bert.encoder.layer.{i}."] for i in range(len(layers))],
-                                 active_modules=["bert.pooler.", f"{HEAD}."])
-            return model, opt, None
-        if family == "galore":
-            galore, rest = [], []
-            for name, p in model.named_parameters():
-                (galore if p.dim() == 2 and ".encoder.layer." in name else rest).append(p)
-            opt = _galore_adamw()([{"params": rest}, {"params": galore, "rank": setting, "update_proj_gap": 200,
-                                                       "scale": 0.25, "proj_type": "std"}], lr=lr)
-            return model, opt, None
-        import peft
-
-        common = {"target_modules": "all-linear", "modules_to_save": [HEAD]}
-        if family in ("lora", "dora"):
-            cfg = peft.LoraConfig(r=setting, lora_alpha=2 * setting, use_dora=family == "dora", **common)
-        elif family == "vera":
-            cfg = peft.VeraConfig(r=setting, **common)
-        elif family == "shira":
-            cfg = peft.ShiraConfig(r=setting, **common)
-        else:  # adalora: the allocator prunes the rank budget to half between the first and last tenth
-            cfg = peft.AdaLoraConfig(init_r=setting, target_r=max(1, setting // 2), lora_alpha=2 * setting,
-                                     tinit=TOTAL_STEPS // 10, tfinal=TOTAL_STEPS // 10, deltaT=1,
-                                     total_step=TOTAL_STEPS, **common)
-        pm = peft.get_peft_model(model, cfg)
-        after = (lambda step: pm.base_model.update_and_allocate(step)) if family == "adalora" else None
-        return pm, adamw(pm.parameters(), args), after
-    return setup
-
-
-TOTAL_STEPS = 126  # 2 epochs of 1,000 examples at batch 16 (set from the data in train_peer)
-
-
 def train_peer(spec: dict) -> dict:
     """One peer run on real data (a spawned process): spec has task, family, setting, lr, seed, out,
     overrides and probe_steps (0: the whole run, evaluated; n: n steps, counted only)."""
-    global TOTAL_STEPS
     import json
     import math
 
@@ -478,10 +399,10 @@ def train_peer(spec: dict) -> dict:
     model, _ = load_model(cfg.model, task.kind, num_labels=task.num_labels, seed=cfg.seed,
                           label_names=task.label_names)
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
-    TOTAL_STEPS = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    total = spec["probe_steps"] or TOTAL_STEPS
-    model, opt, after = classifier_peer(spec["family"], spec["setting"])(model, float(spec["lr"]))
-    sched = linear_schedule(opt, int(cfg.warmup_ratio * TOTAL_STEPS), TOTAL_STEPS)
+    run_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    total = spec["probe_steps"] or run_steps
+    model, opt, after = peer(spec["family"], spec["setting"])(model, float(spec["lr"]), SWITCH_EVERY, run_steps)
+    sched = linear_schedule(opt, int(cfg.warmup_ratio * run_steps), run_steps)
     device = torch.device("cpu")
     params = list(model.parameters())
     counter = SavedTensorCounter(device)
@@ -613,8 +534,10 @@ def cmd_table(args) -> dict:
     rows = []
     for t, b, f in chosen:
         s = chosen[(t, b, f)]
-        if s is None:
-            rows.append({"task": t, "budget": b, "label": f, "kind": "peer", "fits": False})
+        if s is None:  # no setting fits; a probe that failed is an error, not a size
+            errors = sorted({p["error"] for p in probes if (p["task"], p["family"]) == (t, f) and "error" in p})
+            rows.append({"task": t, "budget": b, "label": f, "kind": "peer", "fits": False,
+                         **({"error": errors[0]} if errors else {})})
             continue
         first = best_peer[(t, f, s)][1]
         seeded = [first] + [r for sp, r in zip(more_peer, more_peer_rows)
@@ -651,8 +574,8 @@ def cmd_gpu(args, on_row=lambda payload: None) -> dict:
     config = resolve_config(f"arch:{args.arch}")
     data = batches(4, args.batch, args.seq, config.vocab_size, device)
     only = set(args.only.split(",")) if args.only else None
-    runners = [(label, lambda s=setup, d=dtype, l=label: run_peer(l, s, d, args, device, data))
-               for label, (setup, dtype) in peers(config.num_hidden_layers, args.r).items()]
+    runners = [(label, lambda f=family, s=setting, d=dtype, l=label: run_peer(l, f, s, d, args, device, data))
+               for label, (family, setting, dtype) in peers(config.num_hidden_layers, args.r).items()]
     runners += [(label, lambda n=name, o=options, b=budget, l=label: run_dynatune(l, n, o, b, args, device, data))
                 for label, (name, options, budget) in dynatune_runners(config.num_hidden_layers, args.period,
                                                                        args.r).items()]
@@ -703,7 +626,7 @@ def cmd_lisa_memory(args) -> dict:
     left = _peak_start(device)
     model = build_model(args, device)
     model.train()
-    model, opt, after = peer_lisa_public(2)(model, args)
+    model, opt, after = peer("lisa_public", 2)(model, args.lr, args.period, steps)
     public = []
     for i in range(steps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "amp-bf16"):

@@ -261,6 +261,87 @@ def peers_gpu_plot(d: dict, path) -> Path:
     return path
 
 
+def peers_budget_table(d: dict, metric: str = "accuracy") -> str:
+    """benchmarks/peers.py table: per task and budget, every tool that fits (best first), then who
+    wins, by how much over the runner-up and over the best of the other side (dynatune or peers), with
+    the paired per-seed difference."""
+    out = []
+    groups: dict = {}
+    for r in d["rows"]:
+        groups.setdefault((r["task"], r["budget"]), {}).setdefault(r["label"], []).append(r)
+    for (task, budget), by_label in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        limit = d["budget_bytes"][f"{task}@{budget}"] / 2**20
+        out += [f"**{task} at {budget:.0%}** of full fine-tuning's counted peak ({limit:.0f} MiB)", "",
+                f"| tool | seeds | test {metric} (mean ± sd) | counted peak MiB | trainable | median step s | lr |",
+                "|---|---|---|---|---|---|---|"]
+        scored, missing = [], []
+        for label, rs in by_label.items():
+            ok = [r for r in rs if r.get("fits") and "error" not in r and r.get("test")]
+            if not ok:
+                why = rs[0].get("error", "")
+                missing.append(f"{label}: " + ("does not fit" if not why or "BudgetError" in why else "failed: " + why[:120]))
+                continue
+            m, sd = mean_sd(r["test"][metric] for r in ok)
+            scored.append((m, sd, label, ok))
+        scored.sort(key=lambda x: -x[0])
+        for m, sd, label, ok in scored:
+            out.append(f"| {label} | {len(ok)} | {m:.3f} ± {sd:.3f} | "
+                       f"{statistics.mean(r['counted_peak_bytes'] for r in ok) / 2**20:.0f} | "
+                       f"{ok[0]['trainable_params'] / 1e6:.2f}M | "
+                       f"{statistics.median(r['median_step_s'] for r in ok):.3f} | {ok[0]['lr']:g} |")
+        out.append("")
+        if missing:
+            out += ["Not in the table: " + "; ".join(sorted(missing)) + ".", ""]
+        if len(scored) > 1:
+            paired = paired_differences([{**r, "label": lab} for _, _, lab, ok in scored for r in ok], metric)
+            best = scored[0]
+            ours = lambda lab: lab.startswith("dynatune")  # noqa: E731
+            other = next((x for x in scored[1:] if ours(x[2]) != ours(best[2])), None)
+            line = (f"Best: {best[2]} ({best[0]:.3f}), {100 * (best[0] - scored[1][0]):+.1f} points over "
+                    f"{scored[1][2]} (paired {paired(task, best[2], scored[1][2])})")
+            if other is not None and other is not scored[1]:
+                line += f"; over the best {'peer' if ours(best[2]) else 'dynatune method'}, {other[2]}: " \
+                        f"{100 * (best[0] - other[0]):+.1f} (paired {paired(task, best[2], other[2])})"
+            out += [line + ".", ""]
+    return "\n".join(out)
+
+
+def peers_pareto_plot(d: dict, path, metric: str = "accuracy") -> Path:
+    """Test metric against counted peak, one panel per task, one marker per tool and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in d["rows"]})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        pts: dict = {}
+        for r in d["rows"]:
+            if r["task"] == task and r.get("fits") and "error" not in r and r.get("test"):
+                pts.setdefault((r["label"], r["budget"]), []).append(r)
+        seen = set()
+        for (label, budget), rs in pts.items():
+            m, sd = mean_sd(r["test"][metric] for r in rs)
+            x = statistics.mean(r["counted_peak_bytes"] for r in rs) / 2**20
+            ours = label.startswith("dynatune")
+            ax.errorbar(x, m, yerr=sd, fmt="o" if ours else "s", color="tab:blue" if ours else "tab:orange",
+                        capsize=2, ms=4)
+            if (label, round(x)) not in seen:
+                seen.add((label, round(x)))
+                ax.annotate(label.replace("dynatune ", "dt "), (x, m), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+        for b in d["budgets"]:
+            ax.axvline(d["budget_bytes"][f"{task}@{b}"] / 2**20, color="grey", lw=0.6, ls=":")
+        ax.set(title=f"{task} (blue: dynatune, orange: peers; dotted: budgets)", xlabel="counted peak (MiB)",
+               ylabel=f"test {metric}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def lisa_memory_table(runs: dict) -> str:
     """Optimizer-state MiB (and measured peak GiB on a GPU) at the end of each period, both LISAs."""
     out = []
@@ -334,6 +415,11 @@ if __name__ == "__main__":
             anchors = RESULTS / "peers_anchors_gpu.json"
             print(peers_gpu_table(d, json.loads(anchors.read_text()) if anchors.exists() else None), end="\n\n")
             print(peers_gpu_plot(d, RESULTS / "peers_gpu.png"), end="\n\n")
+        table = RESULTS / ("peers_table_smoke.json" if "--smoke" in sys.argv else "peers_table.json")
+        if table.exists():
+            d = json.loads(table.read_text())
+            print(peers_budget_table(d), end="\n\n")
+            print(peers_pareto_plot(d, RESULTS / table.name.replace(".json", ".png")), end="\n\n")
         runs = {where: json.loads((RESULTS / name).read_text()) for where, name in
                 (("CPU, counted", "peers_lisa_memory.json"), ("GPU, counted and measured", "peers_lisa_memory_cuda.json"))
                 if (RESULTS / name).exists()}
