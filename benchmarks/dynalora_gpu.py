@@ -28,22 +28,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import release_cuda, save  # noqa: E402
-
-
-def batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.clone().to(device)})
-    return out
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from harness import device_sync as sync, random_token_batches as batches, release_cuda, save  # noqa: E402
 
 
 def run(label: str, method_name: str, options: dict, args, device, data) -> dict:

@@ -62,6 +62,24 @@ if os.environ.get("DYNATUNE_COMMIT"):
     _STATUS_AT_START = None
 
 
+def random_token_batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict]:
+    """n seeded causal-LM batches of random tokens (labels = inputs), the same for every runner: the
+    GPU benchmarks' data, where memory and time do not depend on the values."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": ids.clone().to(device)})
+    return out
+
+
+def device_sync(device) -> None:
+    """Wait for the device (CUDA) before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def provenance() -> dict:
     """What every result file records: commit (+ dirty: tracked files changed), both as the script
     started, the exact command, the dynatune source that ran (an editable install elsewhere would

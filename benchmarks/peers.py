@@ -58,7 +58,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import release_cuda, save  # noqa: E402
+from harness import device_sync as sync, random_token_batches as batches, release_cuda, save  # noqa: E402
 
 
 # ---- reading any optimizer's state -------------------------------------------------------------
@@ -245,21 +245,6 @@ def dynatune_runners(n_blocks: int, period: int, r: int = 64) -> dict:
 
 
 # ---- one runner ------------------------------------------------------------------------------
-
-def batches(n: int, batch: int, seq: int, vocab: int, device) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.clone().to(device)})
-    return out
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def build_model(args, device, dtype=None):
     from dynatune.models import load_model

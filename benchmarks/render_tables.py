@@ -45,6 +45,16 @@ def mean_sd(values):
 STATIC = ("top", "lora", "lisa")  # the static plans the planner fits to a budget
 
 
+def saved(fig, path, dpi: int) -> Path:
+    """Lay out, write and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def trims_groups(rows):
     """{(task, budget): {family: [rows]}}; full fine-tuning's rows stand at every budget."""
     out: dict = {}
@@ -143,10 +153,7 @@ def trims_plot(rows, path, metric="accuracy"):
         ax.axhline(full, color="black", lw=1, label="full (100%)")
         ax.set(title=task, xlabel="budget (% of full fine-tuning's predicted peak)", ylabel=f"test {metric}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return saved(fig, path, 110)
 
 
 def dynalora_table(d: dict) -> str:
@@ -255,10 +262,7 @@ def peers_gpu_plot(d: dict, path) -> Path:
            title=f"{d['arch']} on {d['machine'].get('gpu', d['device'])}, {d['batch']} x {d['seq']}, "
                  f"{d['precision']} (blue: dynatune, orange: peers)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return saved(fig, path, 120)
 
 
 def peers_budget_table(d: dict, metric: str = "accuracy") -> str:
@@ -336,10 +340,7 @@ def peers_pareto_plot(d: dict, path, metric: str = "accuracy") -> Path:
         ax.set(title=f"{task} (blue: dynatune, orange: peers; dotted: budgets)", xlabel="counted peak (MiB)",
                ylabel=f"test {metric}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return saved(fig, path, 120)
 
 
 def lisa_memory_table(runs: dict) -> str:
@@ -375,10 +376,7 @@ def lisa_memory_plot(runs: dict, path) -> Path:
         ax.set(title=f"{where}: {d['arch']}, k={d['k']}", xlabel="switch", ylabel="optimizer state (MiB)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return saved(fig, path, 110)
 
 
 if __name__ == "__main__":
