@@ -326,8 +326,7 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
         tuner.end_step(loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    trainable = max(sum(tuner.params[p].numel() for u in h["update"] for p in tuner.units[u].param_names)
-                    for h in tuner.history)
+    trainable = max(tuner.params_in(h["update"]) for h in tuner.history)  # as metrics.json counts it
     row = _row(label, "dynatune", times, left, device, sum(p.numel() for p in tuner.params.values()), trainable,
                state_bytes(tuner.optimizer, exclude=tuner.params.values()), float(loss), method=name,
                options=options, budget=budget, budget_bytes=tuner.budget_bytes,
