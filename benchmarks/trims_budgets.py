@@ -38,12 +38,15 @@ RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", 
          "smollm2": {"full": ("1e-4", "5e-4"), "block": ("1e-4", "5e-4"), "lora": ("5e-4", "2e-3")}}
 
 
-# Variants of TriMS at the rate chosen for the defaults (not swept), every seed: each default that
-# departs from the paper, turned back alone (the paper's start; CON reading the last period's loss
-# change). Their validation scores are the sweep that chose the defaults. `--paper` adds the paper
+# Variants of TriMS at the rate chosen for the defaults (not swept), every seed: the paper's start
+# (the one default that departs from the paper), and CON read from the trend of the last periods (an
+# option that was the default until this sweep showed no difference). Their validation scores are the
+# sweep behind the defaults. Every TriMS row names `con` explicitly: a run directory records an
+# option the preset filled as null, and --reuse must not take one for the other. `--paper` adds the paper
 # preset, seed 0 (on encoders it also turns exits on, which starves a first-token head:
 # docs/methods/trims.md, "Exits and first-token heads").
-VARIANTS = {"trims_start_last": (["trims.start=last"], "all"), "trims_con_last": (["trims.con=last"], "all")}
+VARIANTS = {"trims_start_last": (["trims.start=last", "trims.con=last"], "all"),
+            "trims_con_trend": (["trims.con=trend"], "all")}
 PAPER = {"trims_paper": (["trims.preset=paper"], "first")}
 
 
@@ -66,7 +69,7 @@ def configs(only: str, task: str, budgets: list[float], device: str):
     rows = {("full", 1.0): "full"}
     chosen = {}
     for b in budgets:
-        runs[f"trims-b{b}"] = (["method=trims", f"budget={b}"], "block")
+        runs[f"trims-b{b}"] = (["method=trims", "trims.con=last", f"budget={b}"], "block")
         rows[("trims", b)] = f"trims-b{b}"
         for label, (extra, _) in VARIANTS.items():
             runs[f"{label}-b{b}"] = (["method=trims", *extra, f"budget={b}"], f"trims-b{b}")

@@ -346,7 +346,7 @@ def test_con_trend_is_the_least_squares_slope_of_the_last_period_losses():
 
 def test_presets_fill_only_the_options_left_unset():
     c = Trims(TrimsConfig()).config
-    assert (c.start, c.con, c.exits, c.time) == ("fit", "trend", "auto", "model")
+    assert (c.start, c.con, c.exits, c.time) == ("fit", "last", "auto", "model")
     p = Trims(TrimsConfig(preset="paper")).config
     assert (p.start, p.con, p.exits, p.time) == ("last", "last", "on", "measured")
     assert (p.tau, p.lambda_m, p.lambda_t, p.alpha, p.beta, p.eta) == (10, 0.1, 0.1, 0.1, 0.9, 0.99)
