@@ -177,8 +177,10 @@ def counted_steps(tuner, batch: dict, steps: int) -> None:
 
 
 def finished_same_run(cfg) -> bool:
-    from dynatune.config import run_budget, run_dir, to_dict
-    from dynatune.methods import METHODS
+    from dataclasses import replace
+
+    from dynatune.config import method_config, run_budget, run_dir, to_dict
+    from dynatune.methods import METHODS, build_method
 
     out_dir = run_dir(cfg)
     if not (out_dir / "metrics.json").exists():
@@ -188,6 +190,9 @@ def finished_same_run(cfg) -> bool:
     ignore = {"output_dir", "progress", "save_model", "budget"}
     done = json.loads((out_dir / "config.json").read_text())
     want = to_dict(cfg)
+    # a run records its options as its method resolved them (loop.train); a run made before that
+    # recorded a preset-filled option as null, and is compared with the options as given
+    resolved = to_dict(replace(cfg, **{cfg.method: build_method(cfg.method, method_config(cfg), cfg.seed).config}))
     # an option added since the run was made, at its default, is what that run did
     defaults = to_dict(load_config(None, [f"method={cfg.method}"]))
 
@@ -198,8 +203,9 @@ def finished_same_run(cfg) -> bool:
         return old == new
 
     same_budget = done.get("budget") == run_budget(cfg.budget, METHODS[cfg.method])
-    return same_budget and all(same(done[k], v, defaults.get(k)) if k in done else v == defaults.get(k)
-                               for k, v in want.items() if k not in ignore)
+    return same_budget and all(
+        (same(done[k], v, defaults.get(k)) or same(done[k], resolved[k], defaults.get(k))) if k in done
+        else v == defaults.get(k) for k, v in want.items() if k not in ignore)
 
 
 def collect(overrides: list[str]) -> dict:

@@ -54,6 +54,22 @@ def test_yaml_config_with_overrides(tiny_bert_dir, tmp_path):
     assert "topk" not in saved  # only the chosen method's section is recorded
 
 
+@pytest.mark.parametrize("preset, expected", [
+    ("dynatune", {"start": "fit", "con": "last", "exits": "auto", "time": "model"}),
+    ("paper", {"start": "last", "con": "last", "exits": "on", "time": "measured"})])
+def test_config_json_records_the_options_a_preset_filled(preset, expected, tiny_bert_dir, tmp_path):
+    """Two presets must never leave the same record: config.json holds what the run resolved."""
+    out = tmp_path / "run"
+    assert train(*fast(tiny_bert_dir, out, "task=trec", "method=trims", f"trims.preset={preset}",
+                       "max_steps=2", "trims.tau=1")) == 0
+    saved = json.loads((out / "config.json").read_text())["trims"]
+    assert {k: saved[k] for k in expected} == expected
+    # a resume starts from that record: the same options, now explicit
+    from dynatune.config import load_config
+    resumed = load_config(None, [f"resume={out}"]).trims
+    assert {k: getattr(resumed, k) for k in expected} == expected
+
+
 BAD = [
     (["model=no-such-model"], "unknown model"),
     (["model=arch:no-such-arch"], "no-such-arch"),

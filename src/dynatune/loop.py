@@ -495,6 +495,9 @@ def train(cfg) -> dict:
     seed_everything(cfg.seed)
     check_device(cfg.precision, resolve_device(cfg.device).type)  # before anything loads
     method = build_method(cfg.method, method_config(cfg), cfg.seed)
+    # the options as the method resolved them (a preset fills those left unset), so the run's
+    # config.json says what ran and two presets never record the same options
+    setattr(cfg, cfg.method, method.config)
     cfg.budget = run_budget(cfg.budget, method)  # the method's default budget when none is given
     _, tokenizer = load_model(cfg.model, task_kind(cfg.task), seed=cfg.seed, tokenizer_only=True)
     task = load_task(cfg.task, tokenizer, cfg.data, cfg.max_length)
