@@ -74,7 +74,7 @@ def every_method(tmp_path_factory):
     # rank-dependent seeds: ranks would draw different plans
     jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
     out = tmp_path_factory.mktemp("dist")
-    # FSDP2 (fully_shard per block) for the methods that select whole blocks; the others are refused
+    # FSDP2 (fully_shard per block) for the block and adapter methods; the others are refused
     jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
     jobs.append({"tag": "fsdp-offload", "method": "lisa", "options": {"k": 1, "state_policy": "offload"},
                  "strategy": "fsdp", **BASE})
@@ -85,6 +85,8 @@ def every_method(tmp_path_factory):
     jobs.append({"tag": "callback", "callback": True})
     # option variants whose decisions read other rank-local inputs
     jobs += [{"tag": tag, "method": m, "options": o, **BASE} for tag, (m, o) in VARIANTS.items()]
+    m, o = VARIANTS["dynalora-backward"]  # gradients read from FSDP2's shards
+    jobs.append({"tag": "fsdp-dynalora-backward", "method": m, "options": o, "strategy": "fsdp", **BASE})
     # small buckets, so the reduction makes several: the memory model prices the largest
     jobs += [{"tag": f"buckets-{m}", "method": m, "bucket_bytes": 20_000, **BASE} for m in ("lisa", "dynalora")]
     jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
@@ -110,8 +112,7 @@ def test_plans_agree_on_both_ranks_and_equal_one_process_with_the_same_global_ba
 
 def _fsdp_ready(m) -> bool:
     method = build_method(m, **OPTIONS[m])
-    return method.granularity == "block" and not (method.reads_gradients_in_backward or
-                                                  {"grad_norm", "taylor"} & set(method.signals))
+    return not (method.reads_gradients_in_backward or {"grad_norm", "taylor"} & set(method.signals))
 
 
 @pytest.mark.parametrize("tag", sorted(VARIANTS))
@@ -149,8 +150,23 @@ def test_exits_probes_and_every_signal_agree_and_equal_one_process(strategy, eve
 FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
 
 
-def test_fsdp_covers_the_block_methods():
-    assert {"full", "topk", "bottomk", "lisa", "trims"} <= set(FSDP_METHODS)
+def test_fsdp_covers_the_block_and_adapter_methods():
+    assert {"full", "topk", "bottomk", "lisa", "trims", "random", "lora", "dora", "vera", "dynalora", "dynavera",
+            "ist", "spsft"} <= set(FSDP_METHODS)
+
+
+def test_fsdp2_reads_an_adapter_gradient_norm_whole_from_the_shards(every_method):
+    """dynalora's backward importance under FSDP2: each rank holds a shard of each gradient; the
+    shards' squares are summed over ranks, so the plans equal one process's."""
+    results, _ = every_method
+    r0, r1 = results["fsdp-dynalora-backward"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert [h["method_log"] for h in r0["history"]] == [h["method_log"] for h in r1["history"]]
+    assert len({tuple(h["method_log"]["active"]) for h in r0["history"]}) > 1  # reallocated from the gradients
+    m, o = VARIANTS["dynalora-backward"]
+    one = run_job({"tag": "one", "method": m, "options": o, **BASE, "grad_accum": 2, "no_budget": True})
+    assert plans(r0) == plans(one)
+    assert_close_runs(r0, one)
 
 
 @pytest.mark.parametrize("method", FSDP_METHODS)
@@ -444,7 +460,13 @@ def _saved_weights(run):
     return out
 
 
-def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_number_of_ranks(tiny_bert_dir, tmp_path):
+# a block method, and an adapter method whose saved output is a peft adapter
+FSDP_CLI = {"lisa": [], "dynalora": ["method=dynalora", "dynalora.r=4", "dynalora.period=1", "dynalora.fraction=0.5"]}
+
+
+@pytest.mark.parametrize("method", sorted(FSDP_CLI))
+def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_number_of_ranks(method, tiny_bert_dir,
+                                                                                          tmp_path):
     """`dynatune train strategy=fsdp` under torchrun: FSDP2 shards every block; evaluation runs on every
     rank; checkpoints and the saved model hold the weights gathered whole, written by rank 0. The run
     equals one process with grad_accum=2 (plans, losses, evaluations, saved weights), and a run stopped
@@ -455,7 +477,7 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
 
     model = _no_dropout_copy(tiny_bert_dir, tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    args = [f"model={model}", *CLI_ARGS, "max_steps=4", "checkpoint_every=2"]
+    args = [f"model={model}", *CLI_ARGS, *FSDP_CLI[method], "max_steps=4", "checkpoint_every=2"]
 
     def torchrun(*extra):
         proc = subprocess.run([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env=env,
@@ -471,12 +493,15 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
     assert main(["train", *args, "grad_accum=2", f"output_dir={one}"]) == 0
     fsdp_log, one_log = log(straight), log(one)
     assert [e["update"] for e in fsdp_log] == [e["update"] for e in one_log]
-    assert len({tuple(e["update"]) for e in fsdp_log}) > 1  # lisa moved between blocks
+    assert len({tuple(e["update"]) for e in fsdp_log}) > 1  # the plan moved
     assert [e["loss"] for e in fsdp_log] == pytest.approx([e["loss"] for e in one_log], abs=LOSS_TOL)
     m_fsdp, m_one = (json.loads((r / "metrics.json").read_text()) for r in (straight, one))
     assert m_fsdp["validation"]["loss"] == pytest.approx(m_one["validation"]["loss"], abs=LOSS_TOL)
     w_fsdp, w_one = _saved_weights(straight), _saved_weights(one)
-    assert w_fsdp.keys() == w_one.keys()
+    assert w_fsdp and w_fsdp.keys() == w_one.keys()
+    if method == "dynalora":  # the adapter, as peft saves it, not the base model
+        assert (straight / "model" / "adapter_model.safetensors").is_file() and all("lora_" in n or "classifier" in n
+                                                                                  for n in w_fsdp)
     for n, w in w_fsdp.items():
         assert torch.allclose(w, w_one[n], atol=WEIGHT_TOL, rtol=0), n
     state = torch.load(straight / "checkpoints" / "step-4" / "state.pt", weights_only=False)

@@ -97,6 +97,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (no communication); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def shard_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A whole tensor held as `p` is: this rank's shard when `p` is an FSDP2 DTensor (every rank holds
     the whole value, read from the same file, so nothing is communicated), else on p's device."""
@@ -267,9 +273,6 @@ class Replicas:
         are summed, not averaged (each rank's loss is already weighted by its share of the batch)."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        if method.granularity != "block":
-            raise DynatuneError(f"strategy=fsdp supports methods that select whole blocks; {method.name} selects "
-                                f"{method.granularity}s (use strategy=ddp).")
         from .signals import SIGNALS
         if method.reads_gradients_in_backward or any(SIGNALS[s].reads_gradients_in_backward for s in method.signals):
             raise DynatuneError(f"strategy=fsdp does not support {method.name} yet: it reads parameter gradients "
@@ -316,7 +319,7 @@ class Replicas:
         return self._reduced_in_hooks
 
 
-__all__ = ["Replicas", "agree_signals", "init_from_env", "current", "digest", "full_tensor", "shard_like",
+__all__ = ["Replicas", "agree_signals", "init_from_env", "current", "digest", "full_tensor", "local_part", "shard_like",
            "world_size_from_env", "BUCKET_BYTES"]
 
 

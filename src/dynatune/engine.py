@@ -33,7 +33,7 @@ from .optim import OptimizerStates, ensure_in_optimizer, unit_groups
 from .plan import Plan
 from .plan_mechanics import (BlockStack, add_plan_hooks, grad_param_names, input_grad_hooks_on,
                              remove_input_grad_hooks, require_grad_only)
-from .distributed import agree_signals
+from .distributed import agree_signals, local_part
 from .signals import SIGNALS, read_signals
 from .units import Units, partition
 
@@ -412,6 +412,13 @@ class Tuner:
         """A new tensor: `t` summed over the ranks of a data-parallel run (a forward statistic each
         rank accumulated over its share of the batch); a copy of `t` in one process."""
         return t.clone() if self.sync is None else self.sync.sum_tensor(t)
+
+    def squared_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Each tensor's squared L2 norm, of the whole tensor, as one float vector on the device (no
+        host sync). Under FSDP2 a gradient is this rank's shard: the shards' squares are summed over
+        the ranks (one all-reduce of the vector)."""
+        sq = torch.stack(torch._foreach_norm([local_part(t) for t in tensors])).float().pow(2)
+        return self.sync.sum_tensor(sq) if self.sync is not None and self.sync.strategy == "fsdp" else sq
 
     def from_main_rank(self, value: float) -> float:
         """Rank 0's `value` on every rank (a measured time); `value` itself in one process."""

@@ -545,7 +545,7 @@ def train(cfg) -> dict:
         # and saves as a single process would
         weights = checkpoint.whole_weights(tuner)
         if main:
-            model = _unsharded(cfg, task, weights, device)
+            model = _unsharded(cfg, task, weights, device, method)
     if not main:  # rank 0 evaluates and writes what the run produced
         tuner.close_hooks()
         return None
@@ -599,10 +599,12 @@ def _run_model(cfg, task, device):
     return model, tokenizer
 
 
-def _unsharded(cfg, task, weights: dict, device):
+def _unsharded(cfg, task, weights: dict, device, method):
     """The run's model rebuilt whole from `weights` (by parameter name): what an FSDP2 run evaluates
-    and saves. Block methods (the ones FSDP2 runs) leave the model's structure as loaded."""
+    and saves. The method gives it the structure it trained (adapters, row deltas: the same targets,
+    rows and seeded projections as the first time)."""
     model, _ = _run_model(cfg, task, device)
+    model = method.prepare_model(model)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if unexpected or set(missing) - tied - {n for n, _ in model.named_buffers()}:

@@ -573,7 +573,7 @@ class DynatuneTrainer(Trainer):
         if cb is not None and getattr(self, "is_fsdp_enabled", False):
             raise DynatuneError("DynatuneTrainer does not run under the Trainer's FSDP yet (its wrapping fixes "
                                 "which parameters train); drop the fsdp arguments to run DDP, or use "
-                                "`dynatune train strategy=fsdp` for the block methods (docs/distributed.md).")
+                                "`dynatune train strategy=fsdp` (docs/distributed.md).")
         if cb is not None and current() is not None:
             cb.reduces_gradients = True
             destroy_at_exit()  # accelerate set the group up and leaves it to the interpreter's exit

@@ -49,8 +49,9 @@ class Method:
     getattr. What a method may read from the tuner it is handed in `setup` is the tuner's public
     API: `units`, `params`, `model`, `device`, `count_memory`, `record` (this step's counted bytes),
     `predict(plan)` / `predict_peak(plan)` (priced with the optimizer state the run really holds;
-    None without a memory model), `has_memory_model`, `budget_bytes` and `usable_budget`; and, for
-    a data-parallel run, `sum_over_ranks(tensor)` (a statistic a rank gathered from its share of the
+    None without a memory model), `has_memory_model`, `budget_bytes`, `usable_budget` and
+    `squared_norms(tensors)` (whole tensors' squared norms, FSDP2 shards included); and, for a
+    data-parallel run, `sum_over_ranks(tensor)` (a statistic a rank gathered from its share of the
     batch, summed over ranks) and `from_main_rank(value)` (rank 0's reading of anything rank-local,
     such as a clock): every input a decision reads must be the same on every rank.
     """

@@ -357,8 +357,7 @@ class DynaLora(Method):
             self._owner_idx = torch.tensor([i for _, i in pairs], device=self.acc.device)
             self._active_idx = torch.tensor([self.index[n] for n in self.active], device=self.acc.device)
             self._owners_of = list(self.active)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._owner_params]
-        sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+        sq = self.tuner.squared_norms([p.grad if p.grad is not None else torch.zeros_like(p) for p in self._owner_params])
         self.acc += torch.zeros_like(self.acc).index_add_(0, self._owner_idx, sq).sqrt()
         self.seen[self._active_idx] += 1
         return None
