@@ -65,7 +65,7 @@ def run_job(job: dict) -> dict:
         method = build_method(job["method"], seed=seed, **job.get("options", OPTIONS.get(job["method"], {})))
     keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr", "strategy")
     # fsdp: not enforced yet (its one-process reference runs without one too: "no_budget")
-    budget = None if job.get("strategy") == "fsdp" or job.get("no_budget") else run_budget(None, method)
+    budget = None if job.get("no_budget") else job.get("budget", run_budget(None, method))
     cfg = loop_cfg(max_length=12, margin=0.03, budget=budget,
                    **{k: job[k] for k in keys if k in job})
     data = (lm_examples if job.get("model") == "llama" else cls_examples)(n=job.get("examples", 16))

@@ -19,10 +19,11 @@ import torch
 from dynatune.distributed import Replicas
 from dynatune.errors import DynatuneError
 from dynatune.methods import METHODS, build_method
+from dynatune.plan import Plan
 from dynatune.signals import SIGNALS
 
 sys.path.insert(0, os.path.dirname(__file__))
-from dist_worker import OPTIONS, run_job  # noqa: E402
+from dist_worker import NO_DROPOUT, OPTIONS, run_job  # noqa: E402
 
 HERE = Path(__file__).parent
 SRC = HERE.parent / "src"
@@ -75,7 +76,8 @@ def every_method(tmp_path_factory):
     jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
     out = tmp_path_factory.mktemp("dist")
     # FSDP2 (fully_shard per block) for the block and adapter methods; the others are refused
-    jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", **BASE} for m in sorted(METHODS)]
+    # (without a budget: one rank's sharded price admits other plans than one process's; budgets below)
+    jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", "no_budget": True, **BASE} for m in sorted(METHODS)]
     jobs.append({"tag": "fsdp-offload", "method": "lisa", "options": {"k": 1, "state_policy": "offload"},
                  "strategy": "fsdp", **BASE})
     # exits, probes and every signal, on a causal LM: under DDP, and (activation signals) under FSDP2
@@ -85,6 +87,10 @@ def every_method(tmp_path_factory):
     jobs.append({"tag": "callback", "callback": True})
     # option variants whose decisions read other rank-local inputs
     jobs += [{"tag": tag, "method": m, "options": o, **BASE} for tag, (m, o) in VARIANTS.items()]
+    # a budget under FSDP2: every plan priced for one rank's shards
+    jobs += [{"tag": f"budget-{s}", "method": "trims", "options": {"tau": 1}, "strategy": s, "max_steps": 6,
+              "budget": "0.6", "batch_size": 4} for s in ("ddp", "fsdp")]
+    jobs.append({"tag": "budget-fsdp-too-small", "method": "trims", "strategy": "fsdp", "budget": "1000B", **BASE})
     m, o = VARIANTS["dynalora-backward"]  # gradients read from FSDP2's shards
     jobs.append({"tag": "fsdp-dynalora-backward", "method": m, "options": o, "strategy": "fsdp", **BASE})
     # small buckets, so the reduction makes several: the memory model prices the largest
@@ -153,6 +159,33 @@ FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
 def test_fsdp_covers_the_block_and_adapter_methods():
     assert {"full", "topk", "bottomk", "lisa", "trims", "random", "lora", "dora", "vera", "dynalora", "dynavera",
             "ist", "spsft"} <= set(FSDP_METHODS)
+
+
+def test_a_budget_under_fsdp2_holds_every_plan_to_one_ranks_sharded_price(every_method):
+    """A fraction under FSDP2 is of full fine-tuning's price for one rank (its shards, the gathered
+    block, the unsharded gradient), and TriMS keeps every plan's prediction within it, on both
+    ranks alike. Under FSDP2 the budget is held against the prediction: the counter reads whole tensors."""
+    from dynatune.engine import Tuner
+    from dynatune.memory import MemoryModel, full_finetuning_peak, usable_budget
+    from tiny import classifier
+
+    results, _ = every_method
+    fsdp, ddp = results["budget-fsdp"], results["budget-ddp"]
+    for r in (*fsdp, *ddp):
+        assert "error" not in r, r.get("error")
+    assert [h["method_log"] for h in fsdp[0]["history"]] == [h["method_log"] for h in fsdp[1]["history"]]
+    tuner = Tuner(classifier("bert", **NO_DROPOUT), build_method("trims", tau=1))
+    mms = {s: MemoryModel.from_tuner(tuner, batch_shape=(2, 12), world_size=2, strategy=s) for s in ("ddp", "fsdp")}
+    for s, runs in (("fsdp", fsdp), ("ddp", ddp)):
+        logs = [h["method_log"] for h in runs[0]["history"]]
+        assert logs[0]["budget_bytes"] == int(0.6 * full_finetuning_peak(mms[s]))
+        for log, h in zip(logs, runs[0]["history"]):
+            assert log["predicted_peak_bytes"] == mms[s].predict(Plan.of(h["update"])).predicted_peak_bytes
+            assert log["predicted_peak_bytes"] <= usable_budget(log["budget_bytes"], 0.03)
+    assert fsdp[0]["history"][0]["method_log"]["budget_bytes"] < ddp[0]["history"][0]["method_log"]["budget_bytes"]
+    assert fsdp[0]["history"][0]["memory"] is None  # not counted under FSDP2
+    for r in results["budget-fsdp-too-small"]:  # below any plan: one sentence naming the minimum, before a step
+        assert r["error"].startswith("BudgetError: the budget of 1000 bytes") and "must be at least" in r["error"]
 
 
 def test_fsdp2_reads_an_adapter_gradient_norm_whole_from_the_shards(every_method):

@@ -90,7 +90,7 @@ class RunConfig:
                                    "memory estimates from the memory model alone")
     device: str = opt("auto", "auto, cpu or cuda")
     strategy: str = opt("ddp", "under torchrun / accelerate launch: ddp (every rank holds the model) or fsdp "
-                               "(FSDP2 fully_shard per block; not gradselect/adagradselect, no budget yet)")
+                               "(FSDP2 fully_shard per block; not gradselect/adagradselect; budgets held against the prediction)")
     progress: bool = opt(True, "show a progress bar")
 
 

@@ -251,9 +251,6 @@ def make_tuner(model, method, cfg, device) -> Tuner:
         enable_checkpointing(model)
     sync = distributed.current(getattr(cfg, "strategy", "ddp"))
     budget = one_budget(getattr(cfg, "budget", None), method, "the run's config")
-    if sync is not None and sync.strategy == "fsdp" and budget is not None:
-        raise DynatuneError("a budget under strategy=fsdp is not enforced yet (dynatune estimate strategy=fsdp "
-                            "prices a rank); run without one, or use strategy=ddp.")
     tuner = Tuner(model, method, lr=lr, weight_decay=cfg.weight_decay, layers=getattr(cfg, "layers", None),
                   count_memory=getattr(cfg, "count_memory", True), sync=sync)
     if budget is not None:  # a rank's memory: its micro-batches are its share of the global batch
