@@ -100,7 +100,8 @@ def trims_table(rows, metric="accuracy"):
     return "\n".join(lines)
 
 
-TRIMS_VARIANTS = {"trims_start_last": "start=last", "trims_con_trend": "con=trend"}
+TRIMS_VARIANTS = {"trims_start_last": "start=last", "trims_con_trend": "con=trend",
+                  "trims_lambda0": "lambda_m=lambda_t=0"}
 
 
 def trims_defaults_table(rows, metric="accuracy"):

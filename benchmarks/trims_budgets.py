@@ -43,14 +43,16 @@ RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", 
 
 
 # Variants of TriMS at the rate chosen for the defaults (not swept), every seed: the paper's start
-# (the one default that departs from the paper), and CON read from the trend of the last periods (an
-# option that was the default until this sweep showed no difference). Their validation scores are the
-# sweep behind the defaults. Every TriMS row names `con` explicitly: a run directory records an
-# option the preset filled as null, and --reuse must not take one for the other. `--paper` adds the paper
+# (the one default that departs from the paper), CON read from the trend of the last periods (an
+# option that was the default until this sweep showed no difference), and eq. 8 without its memory
+# and time terms (lambda_m = lambda_t = 0: under a budget, a plan that frees memory the budget allows
+# buys the user nothing). Their validation scores are the sweep behind the defaults. Every TriMS row
+# names `con` explicitly: runs made before config.json recorded preset-filled options hold null there. `--paper` adds the paper
 # preset, seed 0 (on encoders it also turns exits on, which starves a first-token head:
 # docs/methods/trims.md, "Exits and first-token heads").
 VARIANTS = {"trims_start_last": (["trims.start=last", "trims.con=last"], "all"),
-            "trims_con_trend": (["trims.con=trend"], "all")}
+            "trims_con_trend": (["trims.con=trend"], "all"),
+            "trims_lambda0": (["trims.con=last", "trims.lambda_m=0", "trims.lambda_t=0"], "all")}
 PAPER = {"trims_paper": (["trims.preset=paper"], "first")}
 
 
