@@ -4,6 +4,8 @@
     python benchmarks/dynalora_table.py --smoke         # 2 steps per run, tiny data, seed 0, one rate: checks the script
     python benchmarks/dynalora_table.py --memory        # counted vs predicted bytes per term, one full-length step
     python benchmarks/dynalora_table.py --budget        # at 80% of LoRA's counted peak: DynaLoRA vs the best LoRA that fits
+    python benchmarks/dynalora_table.py --epochs 6 --tasks trec --labels lora,dynalora_F,dynalora_B,dynalora_R
+                                                        # a longer run: does the gap to LoRA close? (_e6 files)
 
 MiniLM-L6 on TREC, SMS spam and movie sentiment, the same seeded 1,000 training examples for every
 method, 2 epochs, batch 16, max_length 48, tested on 300 held-out examples. Every method adapts the
@@ -107,12 +109,14 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
     ap.add_argument("--memory", action="store_true", help="counted vs predicted bytes of one full-length step")
     ap.add_argument("--budget", action="store_true", help="at 80%% of LoRA's counted peak, vs the best LoRA that fits")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per run; other than 2, runs and JSON get an _e<N> suffix")
     args = ap.parse_args()
+    longer = "" if args.epochs == 2 else f"_e{args.epochs}"
     torch.set_num_threads(1)
     if args.memory:
         print(save("dynalora_memory", {"batch_shape": [16, 48], "rows": memory_rows()}))
         return
-    common = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
+    common = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", f"epochs={args.epochs}", "batch_size=16",
               "max_length=48", "budget=none"]
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.smoke:
@@ -125,7 +129,7 @@ def main():
     if args.labels:
         table_methods = {k: v for k, v in table_methods.items() if k in args.labels.split(",")}
     rows, sweep, chosen = [], [], {}
-    root = "runs/dynalora-bench" + ("-smoke" if args.smoke else "")
+    root = "runs/dynalora-bench" + longer.replace("_", "-") + ("-smoke" if args.smoke else "")
     for task in args.tasks.split(","):
         for label, (opts, rates) in table_methods.items():
             base = "lora" if label.startswith("dynalora") else "vera" if label.startswith("dynavera") else None
@@ -149,7 +153,7 @@ def main():
         if base:  # same seed, same data order: the paired difference removes the split's luck
             row[f"paired_vs_{base}"], row[f"paired_vs_{base}_std"] = paired(rows, row["task"], row["label"], base)
     print_table(table, "accuracy")
-    name = "dynalora_table" + ("_smoke" if args.smoke else "")
+    name = "dynalora_table" + longer + ("_smoke" if args.smoke else "")
     print(save(name, {"rows": rows, "sweep": sweep, "chosen_lr": chosen, "table": table}))
 
 
