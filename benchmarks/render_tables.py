@@ -87,7 +87,8 @@ def trims_table(rows, metric="accuracy"):
             peak = statistics.mean(r["counted_peak_bytes"] for r in rs) / 2**20
             name = rs[0]["label"].split("@")[0] + " " if f in STATIC else ""
             cells.append(f"{name}{m:.3f} ± {sd:.3f} ({peak:.0f} MiB)")
-        best = max((f for f in STATIC if f in means), key=lambda f: means[f], default=None)
+        pick = min if metric in LOWER_IS_BETTER else max
+        best = pick((f for f in STATIC if f in means), key=lambda f: means[f], default=None)
         cells += [paired(task, "trims", "full"), paired(task, "trims", best) if best else "—",
                   paired(task, "trims", "trims_start_last")]
         if with_paper:
@@ -113,6 +114,7 @@ def trims_defaults_table(rows, metric="accuracy"):
             *(f"defaults − {TRIMS_VARIANTS[v]}" for v in variants)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     overall = {v: [] for v in variants}
+    scale, unit = (1, "") if metric in LOWER_IS_BETTER else (100, " pt")
     for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if "trims" not in fam:
             continue
@@ -124,9 +126,9 @@ def trims_defaults_table(rows, metric="accuracy"):
         cells += [paired(task, "trims", v) for v in variants]
         val = {(f, r["seed"]): r["validation"][metric] for f in ("trims", *variants) for r in fam.get(f, [])}
         for v in variants:
-            overall[v] += [100 * (val[("trims", s)] - val[(v, s)]) for (f, s) in val if f == v and ("trims", s) in val]
+            overall[v] += [scale * (val[("trims", s)] - val[(v, s)]) for (f, s) in val if f == v and ("trims", s) in val]
         lines.append(f"| {task} | {b:.0%} | " + " | ".join(cells) + " |")
-    summary = ", ".join(f"defaults − {TRIMS_VARIANTS[v]}: {statistics.mean(d):+.2f} pt over {len(d)} pairs"
+    summary = ", ".join(f"defaults − {TRIMS_VARIANTS[v]}: {statistics.mean(d):+.2f}{unit} over {len(d)} pairs"
                         for v, d in overall.items() if d)
     return "\n".join(lines) + f"\n\nMean paired validation difference over every task, budget and seed: {summary}."
 
@@ -174,17 +176,23 @@ def dynalora_table(d: dict) -> str:
     return "\n".join(out)
 
 
+# metrics where lower wins; their differences are in the metric's own units, not points
+LOWER_IS_BETTER = {"perplexity", "loss"}
+
+
 def paired_differences(rows, metric, split="test"):
     """paired(task, label, other): the mean ± sd over seeds of label's `split` metric minus other's
-    on the same seed (same data order), in points; "—" against itself or without common seeds."""
+    on the same seed (same data order), in points (a perplexity: in its units); "—" against itself
+    or without common seeds."""
     by = {(r["task"], r["label"], r["seed"]): r[split][metric] for r in rows}
+    scale, unit = (1, "") if metric in LOWER_IS_BETTER else (100, " pt")
 
     def paired(task, label, other):
         seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
         if label == other or not seeds:
             return "—"
-        m, sd = mean_sd(100 * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
-        return f"{m:+.1f} ± {sd:.1f} pt"
+        m, sd = mean_sd(scale * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
+        return f"{m:+.1f} ± {sd:.1f}{unit}"
     return paired
 
 
@@ -387,7 +395,7 @@ if __name__ == "__main__":
         print()
         print(table([r for r in rows_of("baselines_table_smollm2*.json")], "exact_match"))
     elif which == "adagradselect":
-        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
+        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match"), ("smollm2_dialog-sft", "perplexity")):
             print(f"{part}, one learning rate per method family:")
             print(table(rows_of(f"adagradselect_table_{part}.json"), metric, keys=("label",)))
             swept = []  # each method's learning rate chosen on validation (seed 0)

@@ -2,6 +2,8 @@
 
     python benchmarks/trims_budgets.py                           # MiniLM-L6: 3 tasks x 80/60/40% x 3 seeds
     python benchmarks/trims_budgets.py --only smollm2            # SmolLM2-135M SFT on trec-sft at 60/40%, exits on
+    python benchmarks/trims_budgets.py --only smollm2 --tasks dialog-sft --variants trims_start_last
+                                                                 # the same on movie dialog (perplexity: lower wins)
     python benchmarks/trims_budgets.py --device cuda --jobs 12   # the same on a GPU, 12 runs at a time
     python benchmarks/trims_budgets.py --smoke                   # 2 steps per run, one rate, seed 0: checks the script
 
@@ -112,16 +114,22 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, one rate")
     ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
     ap.add_argument("--paper", action="store_true", help="also TriMS with trims.preset=paper (seed 0)")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of VARIANTS (default: all)")
     ap.add_argument("--finished-only", action="store_true",
                     help="train nothing: write the table from the runs already finished (the others are listed as missing)")
     args = ap.parse_args()
+    if args.variants is not None:
+        for name in set(VARIANTS) - set(args.variants.split(",")):
+            del VARIANTS[name]
     if args.paper:
         VARIANTS.update(PAPER)
     minilm = args.only == "minilm"
     tasks = (args.tasks or ("trec,sms-spam,movie-sentiment" if minilm else "trec-sft")).split(",")
     budgets = [float(b) for b in (args.budgets or ("0.8,0.6,0.4" if minilm else "0.6,0.4")).split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    metric = "accuracy" if minilm else "exact_match"
+    # dialog-sft has no answer to match: its replies are scored by perplexity, where lower wins
+    metric = "accuracy" if minilm else "perplexity" if tasks == ["dialog-sft"] else "exact_match"
+    sign = -1 if metric == "perplexity" else 1
     common = [*(MINILM if minilm else SMOLLM2), f"device={args.device}"]
     rates = RATES[args.only]
     if args.smoke:
@@ -129,7 +137,8 @@ def main():
                    "trims.tau=1"]
         seeds, rates = [0], {k: v[1:2] for k, v in rates.items()}
     root = f"runs/trims-bench-{args.only}-{args.device}" + ("-smoke" if args.smoke else "")
-    suffix = f"_{args.only}" + ("" if args.device == "cpu" else f"_{args.device}") + ("_smoke" if args.smoke else "")
+    suffix = (f"_{args.only}" + ("" if tasks == ["trec-sft"] or minilm else "_" + "_".join(tasks))
+              + ("" if args.device == "cpu" else f"_{args.device}") + ("_smoke" if args.smoke else ""))
 
     plan = {task: configs(args.only, task, budgets, args.device) for task in tasks}
 
@@ -139,7 +148,7 @@ def main():
                 f"output_dir={root}/{task}-{name}-lr{lr}-{seed}"]
 
     def val(r):
-        return ((r.get("validation") or {}).get(metric) or 0) if "error" not in r else -1
+        return sign * ((r.get("validation") or {}).get(metric) or 0) if "error" not in r else -float("inf")
 
     # seed 0 at every candidate rate, all at once; then the other seeds at the chosen rates
     sweep_keys = [(task, name, lr) for task in tasks for name, (_, fam) in plan[task][0].items() if fam in rates
