@@ -395,7 +395,7 @@ if __name__ == "__main__":
         print()
         print(table([r for r in rows_of("baselines_table_smollm2*.json")], "exact_match"))
     elif which == "adagradselect":
-        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match"), ("smollm2_dialog-sft", "perplexity")):
+        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
             print(f"{part}, one learning rate per method family:")
             print(table(rows_of(f"adagradselect_table_{part}.json"), metric, keys=("label",)))
             swept = []  # each method's learning rate chosen on validation (seed 0)
@@ -434,7 +434,7 @@ if __name__ == "__main__":
             print(lisa_memory_table(runs))
             print(lisa_memory_plot(runs, RESULTS / "peers_lisa_memory.png"))
     elif which == "trims":
-        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
+        for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match"), ("smollm2_dialog-sft", "perplexity")):
             path = RESULTS / f"trims_budgets_{part}.json"
             if path.exists():
                 rows = json.loads(path.read_text())["rows"]
