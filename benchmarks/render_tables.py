@@ -114,7 +114,7 @@ def trims_defaults_table(rows, metric="accuracy"):
             *(f"defaults − {TRIMS_VARIANTS[v]}" for v in variants)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     overall = {v: [] for v in variants}
-    scale, unit = (1, "") if metric in LOWER_IS_BETTER else (100, " pt")
+    scale, unit = difference_units(metric)
     for (task, b), fam in sorted(trims_groups(rows).items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if "trims" not in fam:
             continue
@@ -180,12 +180,17 @@ def dynalora_table(d: dict) -> str:
 LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
+def difference_units(metric: str) -> tuple[int, str]:
+    """(scale, unit) of a difference in `metric`: points for a fraction, the metric's own units else."""
+    return (1, "") if metric in LOWER_IS_BETTER else (100, " pt")
+
+
 def paired_differences(rows, metric, split="test"):
     """paired(task, label, other): the mean ± sd over seeds of label's `split` metric minus other's
     on the same seed (same data order), in points (a perplexity: in its units); "—" against itself
     or without common seeds."""
     by = {(r["task"], r["label"], r["seed"]): r[split][metric] for r in rows}
-    scale, unit = (1, "") if metric in LOWER_IS_BETTER else (100, " pt")
+    scale, unit = difference_units(metric)
 
     def paired(task, label, other):
         seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import print_table, run_many, save, summarise  # noqa: E402
+from render_tables import LOWER_IS_BETTER  # noqa: E402
 
 MINILM_TASKS = {"trec": 6, "sms-spam": 2, "movie-sentiment": 2}
 MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
@@ -49,9 +50,9 @@ RATES = {"minilm": {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", 
 # option that was the default until this sweep showed no difference), and eq. 8 without its memory
 # and time terms (lambda_m = lambda_t = 0: under a budget, a plan that frees memory the budget allows
 # buys the user nothing). Their validation scores are the sweep behind the defaults. Every TriMS row
-# names `con` explicitly: runs made before config.json recorded preset-filled options hold null there. `--paper` adds the paper
-# preset, seed 0 (on encoders it also turns exits on, which starves a first-token head:
-# docs/methods/trims.md, "Exits and first-token heads").
+# names `con` explicitly: runs made before config.json recorded preset-filled options hold null
+# there. `--paper` adds the paper preset, seed 0 (on encoders it also turns exits on, which starves a
+# first-token head: docs/methods/trims.md, "Exits and first-token heads").
 VARIANTS = {"trims_start_last": (["trims.start=last", "trims.con=last"], "all"),
             "trims_con_trend": (["trims.con=trend"], "all"),
             "trims_lambda0": (["trims.con=last", "trims.lambda_m=0", "trims.lambda_t=0"], "all")}
@@ -129,7 +130,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     # dialog-sft has no answer to match: its replies are scored by perplexity, where lower wins
     metric = "accuracy" if minilm else "perplexity" if tasks == ["dialog-sft"] else "exact_match"
-    sign = -1 if metric == "perplexity" else 1
+    sign = -1 if metric in LOWER_IS_BETTER else 1
     common = [*(MINILM if minilm else SMOLLM2), f"device={args.device}"]
     rates = RATES[args.only]
     if args.smoke:
@@ -144,7 +145,8 @@ def main():
 
     def overrides(task, name, lr, seed):
         opts, _ = plan[task][0][name]
-        return [*common, *(TASK_EXTRA.get(task, []) if minilm and not args.smoke else []), f"task={task}", *opts, f"lr={lr}", f"seed={seed}",
+        larger = TASK_EXTRA.get(task, []) if minilm and not args.smoke else []
+        return [*common, *larger, f"task={task}", *opts, f"lr={lr}", f"seed={seed}",
                 f"output_dir={root}/{task}-{name}-lr{lr}-{seed}"]
 
     def val(r):

@@ -64,7 +64,8 @@ def run_job(job: dict) -> dict:
     else:
         method = build_method(job["method"], seed=seed, **job.get("options", OPTIONS.get(job["method"], {})))
     keys = ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "stop_after", "resume", "lr", "strategy")
-    # fsdp: not enforced yet (its one-process reference runs without one too: "no_budget")
+    # the method's own budget unless the job names one; "no_budget" runs without (a one-process
+    # reference for FSDP2, whose per-rank price admits other plans)
     budget = None if job.get("no_budget") else job.get("budget", run_budget(None, method))
     cfg = loop_cfg(max_length=12, margin=0.03, budget=budget,
                    **{k: job[k] for k in keys if k in job})
