@@ -410,6 +410,10 @@ def test_exploration_priced_by_the_memory_model_holds_m_plus_1_gradients_at_the_
         freed = sum(sizes[u] for u in order[m + 1:])
         want = max(v - (freed if k == "backward_end" else 0) for k, v in full.phases.items())
         assert meth.exploration_peak(m) == want < full.predicted_peak_bytes
+        # ranked after backward (FSDP2's shards): every probed gradient lives to the end of backward
+        meth.streaming = False
+        assert meth.exploration_peak(m) == full.predicted_peak_bytes
+        meth.streaming = True
     t.budget_bytes = int(meth.exploration_peak(2) / 0.97) + 1
     step(t, batches(1)[0])
     assert meth.m == 2 and len(t.promoted) == 2

@@ -63,6 +63,8 @@ SCRIPT = [{"update": ["block.3", "norm"]},
           {"update": ["block.1", "norm"], "exit_depth": 2},  # blocks 2 and 3 exited: they neither run nor reduce
           {"update": ["block.2", "norm"], "probe": ["block.0"]},  # backward reaches block 0's output
           {"update": ["block.0", "block.3", "norm"], "probe_params": ["block.1"]}]  # block 1's gradient read, not applied
+# LISA with one block a step over 8 steps: blocks leave and come back (their state from the host)
+OFFLOAD = {"method": "lisa", "options": {"k": 1, "period": 1, "state_policy": "offload"}, **BASE, "max_steps": 8}
 VARIANTS = {"dynalora-backward": ("dynalora", {"r": 4, "period": 2, "importance": "backward"}),  # reduced grads
             "trims-measured": ("trims", {"tau": 1, "time": "measured"})}  # rank 0's clock
 
@@ -75,11 +77,14 @@ def every_method(tmp_path_factory):
     # rank-dependent seeds: ranks would draw different plans
     jobs.append({"tag": "skewed", "method": "random", "rank_seed": True, **BASE})
     out = tmp_path_factory.mktemp("dist")
-    # FSDP2 (fully_shard per block) for the block and adapter methods; the others are refused
+    # FSDP2 (fully_shard per block) for every method (gradselect and adagradselect: the ranking read
+    # from the shards after backward, their state offloaded shard by shard)
     # (without a budget: one rank's sharded price admits other plans than one process's; budgets below)
     jobs += [{"tag": f"fsdp-{m}", "method": m, "strategy": "fsdp", "no_budget": True, **BASE} for m in sorted(METHODS)]
-    jobs.append({"tag": "fsdp-offload", "method": "lisa", "options": {"k": 1, "state_policy": "offload"},
-                 "strategy": "fsdp", **BASE})
+    jobs.append({"tag": "fsdp-offload", **OFFLOAD, "strategy": "fsdp", "no_budget": True})
+    # a signal read in backward hooks, which never fire on FSDP2's shards: refused
+    jobs.append({"tag": "fsdp-grad-signal", "scripted": SCRIPT, "model": "llama", "strategy": "fsdp",
+                 "signals": ["grad_norm"], **BASE})
     # exits, probes and every signal, on a causal LM: under DDP, and (activation signals) under FSDP2
     jobs += [{"tag": "scripted-ddp", "scripted": SCRIPT, "model": "llama", "signals": list(SIGNALS), **BASE},
              {"tag": "scripted-fsdp", "scripted": SCRIPT, "model": "llama", "strategy": "fsdp",
@@ -118,7 +123,8 @@ def test_plans_agree_on_both_ranks_and_equal_one_process_with_the_same_global_ba
 
 def _fsdp_ready(m) -> bool:
     method = build_method(m, **OPTIONS[m])
-    return not (method.reads_gradients_in_backward or {"grad_norm", "taylor"} & set(method.signals))
+    in_hooks = method.reads_gradients_in_backward and not method.reads_sharded_gradients_after_backward
+    return not (in_hooks or {"grad_norm", "taylor"} & set(method.signals))
 
 
 @pytest.mark.parametrize("tag", sorted(VARIANTS))
@@ -156,9 +162,8 @@ def test_exits_probes_and_every_signal_agree_and_equal_one_process(strategy, eve
 FSDP_METHODS = sorted(m for m in METHODS if _fsdp_ready(m))
 
 
-def test_fsdp_covers_the_block_and_adapter_methods():
-    assert {"full", "topk", "bottomk", "lisa", "trims", "random", "lora", "dora", "vera", "dynalora", "dynavera",
-            "ist", "spsft"} <= set(FSDP_METHODS)
+def test_fsdp_covers_every_method():
+    assert set(FSDP_METHODS) == set(METHODS)
 
 
 def test_a_budget_under_fsdp2_holds_every_plan_to_one_ranks_sharded_price(every_method):
@@ -216,18 +221,24 @@ def test_fsdp2_on_cpu_plans_agree_and_equal_one_process(method, every_method):
     assert_close_runs(r0, run_job({"tag": method, "method": method, **BASE, "grad_accum": 2, "no_budget": True}))
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - set(FSDP_METHODS)))
-def test_fsdp2_refuses_methods_it_does_not_support_yet_in_one_sentence(method, every_method):
+def test_fsdp2_refuses_a_signal_read_in_backward_hooks_in_one_sentence(every_method):
     results, _ = every_method
-    for r in results[f"fsdp-{method}"]:
+    for r in results["fsdp-grad-signal"]:
         assert r["error"].startswith("DynatuneError: strategy=fsdp") and "use strategy=ddp" in r["error"]
 
 
-def test_fsdp2_refuses_offloaded_state_in_one_sentence(every_method):
+def test_fsdp2_offloads_each_ranks_shard_of_the_state_and_restores_it(every_method):
+    """state_policy=offload under FSDP2: a block that leaves takes its rank's shard of the state to the
+    host, and gets it back as a shard when drawn again; the run equals one process offloading whole."""
     results, _ = every_method
-    for r in results["fsdp-offload"]:
-        assert r["error"] == ("DynatuneError: strategy=fsdp does not support state_policy=offload yet (host copies "
-                              "of sharded state); use lisa.state_policy=drop or keep, or strategy=ddp.")
+    r0, r1 = results["fsdp-offload"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert plans(r0) == plans(r1)
+    updated = [tuple(u for u in h["update"] if u.startswith("block.")) for h in r0["history"]]
+    assert any(b in updated[:i] and b != updated[i - 1] for i, b in enumerate(updated)), \
+        "no block returned after leaving: nothing was restored from the host"
+    one = run_job({"tag": "one", **OFFLOAD, "grad_accum": 2, "no_budget": True})
+    assert_close_runs(r0, one)
 
 
 def test_ranks_that_would_disagree_stop_with_one_error_not_a_hang(every_method):
@@ -494,7 +505,9 @@ def _saved_weights(run):
 
 
 # a block method, and an adapter method whose saved output is a peft adapter
-FSDP_CLI = {"lisa": [], "dynalora": ["method=dynalora", "dynalora.r=4", "dynalora.period=1", "dynalora.fraction=0.5"]}
+FSDP_CLI = {"lisa": [], "dynalora": ["method=dynalora", "dynalora.r=4", "dynalora.period=1", "dynalora.fraction=0.5"],
+            # the ranking read from the shards, each rank's shard of the state offloaded (and checkpointed whole)
+            "adagradselect": ["method=adagradselect", "adagradselect.k=0.25"]}
 
 
 @pytest.mark.parametrize("method", sorted(FSDP_CLI))
@@ -510,7 +523,9 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
 
     model = _no_dropout_copy(tiny_bert_dir, tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    args = [f"model={model}", *CLI_ARGS, *FSDP_CLI[method], "max_steps=4", "checkpoint_every=2"]
+    # evaluated every step, the best evaluation's weights kept (gathered whole) and loaded back at the end
+    args = [f"model={model}", *CLI_ARGS, *FSDP_CLI[method], "max_steps=4", "checkpoint_every=2", "eval_steps=1",
+            "load_best=true"]
 
     def torchrun(*extra):
         proc = subprocess.run([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env=env,
@@ -537,6 +552,12 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
                                                                                   for n in w_fsdp)
     for n, w in w_fsdp.items():
         assert torch.allclose(w, w_one[n], atol=WEIGHT_TOL, rtol=0), n
+    best = json.loads((straight / "checkpoints" / "best" / "best.json").read_text())
+    assert m_fsdp["validation"]["step"] == best["step"] == m_one["validation"]["step"]
+    if method != "dynalora":  # the saved model is the best evaluation's weights
+        from safetensors.torch import load_file
+        kept = load_file(straight / "checkpoints" / "best" / "weights.safetensors")
+        assert all(torch.equal(w, kept[n]) for n, w in w_fsdp.items() if n in kept) and w_fsdp.keys() & kept.keys()
     state = torch.load(straight / "checkpoints" / "step-4" / "state.pt", weights_only=False)
     assert len(state["rng_ranks"]) == 2 and not list(straight.rglob("*.tmp"))
 

@@ -44,16 +44,19 @@ class LoopState:
     grad_scaler: dict | None = None  # amp-fp16: the loss scaler's state (scale, growth tracker)
 
 
-def save_best(run_dir: Path, tuner, best: dict) -> str:
+def save_best(run_dir: Path, tuner, best: dict, weights: dict | None = None) -> str:
     """The weights of the best evaluation in `checkpoints/best`, outside the step-N rotation; the
-    new one is complete before the old one goes. Returns its path relative to `run_dir`."""
+    new one is complete before the old one goes. `weights`: whole_weights(tuner) when every rank had
+    to take part in gathering them (FSDP2). Returns its path relative to `run_dir`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp, final, old = root / ".best.tmp", root / "best", root / ".best.old"
     for d in (tmp, old):
         shutil.rmtree(d, ignore_errors=True)
     tmp.mkdir()
-    save_file({n: p.detach().contiguous().cpu() for n, p in tuner.params.items()}, tmp / "weights.safetensors")
+    if weights is None:
+        weights = {n: p.detach().contiguous().cpu() for n, p in tuner.params.items()}
+    save_file(weights, tmp / "weights.safetensors")
     usual_permissions(tmp / "weights.safetensors")
     (tmp / "best.json").write_text(json.dumps(best))
     if final.exists():  # a directory cannot be replaced in one rename: move the old one aside first
@@ -63,9 +66,14 @@ def save_best(run_dir: Path, tuner, best: dict) -> str:
     return str(final.relative_to(run_dir))
 
 
+def read_weights(ckpt: Path) -> dict:
+    """A checkpoint's weights, whole, by parameter name."""
+    return load_file(Path(ckpt) / "weights.safetensors")
+
+
 def load_weights(ckpt: Path, tuner) -> None:
     """Copy a checkpoint's weights (every parameter by name) into the tuner's parameters."""
-    weights = load_file(Path(ckpt) / "weights.safetensors")
+    weights = read_weights(ckpt)
     with torch.no_grad():
         for n, p in tuner.params.items():
             p.copy_(weights[n])

@@ -97,6 +97,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def is_shard(t: torch.Tensor) -> bool:
+    """Whether `t` is an FSDP2 DTensor (a rank's shard of a whole tensor)."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 DTensor (no communication); any other tensor as it is."""
     from torch.distributed.tensor import DTensor
@@ -274,12 +280,10 @@ class Replicas:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         from .signals import SIGNALS
-        if method.reads_gradients_in_backward or any(SIGNALS[s].reads_gradients_in_backward for s in method.signals):
+        if ((method.reads_gradients_in_backward and not method.reads_sharded_gradients_after_backward)
+                or any(SIGNALS[s].reads_gradients_in_backward for s in method.signals)):
             raise DynatuneError(f"strategy=fsdp does not support {method.name} yet: it reads parameter gradients "
                                 "during backward, which FSDP2 hands over sharded after its reduce-scatter (use strategy=ddp).")
-        if getattr(method.config, "state_policy", None) == "offload":
-            raise DynatuneError(f"strategy=fsdp does not support state_policy=offload yet (host copies of sharded "
-                                f"state); use {method.name}.state_policy=drop or keep, or strategy=ddp.")
         mesh = None  # the default group's mesh
         if self.group is not None:
             from torch.distributed.device_mesh import DeviceMesh
@@ -291,6 +295,18 @@ class Replicas:
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+    def reshard(self, model) -> None:
+        """FSDP2: reshard every unit. FSDP2 copies requires_grad from a sharded parameter to its
+        unsharded one only when it gathers it, and a unit left gathered by a no-grad forward (an
+        evaluation: the root is not resharded after forward) would train with the last plan's
+        flags; resharded, the next forward gathers it again with this plan's. No-op when sharded."""
+        if self.strategy != "fsdp":
+            return
+        from torch.distributed.fsdp import FSDPModule
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def reduce_in_hooks(self, params) -> list:
         """Reduce each parameter's gradient in its own post-accumulate-grad hook, on the step's last
@@ -320,7 +336,7 @@ class Replicas:
 
 
 __all__ = ["Replicas", "agree_signals", "init_from_env", "current", "digest", "full_tensor", "local_part", "shard_like",
-           "world_size_from_env", "BUCKET_BYTES"]
+           "world_size_from_env", "BUCKET_BYTES", "is_shard"]
 
 
 def agree_signals(sync: Replicas, signals, units) -> list[dict[str, float]]:

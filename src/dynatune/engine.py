@@ -418,7 +418,13 @@ class Tuner:
         host sync). Under FSDP2 a gradient is this rank's shard: the shards' squares are summed over
         the ranks (one all-reduce of the vector)."""
         sq = torch.stack(torch._foreach_norm([local_part(t) for t in tensors])).float().pow(2)
-        return self.sync.sum_tensor(sq) if self.sync is not None and self.sync.strategy == "fsdp" else sq
+        return self.sync.sum_tensor(sq) if self.shards_gradients else sq
+
+    @property
+    def shards_gradients(self) -> bool:
+        """True under FSDP2: each rank holds a shard of every gradient, handed over after backward
+        (post-accumulate-grad hooks on the shards never fire)."""
+        return self.sync is not None and self.sync.strategy == "fsdp"
 
     def from_main_rank(self, value: float) -> float:
         """Rank 0's `value` on every rank (a measured time); `value` itself in one process."""
@@ -511,6 +517,8 @@ class Tuner:
         if stray:
             raise DynatuneError(f"the plan trains parameters outside the method's candidates ({sorted(stray)[:3]}...).")
         require_grad_only(self.candidate_params, wanted)
+        if self.sync is not None:
+            self.sync.reshard(self.model)  # FSDP2: gathered units take up the new flags
         updated = set(self.units.param_names(plan.update))
         # what really updated last step: the plan's units and the ones promoted after backward
         before = (set(self.units.param_names(old.update | self.promoted)) if old is not None

@@ -93,9 +93,6 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
     sync = tuner.sync
     writes = out_dir is not None  # the same on every rank: checkpoints gather every rank's RNG
     if sync is not None:
-        if sync.strategy == "fsdp" and getattr(cfg, "load_best", False):
-            raise DynatuneError("strategy=fsdp does not keep the best evaluation's weights yet (load_best=true); "
-                                "use strategy=ddp, or load_best=false.")
         sync.check_batches(cfg.batch_size, cfg.grad_accum, len(train_set))
         micro = micro_batch(cfg, sync)
         out_dir = out_dir if sync.is_main else None
@@ -155,13 +152,13 @@ def fit(model, method, train_set: Dataset, collate, cfg, out_dir: Path | None = 
                     on_step(tuner, state)
                 # before the checkpoint, so that it holds this evaluation's best and patience
                 if evaluate is not None and eval_steps and state.step % eval_steps == 0:
-                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers, writes)
                 if writes and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     _save(out_dir, tuner, scheduler, state, cfg)
             else:  # the epoch ran to its end
                 evaluated = state.evals and state.evals[-1]["step"] == state.step  # by eval_steps just now
                 if evaluate is not None and getattr(cfg, "eval_each_epoch", True) and not evaluated:
-                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers)
+                    _after_eval(evaluate(model, state.epoch), model, tuner, state, cfg, out_dir, trackers, writes)
                 state.epoch += 1
                 state.batch_in_epoch = 0
     finally:
@@ -199,8 +196,11 @@ def _agreed_evaluation(evaluate, sync):
     return agreed
 
 
-def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None, trackers=None) -> None:
-    """Record one validation evaluation; update the best one, the best weights and early stopping."""
+def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path | None, trackers=None,
+                writes: bool = True) -> None:
+    """Record one validation evaluation; update the best one, the best weights and early stopping.
+    `writes`: whether the run (rank 0) writes a run directory; under FSDP2 every rank then takes part
+    in gathering the best weights whole."""
     model.train()
     if trackers:
         trackers.log_eval(state.step, result)
@@ -214,8 +214,11 @@ def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path
     if state.best is None or improves(metric, value, state.best["value"], threshold):
         state.best = {"step": state.step, "metric": metric, "value": value}
         state.bad_evals = 0
-        if out_dir and getattr(cfg, "load_best", False):
-            state.best_path = checkpoint.save_best(out_dir, tuner, state.best)
+        if writes and getattr(cfg, "load_best", False):
+            sharded = tuner.sync is not None and tuner.sync.strategy == "fsdp"
+            weights = checkpoint.whole_weights(tuner) if sharded else None  # a collective: every rank
+            if out_dir:
+                state.best_path = checkpoint.save_best(out_dir, tuner, state.best, weights)
     else:
         state.bad_evals += 1
         patience = getattr(cfg, "early_stopping_patience", 0)
@@ -537,7 +540,8 @@ def train(cfg) -> dict:
         raise
     train_s = time.perf_counter() - t0
     model = tuner.model
-    if tuner.sync is not None and tuner.sync.strategy == "fsdp":
+    sharded = tuner.sync is not None and tuner.sync.strategy == "fsdp"
+    if sharded:
         # the trained weights gathered whole (every rank), into an unsharded model that rank 0 evaluates
         # and saves as a single process would
         weights = checkpoint.whole_weights(tuner)
@@ -547,7 +551,10 @@ def train(cfg) -> dict:
         tuner.close_hooks()
         return None
     if cfg.load_best and state.best_path:
-        checkpoint.load_weights(out_dir / state.best_path, tuner)
+        if sharded:  # the best weights, whole, into the unsharded model rank 0 evaluates and saves
+            model = _unsharded(cfg, task, checkpoint.read_weights(out_dir / state.best_path), device, method)
+        else:
+            checkpoint.load_weights(out_dir / state.best_path, tuner)
     best_eval = next((e for e in state.evals if state.best and e["step"] == state.best["step"]), None)
     metrics = {
         "method": cfg.method, "model": cfg.model, "task": cfg.task, "seed": cfg.seed,

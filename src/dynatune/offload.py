@@ -18,6 +18,10 @@ unit leaves, returns and leaves again.
 - On a CPU-only machine the same calls run with synchronous copies (fresh tensors, never
   aliases), so CI exercises the very code path a GPU run uses.
 
+Under FSDP2 the state of a sharded parameter is a DTensor: the host copy holds this rank's shard
+alone (`to_local`), and `fetch` wraps the copy back into a DTensor of the same mesh, placements
+and global shape, so each rank offloads and restores only its own part.
+
 Scalars AdamW keeps on the CPU (its `step` counter, unless capturable/fused) are not copied
 at all: the same tensor object is handed back, so AdamW finds it where it expects it. Any other
 tensor returns to the device it came from.
@@ -36,6 +40,23 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _local(v: torch.Tensor):
+    """(this rank's shard, its DTensor layout) for an FSDP2 DTensor; (v, None) for any other tensor."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(v, DTensor):
+        return v.to_local(), (v.device_mesh, v.placements, v.shape, v.stride())
+    return v, None
+
+
+def _with_layout(t: torch.Tensor, layout) -> torch.Tensor:
+    """`t` (a rank's shard) as the DTensor it was taken from; `t` itself when it had no layout."""
+    if layout is None:
+        return t
+    from torch.distributed.tensor import DTensor
+    mesh, placements, shape, stride = layout
+    return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
 class HostStateStore:
     """Persistent per-parameter host copies of optimizer state, with side-stream prefetch."""
 
@@ -43,6 +64,7 @@ class HostStateStore:
         self.pin = torch.cuda.is_available()
         self.buffers: dict[str, dict[str, torch.Tensor]] = {}  # name -> key -> host tensor
         self.devices: dict[str, dict[str, torch.device]] = {}  # where each tensor lives when resident
+        self.layouts: dict[str, dict[str, tuple]] = {}  # FSDP2: the DTensor each host shard came from
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._pending: dict[int, torch.cuda.Event] = {}  # device index -> last prefetch event
 
@@ -51,11 +73,13 @@ class HostStateStore:
         """Copy `state` into the parameter's host buffers; returns (host state, bytes copied)."""
         bufs = self.buffers.setdefault(name, {})
         devs = self.devices.setdefault(name, {})
+        layouts = self.layouts.setdefault(name, {})
         out, moved = {}, 0
         for k, v in state.items():
             if _stays_put(v):
                 out[k] = v
                 continue
+            v, layouts[k] = _local(v)
             cuda = v.device.type == "cuda"
             if cuda:
                 self._wait_device(v.device)  # a prefetch may still read this buffer
@@ -72,6 +96,7 @@ class HostStateStore:
     def fetch(self, name: str, host_state: dict, device: torch.device) -> tuple[dict, int]:
         """Fresh device tensors holding `host_state`; returns (device state, bytes copied)."""
         devs = self.devices.get(name, {})
+        layouts = self.layouts.get(name, {})
         out, moved = {}, 0
         for k, v in host_state.items():
             if _stays_put(v):
@@ -79,23 +104,26 @@ class HostStateStore:
                 continue
             dev = devs.get(k, device)
             if dev.type == "cuda":
-                out[k] = self._prefetch(v, dev)
+                t = self._prefetch(v, dev)
             else:
                 t = torch.empty(v.shape, dtype=v.dtype, device=dev)
                 t.copy_(v)  # a real copy on CPU too: the host buffer is never aliased
-                out[k] = t
+            out[k] = _with_layout(t, layouts.get(k))
             moved += _nbytes(v)
         return out, moved
 
     def adopt(self, name: str, host_state: dict, device: torch.device) -> dict:
-        """Take state loaded from a checkpoint as this parameter's host copy (pinned when possible)."""
+        """Take state loaded from a checkpoint as this parameter's host copy (pinned when possible);
+        a DTensor (a whole tensor already cut to this rank's shard) keeps only its shard."""
         bufs = self.buffers.setdefault(name, {})
         devs = self.devices.setdefault(name, {})
+        layouts = self.layouts.setdefault(name, {})
         out = {}
         for k, v in host_state.items():
             if _stays_put(v):
                 out[k] = v
                 continue
+            v, layouts[k] = _local(v)
             buf = torch.empty(v.shape, dtype=v.dtype, device="cpu", pin_memory=self.pin)
             buf.copy_(v)
             bufs[k] = buf
@@ -118,6 +146,14 @@ class HostStateStore:
         t.record_stream(compute)
         self._pending[dev.index] = ev
         return t
+
+    def as_held(self, name: str, key: str, v: torch.Tensor) -> torch.Tensor:
+        """A host copy as its parameter holds it: under FSDP2 a DTensor over this rank's shard, on
+        the shard's device (so it can be gathered whole); else the host tensor itself."""
+        layout = self.layouts.get(name, {}).get(key)
+        if layout is None:
+            return v
+        return _with_layout(v.to(self.devices[name][key]), layout)
 
     # -- ordering --------------------------------------------------------------------------------
     def _wait_device(self, dev: torch.device) -> None:

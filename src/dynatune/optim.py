@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import full_tensor, shard_like
+from .distributed import full_tensor, is_shard, shard_like
 from .errors import DynatuneError
 from .memory import unique_bytes
 from .offload import HostStateStore
@@ -92,20 +92,23 @@ class OptimizerStates:
                     self.optimizer.state[p], moved = self.store.fetch(n, state, p.device)
                     self.bytes_moved += moved
                 else:  # offloaded by a checkpoint, resumed under another policy
-                    self.optimizer.state[p] = {k: self._to_device(v, p.device) for k, v in state.items()}
+                    self.optimizer.state[p] = {k: self._to_device(v, p) for k, v in state.items()}
 
     def ready(self) -> None:
         """Called before the optimizer step: it must see every prefetched state (no-op on CPU)."""
         if self.store is not None:
             self.store.wait()
 
-    def _to_device(self, v, device):
+    def _to_device(self, v, p):
+        """A whole state tensor as parameter `p` holds its state: on p's device, cut to p's shard
+        under FSDP2."""
         if not isinstance(v, torch.Tensor) or v.dim() == 0 and v.device.type == "cpu":
             return v
-        # On CPU this is still a real copy into fresh storage, so the same code path is tested in CI.
-        out = torch.empty(v.shape, dtype=v.dtype, device=device)
-        out.copy_(v, non_blocking=device.type == "cuda")
         self.bytes_moved += v.numel() * v.element_size()
+        if p.device.type == "cpu" or is_shard(p):
+            return shard_like(v.clone(), p)  # a real copy, so the same code path is tested in CI
+        out = torch.empty(v.shape, dtype=v.dtype, device=p.device)
+        out.copy_(v, non_blocking=True)
         return out
 
     # -- accounting ------------------------------------------------------------------------------
@@ -125,12 +128,17 @@ class OptimizerStates:
         for p, s in self.optimizer.state.items():  # FSDP2 shards are gathered whole (every rank, same order)
             state[self.name_of[id(p)]] = {k: (full_tensor(v).detach().cpu().clone() if isinstance(v, torch.Tensor)
                                               else v) for k, v in s.items()}
-        for n, s in self.host.items():
-            state[n] = {"__offloaded__": True, **{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+        for n, s in self.host.items():  # under FSDP2 each host copy is a shard: gathered whole too
+            state[n] = {"__offloaded__": True, **{k: (self._whole_host(n, k, v) if isinstance(v, torch.Tensor) else v)
                                                    for k, v in s.items()}}
         groups = [{**{k: v for k, v in g.items() if k != "params"},
                    "params": [self.name_of[id(p)] for p in g["params"]]} for g in self.optimizer.param_groups]
         return {"state": state, "groups": groups, "policy": self.policy}
+
+    def _whole_host(self, name: str, key: str, v: torch.Tensor) -> torch.Tensor:
+        if self.store is None or v.dim() == 0:
+            return v.clone()
+        return full_tensor(self.store.as_held(name, key, v)).detach().cpu().clone()
 
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.state.clear()
@@ -144,8 +152,10 @@ class OptimizerStates:
         for n, s in sd["state"].items():
             s = dict(s)
             p = self.params[n]
-            if s.pop("__offloaded__", False):
-                self.host[n] = self.store.adopt(n, s, p.device) if self.store is not None else s
+            if s.pop("__offloaded__", False):  # FSDP2: the store keeps this rank's shard of each tensor
+                self.host[n] = (self.store.adopt(n, {k: shard_like(v, p) if isinstance(v, torch.Tensor) and v.dim() > 0
+                                                     else v for k, v in s.items()}, p.device)
+                                if self.store is not None else s)
             else:
                 self.optimizer.state[p] = {k: (shard_like(v, p) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
                                            for k, v in s.items()}

@@ -140,9 +140,9 @@ class StreamingTopM:
             self._complete(name)
 
     def _complete(self, name: str) -> None:
-        self._rank(name, float(self.partial.pop(name)))  # one host sync per block
+        self.rank(name, float(self.partial.pop(name)))  # one host sync per block
 
-    def _rank(self, name: str, score: float) -> None:
+    def rank(self, name: str, score: float) -> None:
         self.scores[name] = score
         item = (score, -self.index[name], name)
         if len(self.heap) < self.m:
@@ -166,7 +166,7 @@ class StreamingTopM:
         self.partial.clear()
         for name, ps in self.blocks.items():
             if name not in self.scores:
-                self._rank(name, sum(float(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32))
+                self.rank(name, sum(float(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32))
                                      for p in ps if p.grad is not None))
         return [name for _, _, name in sorted(self.heap, reverse=True)]
 
@@ -184,6 +184,7 @@ class GradSelectConfig(MethodConfig):
 class GradSelect(Method):
     name = "gradselect"
     reads_gradients_in_backward = True  # StreamingTopM ranks (and frees) gradients as they accumulate
+    reads_sharded_gradients_after_backward = True  # FSDP2: ranked from the shards once backward is done
     Config = GradSelectConfig
     summary = "the m blocks with the largest gradient norm this step (AdaGradSelect's Algorithm 1), streaming top-m"
     # each block updates only on the steps that select it: the validation sweeps in the README chose
@@ -214,10 +215,12 @@ class GradSelect(Method):
         if B == 0:
             raise DynatuneError(f"{self.name} found no blocks to select from.")
         self.pool_params = {name: [tuner.params[p] for p in self.units[name].param_names] for name in self.pool}
+        # FSDP2 hands gradients over as shards after backward: no streaming, every block is ranked then
+        self.streaming = not tuner.shards_gradients
         # post-accumulate-grad hooks, registered once (a hook needs requires_grad at registration, and
         # plans toggle it); they forward to this step's StreamingTopM and do nothing on other steps
         self._handles = []
-        for name, ps in self.pool_params.items():
+        for name, ps in (self.pool_params.items() if self.streaming else ()):
             for p in ps:
                 was = p.requires_grad
                 p.requires_grad_(True)
@@ -279,15 +282,16 @@ class GradSelect(Method):
         the largest are taken off where the memory model holds every path gradient: its
         `backward_end` phase when the prediction has phases (memory.Prediction), else its
         total (an additive model). Exact for gradients: numel x element size of the parameter.
-        With several micro-batches every probed gradient lives until the last one: nothing is
-        taken off.
+        With several micro-batches every probed gradient lives until the last one, and under FSDP2
+        every probed block's gradient shard lives until backward ends (ranking waits for it): nothing
+        is taken off.
         """
         sizes = self._sizes()
         order = sorted(self.pool, key=lambda n: (-sizes[n], self.pool.index(n)))
         pred = self.predict(Plan.of(self.with_head(order[:m]), probe_params=order[m:]))
         if pred is None:
             return None
-        freed = sum(sizes[n] for n in order[m + 1:]) if self.micro_batches <= 1 else 0
+        freed = sum(sizes[n] for n in order[m + 1:]) if self.micro_batches <= 1 and self.streaming else 0
         phases = pred.phases
         if phases:
             return int(max(v - (freed if name == "backward_end" else 0) for name, v in phases.items()))
@@ -381,10 +385,23 @@ class GradSelect(Method):
                 f"{self.name}: a block received gradients from more backward passes than the "
                 f"{tr.micro_batches} announced, after its ranking freed some of them; set "
                 f"method.configure_loop(micro_batches=grad_accum, ...) before training.")
+        if not self.streaming:
+            self._rank_shards(tr)
         self._selected = tr.finish()
         self._step_info["scores"] = {n: round(s, 6) for n, s in tr.scores.items()}
         self.last_tracker = tr  # peak live gradient bytes of this step, for inspection
         return frozenset(self._selected)
+
+    def _rank_shards(self, tr: StreamingTopM) -> None:
+        """FSDP2: every block's score from its gradient shards, after backward (one all-reduce of
+        the squared norms, one host read); the losers' gradients are freed as streaming frees them."""
+        held = [(name, p) for name, ps in self.pool_params.items() for p in ps if p.grad is not None]
+        norms = self.tuner.squared_norms([p.grad for _, p in held]).sqrt().tolist() if held else []
+        scores = dict.fromkeys(self.pool, 0.0)
+        for (name, _), norm in zip(held, norms):
+            scores[name] += norm
+        for name, score in scores.items():
+            tr.rank(name, score)
 
     def end_step(self, step, loss):
         self._drop_tracker()
@@ -555,13 +572,15 @@ def plot_adagradselect(run_dir, recs: list[dict], out: str | Path | None = None)
     ax2.set(ylabel="epsilon", title="exploration probability", ylim=(-0.02, 1.1))
     ax2.legend(loc="upper right", fontsize=8)
 
-    if all(r.get("memory") for r in recs):  # count_memory=false logs no counted bytes
+    counted = all(r.get("memory") for r in recs)  # count_memory=false (and FSDP2) logs no counted bytes
+    if counted:
         ax3.plot(steps, [r["memory"]["optimizer"] / 2**20 for r in recs], lw=1, label="device optimizer state")
     ax3.set(xlabel="step", ylabel="MiB resident", title="optimizer state on the device, and traffic")
     tw = ax3.twinx()
     tw.bar(steps, [r.get("bytes_moved", 0) / 2**20 for r in recs], color="C2", alpha=0.4, label="bytes moved")
     tw.set_ylabel("MiB moved host<->device")
-    ax3.legend(loc="upper left", fontsize=8)
+    if counted:
+        ax3.legend(loc="upper left", fontsize=8)
     tw.legend(loc="upper right", fontsize=8)
     path = Path(out) if out is not None else run_dir / "adagradselect.png"
     fig.savefig(path, dpi=110)

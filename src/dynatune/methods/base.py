@@ -50,7 +50,8 @@ class Method:
     API: `units`, `params`, `model`, `device`, `count_memory`, `record` (this step's counted bytes),
     `predict(plan)` / `predict_peak(plan)` (priced with the optimizer state the run really holds;
     None without a memory model), `has_memory_model`, `budget_bytes`, `usable_budget` and
-    `squared_norms(tensors)` (whole tensors' squared norms, FSDP2 shards included); and, for a
+    `squared_norms(tensors)` (whole tensors' squared norms, FSDP2 shards included),
+    `shards_gradients` (True under FSDP2); and, for a
     data-parallel run, `sum_over_ranks(tensor)` (a statistic a rank gathered from its share of the
     batch, summed over ranks) and `from_main_rank(value)` (rank 0's reading of anything rank-local,
     such as a clock): every input a decision reads must be the same on every rank.
@@ -78,6 +79,10 @@ class Method:
     # ranking); under data parallelism the engine then reduces each gradient in a hook that runs
     # before the method's, so it reads the global gradient (distributed.py)
     reads_gradients_in_backward = False
+    # True: where gradients arrive sharded (FSDP2 reduce-scatters them after backward, and hooks on
+    # the shards do not fire) the method reads them after backward instead, with
+    # `tuner.squared_norms`, so strategy=fsdp accepts it (`tuner.shards_gradients` says which)
+    reads_sharded_gradients_after_backward = False
     summary = ""
 
     def __init__(self, config: MethodConfig | None = None, seed: int = 0):
