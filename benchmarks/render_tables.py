@@ -3,7 +3,9 @@
     python benchmarks/render_tables.py [baselines|adagradselect|trims|dynalora|ist|spsft|peers]
 
 `trims` also draws benchmarks/results/trims_budgets_<part>.png (the test metric against budget per task);
-`peers` prints docs/results.md's tables and draws peers_gpu.png and peers_lisa_memory.png.
+`peers` prints docs/results.md's tables and draws peers_gpu.png, peers_lisa_memory.png, and from the CPU table
+peers_table.png (test metric against counted peak) and peers_table_memory_time.png (predicted against
+counted peak, step time).
 """
 import json
 import statistics
@@ -357,6 +359,47 @@ def peers_pareto_plot(d: dict, path, metric: str = "accuracy") -> Path:
     return saved(fig, path, 120)
 
 
+def peers_memory_time_plot(d: dict, path) -> Path:
+    """Two panels: each dynatune run's predicted peak (the memory model at full-length batches, the
+    largest over its plans) against its counted peak, with y = x; and each tool's median step time
+    per budget (mean over seeds; one bar group per task and budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in d["rows"] if r.get("fits") and "error" not in r and r.get("test")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    mine = [r for r in ok if r["kind"] == "dynatune" and r.get("predicted_peak_bytes")]
+    for i, label in enumerate(sorted({r["label"] for r in mine})):
+        rs = [r for r in mine if r["label"] == label]
+        left.scatter([r["counted_peak_bytes"] / 2**20 for r in rs], [r["predicted_peak_bytes"] / 2**20 for r in rs],
+                     s=14, color=f"C{i}", label=label.replace("dynatune ", ""))
+    if mine:
+        lo = min(min(r["counted_peak_bytes"], r["predicted_peak_bytes"]) for r in mine) / 2**20
+        hi = max(max(r["counted_peak_bytes"], r["predicted_peak_bytes"]) for r in mine) / 2**20
+        left.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="predicted = counted")
+    left.set(xlabel="counted peak (MiB)", ylabel="predicted peak (MiB)",
+             title="dynatune: predicted (full-length batches) vs counted")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    groups: dict = {}  # a peer's bar is its family's, whichever setting fit the budget
+    for r in ok:
+        tool = r["label"] if r["kind"] == "dynatune" else r["label"].split()[0]
+        groups.setdefault((r["task"], r["budget"]), {}).setdefault(tool, []).append(r["median_step_s"])
+    labels = sorted({lab for g in groups.values() for lab in g}, key=lambda lab: (lab.startswith("dynatune"), lab))
+    keys = sorted(groups, key=lambda k: (k[0], -k[1]))
+    width = 0.8 / max(1, len(labels))
+    for i, lab in enumerate(labels):
+        xs = [j + i * width for j, k in enumerate(keys) if lab in groups[k]]
+        ys = [statistics.mean(groups[k][lab]) for k in keys if lab in groups[k]]
+        right.bar(xs, ys, width, label=lab, color=plt.cm.tab20(i % 20))
+    right.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t} {b:.0%}" for t, b in keys], fontsize=8)
+    right.set(ylabel="median step (s)", title="step time per tool and budget (CPU)")
+    right.legend(fontsize=6, ncol=2)
+    return saved(fig, path, 120)
+
+
 def lisa_memory_table(runs: dict) -> str:
     """Optimizer-state MiB (and measured peak GiB on a GPU) at the end of each period, both LISAs."""
     out = []
@@ -432,6 +475,7 @@ if __name__ == "__main__":
             d = json.loads(table.read_text())
             print(peers_budget_table(d), end="\n\n")
             print(peers_pareto_plot(d, RESULTS / table.name.replace(".json", ".png")), end="\n\n")
+            print(peers_memory_time_plot(d, RESULTS / table.name.replace(".json", "_memory_time.png")), end="\n\n")
         runs = {where: json.loads((RESULTS / name).read_text()) for where, name in
                 (("CPU, counted", "peers_lisa_memory.json"), ("GPU, counted and measured", "peers_lisa_memory_cuda.json"))
                 if (RESULTS / name).exists()}
