@@ -88,9 +88,29 @@ def run_job(job: dict) -> dict:
         mm = MemoryModel.from_tuner(tuner, batch_shape=(2, 12), world_size=tuner.sync.world, strategy="ddp",
                                     bucket_bytes=job["bucket_bytes"])
         return {"buckets": [(max(b, default=0), mm.communication_bytes(plan)[1]) for plan, b in buckets]}
+    if job.get("shard_bytes"):  # one rank's sharded terms counted from live storage, and their price
+        return shard_bytes(tuner, collate(data[:2]))
     keep = ("step", "loss", "update", "exit_depth", "promoted", "memory", "method_log")
     return {"history": [{k: h.get(k) for k in keep} for h in tuner.history],
             "weights": {n: full(p) for n, p in tuner.params.items()}}
+
+
+def shard_bytes(tuner, batch) -> dict:
+    """After one more backward under the last plan (its gradients reduce-scattered into shards): the
+    storage bytes this rank holds of weights, gradients and optimizer state, and the memory model's
+    price of those terms for one rank of 2 under fsdp."""
+    from dynatune.distributed import local_part
+    from dynatune.memory import MemoryModel
+    from dynatune.memory.counting import optimizer_state_tensors, unique_bytes
+
+    tuner.model(**batch).loss.backward()
+    params = list(tuner.params.values())
+    counted = {"weights": unique_bytes(local_part(p) for p in params),
+               "gradients": unique_bytes(local_part(p.grad) for p in params if p.grad is not None),
+               "optimizer": unique_bytes(local_part(t) for t in optimizer_state_tensors(tuner.optimizer))}
+    mm = MemoryModel.from_tuner(tuner, batch_shape=tuple(batch["input_ids"].shape), world_size=2, strategy="fsdp")
+    pred = mm.predict(tuner.plan)
+    return {"counted": counted, "predicted": {k: getattr(pred, k) for k in counted}}
 
 
 def full(p):

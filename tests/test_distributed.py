@@ -98,6 +98,9 @@ def every_method(tmp_path_factory):
     jobs.append({"tag": "budget-fsdp-too-small", "method": "trims", "strategy": "fsdp", "budget": "1000B", **BASE})
     m, o = VARIANTS["dynalora-backward"]  # gradients read from FSDP2's shards
     jobs.append({"tag": "fsdp-dynalora-backward", "method": m, "options": o, "strategy": "fsdp", **BASE})
+    # one rank's sharded weights, gradients and optimizer state, counted against their price
+    jobs += [{"tag": f"shards-{m}", "method": m, "strategy": "fsdp", "no_budget": True, "shard_bytes": True, **BASE}
+             for m in ("full", "topk", "lora")]
     # small buckets, so the reduction makes several: the memory model prices the largest
     jobs += [{"tag": f"buckets-{m}", "method": m, "bucket_bytes": 20_000, **BASE} for m in ("lisa", "dynalora")]
     jobs.append({"tag": "written", "method": "lisa", "out_dir": str(out / "run"), "checkpoint_every": 2, **BASE})
@@ -376,6 +379,22 @@ def test_the_memory_model_prices_the_largest_gradient_bucket_a_rank_allocates(me
         assert len(pairs) == STEPS
         assert all(counted == predicted for counted, predicted in pairs), pairs
     assert any(counted > 0 for counted, _ in pairs)
+
+
+@pytest.mark.parametrize("method", ["full", "topk", "lora"])
+def test_a_ranks_counted_fsdp2_shards_equal_the_memory_models_price_to_the_byte(method, every_method):
+    """Weights, gradients (reduce-scattered) and AdamW state under FSDP2, counted from each rank's live
+    storage: rank 0, which holds the largest (padded) shard, equals the per-rank price exactly; rank 1
+    holds the same padded weight and gradient shards and at most that much state (AdamW's state is
+    made like the unpadded local shard)."""
+    results, _ = every_method
+    r0, r1 = results[f"shards-{method}"]
+    assert "error" not in r0 and "error" not in r1, (r0.get("error"), r1.get("error"))
+    assert r0["counted"] == r0["predicted"]
+    assert r1["counted"]["weights"] == r1["predicted"]["weights"]
+    assert r1["counted"]["gradients"] == r1["predicted"]["gradients"]
+    assert r1["counted"]["optimizer"] <= r1["predicted"]["optimizer"]
+    assert 0 < r0["counted"]["gradients"] and 0 < r0["counted"]["optimizer"]
 
 
 def test_a_rank_of_ddp_holds_everything_and_of_fsdp_a_padded_shard():
