@@ -10,6 +10,7 @@
                                                    # fine-tuning's counted peak, each peer at its largest
                                                    # setting that fits, dynatune's methods at the budget
     python benchmarks/peers.py table --smoke       # 2 steps per run on 32 examples: checks the script
+    python benchmarks/peers.py table --model smollm2 --jobs 2   # SmolLM2-135M SFT on trec-sft, 60 steps, one seed
 
 Peers run as their own libraries run them: peft for LoRA, DoRA, VeRA, AdaLoRA (its allocator,
 `update_and_allocate`, called after every optimizer step) and SHiRA; `badam` 1.4 for BAdam
@@ -355,6 +356,18 @@ RATES = {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", "1e-3"), "a
 RATE_OF = {"full": "full", "galore": "full", "top": "block", "lisa_public": "block", "badam": "block",
            "lora": "adapter", "dora": "adapter", "adalora": "adapter", "shira": "adapter", "vera": "vera",
            "trims": "block", "adagradselect": "block", "spsft": "adapter", "dynalora": "adapter", "ist": "adapter"}
+# SmolLM2-135M SFT on trec-sft (`--model smollm2`): the TriMS table's protocol, 60 steps, exact match by
+# greedy decoding; one seed and two rates per family bound the CPU time (30 blocks: top-k and LISA
+# sizes to match)
+SMOLLM2 = ["model=smollm2-135m", "data.max_train=400", "data.max_eval=100", "max_steps=60", "batch_size=8",
+           "max_length=48", "eval_each_epoch=false"]
+SMOLLM2_FAMILIES = {**PEER_FAMILIES, "top": [16, 12, 8, 6, 4, 2, 1], "lisa_public": [8, 4, 2, 1]}
+SMOLLM2_RATES = {"full": ("1e-4", "5e-4"), "block": ("1e-4", "5e-4"), "adapter": ("5e-4", "2e-3"),
+                 "vera": ("2e-3", "1e-2")}
+PROTOCOLS = {  # --model: (overrides, tasks, metric, peer settings, rates, seeds)
+    "minilm": (MINILM, "trec,sms-spam,movie-sentiment", "accuracy", PEER_FAMILIES, RATES, "0,1,2"),
+    "smollm2": (SMOLLM2, "trec-sft", "exact_match", SMOLLM2_FAMILIES, SMOLLM2_RATES, "0"),
+}
 DYNATUNE_AT_BUDGET = {"trims": [], "adagradselect": ["adagradselect.k=null"], "spsft": ["spsft.r=null"],
                       "dynalora": ["dynalora.fraction=null"], "ist": ["ist.fraction=null"]}
 
@@ -454,13 +467,15 @@ def cmd_table(args) -> dict:
     methods at each budget through `dynatune train` (harness.run_many)."""
     from harness import run_many
 
-    overrides = MINILM + (SMOKE if args.smoke else [])
-    root = Path("runs") / ("peers-table" + ("-smoke" if args.smoke else ""))
-    tasks = args.tasks.split(",")
+    protocol, default_tasks, metric, settings, all_rates, default_seeds = PROTOCOLS[args.model]
+    overrides = protocol + (SMOKE if args.smoke else [])
+    root = Path("runs") / ("peers-table" + ("" if args.model == "minilm" else f"-{args.model}")
+                           + ("-smoke" if args.smoke else ""))
+    tasks = (args.tasks or default_tasks).split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
-    seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
-    rates = {k: v[1:2] for k, v in RATES.items()} if args.smoke else RATES
-    families = args.families.split(",") if args.families else list(PEER_FAMILIES)
+    seeds = [0] if args.smoke else [int(s) for s in (args.seeds or default_seeds).split(",")]
+    rates = {k: v[1:2] for k, v in all_rates.items()} if args.smoke else all_rates
+    families = args.families.split(",") if args.families else list(settings)
 
     def spec(task, family, setting, lr, seed, probe=0):
         tag = f"probe{probe}" if probe else f"lr{lr}-{seed}"
@@ -470,7 +485,7 @@ def cmd_table(args) -> dict:
 
     # 1. probes: every family's every setting, 2 steps, counted
     probe_specs = [spec(t, f, s, rates[RATE_OF[f]][0], 0, probe=2) for t in tasks for f in families
-                   for s in PEER_FAMILIES[f]]
+                   for s in settings[f]]
     probes = pool_map(_train_peer_job, probe_specs, args.jobs)
     counted = {(p["task"], p["family"], p["setting"]): p.get("counted_peak_bytes") for p in probes}
     budget_bytes = {(t, b): b * counted[(t, "full", "all")] for t in tasks for b in budgets}
@@ -478,7 +493,7 @@ def cmd_table(args) -> dict:
     chosen = {}
     for (t, b), limit in budget_bytes.items():
         for f in families:
-            fits = [s for s in PEER_FAMILIES[f] if (counted.get((t, f, s)) or float("inf")) <= limit]
+            fits = [s for s in settings[f] if (counted.get((t, f, s)) or float("inf")) <= limit]
             chosen[(t, b, f)] = fits[0] if fits else None  # None: does not fit
     configs = sorted({(t, f, s) for (t, b, f), s in chosen.items() if s is not None}, key=str)
     # 3. dynatune's methods at each budget, in bytes
@@ -499,7 +514,7 @@ def cmd_table(args) -> dict:
     dyn_rows = run_many([dyn_run(k, lr, 0) for k, lr in sweep_dyn], args.jobs, args.reuse, args.threads)
 
     def val(r):
-        return (r.get("validation") or {}).get("accuracy", -1) if "error" not in r else -1
+        return (r.get("validation") or {}).get(metric, -1) if "error" not in r else -1
 
     best_peer = {}  # (task, family, setting) -> (rate as swept, seed 0's row), the best on validation
     for sp, r in zip(sweep_peer, peer_rows):
@@ -534,7 +549,7 @@ def cmd_table(args) -> dict:
         seeded = [first] + [r for (k2, _, _), r in zip(more_dyn, more_dyn_rows) if k2 == k]
         rows += [{**r, "task": t, "budget": b, "label": f"dynatune {m}", "kind": "dynatune", "lr": float(lr),
                   "fits": "error" not in r} for r in seeded]
-    return {"protocol": overrides, "budgets": budgets, "seeds": seeds, "rates": rates,
+    return {"protocol": overrides, "metric": metric, "budgets": budgets, "seeds": seeds, "rates": rates,
             "full_counted_probe_bytes": {t: counted[(t, "full", "all")] for t in tasks},
             "budget_bytes": {f"{t}@{b}": v for (t, b), v in budget_bytes.items()},
             "probes": probes, "chosen_settings": {f"{t}@{b}/{f}": s for (t, b, f), s in chosen.items()},
@@ -668,9 +683,12 @@ def main(argv=None) -> None:
     ap.add_argument("--switches", type=int, default=8, help="lisa-memory: periods measured")
     ap.add_argument("--only", default=None, help="gpu: comma-separated row labels")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--tasks", default="trec,sms-spam,movie-sentiment", help="table: MiniLM tasks")
+    ap.add_argument("--model", choices=sorted(PROTOCOLS), default="minilm",
+                    help="table: MiniLM-L6 on classification tasks, or SmolLM2-135M SFT on trec-sft")
+    ap.add_argument("--tasks", default=None, help="table: tasks (default: the model's protocol's)")
     ap.add_argument("--budgets", default="1.0,0.8,0.6,0.4", help="table: fractions of full's counted peak")
-    ap.add_argument("--seeds", default="0,1,2", help="table: seeds (rates are chosen on seed 0)")
+    ap.add_argument("--seeds", default=None, help="table: seeds (rates are chosen on seed 0; default 0,1,2 on "
+                                                  "MiniLM, 0 on SmolLM2)")
     ap.add_argument("--families", default=None, help="table: peer families (default: all of PEER_FAMILIES)")
     ap.add_argument("--methods", default=None, help="table: dynatune methods at the budget (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="table: runs at a time, each in its own process")
@@ -684,7 +702,8 @@ def main(argv=None) -> None:
     args.seq = args.seq or (64 if on_cpu else 256)
     if args.what == "table":
         args.device = "cpu"
-        print(save("peers_table" + ("_smoke" if args.smoke else ""), cmd_table(args)))
+        print(save("peers_table" + ("" if args.model == "minilm" else f"_{args.model}")
+                   + ("_smoke" if args.smoke else ""), cmd_table(args)))
         return
     if args.smoke:
         smoke_settings(args)

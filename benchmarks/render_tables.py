@@ -470,12 +470,15 @@ if __name__ == "__main__":
             anchors = RESULTS / "peers_anchors_gpu.json"
             print(peers_gpu_table(d, json.loads(anchors.read_text()) if anchors.exists() else None), end="\n\n")
             print(peers_gpu_plot(d, RESULTS / "peers_gpu.png"), end="\n\n")
-        table = RESULTS / ("peers_table_smoke.json" if "--smoke" in sys.argv else "peers_table.json")
-        if table.exists():
-            d = json.loads(table.read_text())
-            print(peers_budget_table(d), end="\n\n")
-            print(peers_pareto_plot(d, RESULTS / table.name.replace(".json", ".png")), end="\n\n")
-            print(peers_memory_time_plot(d, RESULTS / table.name.replace(".json", "_memory_time.png")), end="\n\n")
+        for part in ("", "_smollm2"):  # MiniLM's classification table, SmolLM2's SFT table
+            table = RESULTS / f"peers_table{part}{'_smoke' if '--smoke' in sys.argv else ''}.json"
+            if table.exists():
+                d = json.loads(table.read_text())
+                metric = d.get("metric", "accuracy")
+                print(peers_budget_table(d, metric), end="\n\n")
+                print(peers_pareto_plot(d, RESULTS / table.name.replace(".json", ".png"), metric), end="\n\n")
+                print(peers_memory_time_plot(d, RESULTS / table.name.replace(".json", "_memory_time.png")),
+                      end="\n\n")
         runs = {where: json.loads((RESULTS / name).read_text()) for where, name in
                 (("CPU, counted", "peers_lisa_memory.json"), ("GPU, counted and measured", "peers_lisa_memory_cuda.json"))
                 if (RESULTS / name).exists()}
