@@ -504,6 +504,59 @@ def test_dynatune_trainer_resume_of_two_processes_equals_the_straight_run(method
     assert (trainer_runs / "two" / method / "checkpoint-2" / "dynatune_state.pt").is_file()
 
 
+TRAINER_FSDP = ("lisa", "adagradselect", "dynalora")
+
+
+@pytest.fixture(scope="module")
+def trainer_fsdp_runs(trainer_runs):
+    """DynatuneTrainer(strategy="fsdp") under torchrun: TRAINER_FSDP, lisa and adagradselect also
+    resumed from checkpoint-2; compared with trainer_runs' one-process runs."""
+    out = trainer_runs / "fsdp"
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), ",".join(TRAINER_FSDP),
+                           "1", "lisa,adagradselect", "fsdp"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("method", TRAINER_FSDP)
+def test_dynatune_trainer_with_fsdp2_equals_one_process_resumes_and_saves_a_model_that_loads(method, trainer_runs,
+                                                                                            trainer_fsdp_runs):
+    """DynatuneTrainer(strategy="fsdp") shards with FSDP2 before the Trainer builds its optimizer: the
+    same plans and gathered weights on both ranks, and those of one process accumulating the same two
+    micro-batches; a resume from checkpoint-2 equals the straight run bit for bit; trainer.save_model
+    writes the whole model, gathered (lisa and adagradselect load it with from_pretrained)."""
+    from safetensors.torch import load_file
+
+    r0, r1 = _trainer_result(trainer_fsdp_runs, method)
+    (one,) = _trainer_result(trainer_runs / "one", method, ranks=1)
+    assert r0["sharded"] and r1["sharded"]
+    assert plans_of(r0) == plans_of(r1) == plans_of(one)
+    assert all(torch.equal(w, r1["weights"][n]) for n, w in r0["weights"].items())
+    assert [h["loss"] for h in r0["history"]] == pytest.approx([h["loss"] for h in one["history"]], abs=LOSS_TOL)
+    assert r0["logged_losses"] == pytest.approx(one["logged_losses"], abs=LOSS_TOL)
+    for n, w in r0["weights"].items():
+        assert torch.allclose(w, one["weights"][n], atol=WEIGHT_TOL, rtol=0), n
+    if method != "dynalora":
+        assert len({tuple(p) for p in plans_of(r0)}) > 1
+        resumed = [torch.load(trainer_fsdp_runs / f"{method}-resumed-rank{r}.pt") for r in range(2)]
+        for r in resumed:
+            assert plans_of(r) == plans_of(r0)
+            assert all(torch.equal(r["weights"][n], w) for n, w in r0["weights"].items())
+        assert not (trainer_fsdp_runs / method / "checkpoint-2" / "optimizer.pt").exists()  # whole, in the engine's
+    final = trainer_fsdp_runs / method / "final"
+    if method == "dynalora":  # adapters injected by prepare(): the Trainer saves the whole model, as under DDP
+        saved = load_file(final / "model.safetensors")
+        assert saved.keys() == r0["weights"].keys() and any("lora_" in k for k in saved)
+        assert all(torch.equal(saved[n], w) for n, w in r0["weights"].items())
+    else:
+        from transformers import AutoModelForSequenceClassification
+        loaded = dict(AutoModelForSequenceClassification.from_pretrained(final).named_parameters())
+        assert loaded.keys() == r0["weights"].keys()
+        assert all(torch.equal(loaded[n], w) for n, w in r0["weights"].items())
+
+
 def _no_dropout_copy(tiny_bert_dir, dest):
     import shutil
 

@@ -251,3 +251,23 @@ def test_probe_gradients_do_not_count_in_the_clip_norm(tmp_path):
     assert not torch.equal(stock.model.layers[3].mlp.down_proj.weight, ours.model.layers[3].mlp.down_proj.weight)
     for n, p in stock.model.layers[2].named_parameters():  # probed, never updated
         assert torch.equal(p, probed_before[n]), n
+
+
+def test_dynatune_trainer_strategy_is_checked_and_fsdp_in_one_process_is_the_plain_run(tmp_path):
+    """strategy names how several processes share the model; a single process has nothing to shard and
+    trains exactly as without it. An unknown strategy is one sentence before anything runs."""
+    data = cls_examples(24)
+    with pytest.raises(DynatuneError, match=r"DynatuneTrainer\(strategy='zero'\): use 'ddp' or 'fsdp'"):
+        DynatuneTrainer(model=classifier("bert"), args=hf_args(tmp_path / "x"), train_dataset=data,
+                        data_collator=collate, callbacks=[DynatuneCallback(lisa())], strategy="zero")
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        cb = DynatuneCallback(lisa())
+        trainer = OrderedDynatuneTrainer(model=classifier("bert"), args=hf_args(tmp_path / strategy), train_dataset=data,
+                                         data_collator=collate, callbacks=[cb], strategy=strategy)
+        trainer.train()
+        assert not cb.tuner.shards_gradients
+        runs[strategy] = (logged_losses(trainer), params(trainer.model))
+    assert runs["ddp"][0] == runs["fsdp"][0]
+    assert all(torch.equal(w, runs["fsdp"][1][n]) for n, w in runs["ddp"][1].items())

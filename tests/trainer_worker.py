@@ -1,12 +1,14 @@
 """DynatuneTrainer runs for tests/test_distributed.py, under torchrun / accelerate launch or alone.
 
-    python tests/trainer_worker.py OUT METHODS GRAD_ACCUM [RESUMED]
+    python tests/trainer_worker.py OUT METHODS GRAD_ACCUM [RESUMED] [STRATEGY]
 
 For each method of METHODS (comma-separated): a tiny BERT classifier without dropout, 16
 examples, 2 per device per micro-batch, GRAD_ACCUM micro-batches per step, 4 steps, a checkpoint
 every 2. Each rank writes OUT/<method>-rank<r>.pt: the engine's plans and losses per step and the
 final weights. For each method of RESUMED, the run is then resumed from its checkpoint-2 and
-written as OUT/<method>-resumed-rank<r>.pt.
+written as OUT/<method>-resumed-rank<r>.pt. STRATEGY (ddp, the default, or fsdp) is
+DynatuneTrainer's; under fsdp the weights are gathered whole and the trained model is saved with
+trainer.save_model into OUT/<method>/final.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from dist_worker import NO_DROPOUT, OPTIONS  # noqa: E402
+from dist_worker import NO_DROPOUT, OPTIONS, full  # noqa: E402
 from tiny import classifier, cls_examples, collate  # noqa: E402
 
 
-def train(out: Path, name: str, grad_accum: int, resume: str | None = None) -> dict:
+def train(out: Path, name: str, grad_accum: int, resume: str | None = None, strategy: str = "ddp") -> dict:
     from transformers import TrainingArguments
 
     from dynatune.integrations.hf import DynatuneCallback, DynatuneTrainer, prepare
@@ -37,26 +39,30 @@ def train(out: Path, name: str, grad_accum: int, resume: str | None = None) -> d
     data = cls_examples(16)
     model = prepare(classifier("bert", **NO_DROPOUT), method, data, collate)
     cb = DynatuneCallback(method)
-    trainer = DynatuneTrainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer = DynatuneTrainer(model=model, args=args, train_dataset=data, callbacks=[cb], strategy=strategy)
     trainer.train(resume_from_checkpoint=resume)
+    if strategy == "fsdp":
+        trainer.save_model(str(out / name / "final"))
     t = cb.tuner
     t.close_hooks()
     return {"history": [{k: h.get(k) for k in ("step", "loss", "update", "promoted")} for h in t.history],
-            "weights": {n: p.detach().clone() for n, p in t.params.items()},
-            "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+            "weights": {n: full(p) for n, p in t.params.items()},  # FSDP2's shards gathered whole
+            "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "sharded": t.shards_gradients}
 
 
 def main(argv):
     out, methods, grad_accum = Path(argv[0]), argv[1].split(","), int(argv[2])
-    resumed = argv[3].split(",") if len(argv) > 3 else []
+    resumed = argv[3].split(",") if len(argv) > 3 and argv[3] else []
+    strategy = argv[4] if len(argv) > 4 else "ddp"
     rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     for name in methods:
-        torch.save(train(out, name, grad_accum), out / f"{name}-rank{rank}.pt")
+        torch.save(train(out, name, grad_accum, strategy=strategy), out / f"{name}-rank{rank}.pt")
         if name in resumed:
             ckpt = out / name / "checkpoint-2"
-            torch.save(train(out, name, grad_accum, str(ckpt)), out / f"{name}-resumed-rank{rank}.pt")
+            torch.save(train(out, name, grad_accum, str(ckpt), strategy), out / f"{name}-resumed-rank{rank}.pt")
 
 
 if __name__ == "__main__":

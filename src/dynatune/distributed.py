@@ -97,6 +97,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def is_fully_sharded(model) -> bool:
+    """Whether FSDP2's fully_shard has been applied to `model` (DynatuneTrainer shards before the
+    Trainer builds its optimizer)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def is_shard(t: torch.Tensor) -> bool:
     """Whether `t` is an FSDP2 DTensor (a rank's shard of a whole tensor)."""
     from torch.distributed.tensor import DTensor
@@ -336,7 +343,7 @@ class Replicas:
 
 
 __all__ = ["Replicas", "agree_signals", "init_from_env", "current", "digest", "full_tensor", "local_part", "shard_like",
-           "world_size_from_env", "BUCKET_BYTES", "is_shard"]
+           "world_size_from_env", "BUCKET_BYTES", "is_shard", "is_fully_sharded"]
 
 
 def agree_signals(sync: Replicas, signals, units) -> list[dict[str, float]]:

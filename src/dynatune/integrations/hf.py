@@ -188,6 +188,8 @@ class DynatuneCallback(TrainerCallback):
         # set by DynatuneTrainer under several processes: it keeps the Trainer from wrapping the model
         # in DDP, so the engine sums the plan's gradients over ranks itself (docs/distributed.md)
         self.reduces_gradients = False
+        # set by DynatuneTrainer(strategy=...): ddp (replicas; the engine reduces) or fsdp (FSDP2 shards)
+        self.strategy = "ddp"
         self._tokens_global = True  # the Trainer counts num_items_in_batch over every rank
 
     # -- the Trainer's events -------------------------------------------------------------------
@@ -277,17 +279,23 @@ class DynatuneCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         """The Trainer has written checkpoint-N: add the engine's state, and the whole model when an
         exit has cut blocks off (the Trainer saved only the blocks that run)."""
-        if self.tuner is None or not args.should_save:
+        if self.tuner is None:
+            return
+        sharded = self.tuner.shards_gradients
+        # FSDP2: every rank takes part in gathering the optimizer state whole; rank 0 writes it
+        tuner_state = self.tuner.state_dict() if sharded else None
+        if not args.should_save:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
             raise DynatuneError(f"the Trainer's checkpoint {folder} is not where dynatune expects it "
                                 "(output_dir/checkpoint-<step>); hyper-parameter search runs are not supported.")
-        if self.tuner.plan is not None and self.tuner.plan.exit_depth is not None:
-            with self.tuner.all_blocks() as full:
+        if self.tuner.plan is not None and self.tuner.plan.exit_depth is not None and not sharded:
+            with self.tuner.all_blocks() as full:  # (under FSDP2 DynatuneTrainer.save_model saved every block)
                 full.save_pretrained(folder)
         tmp = folder / (STATE_FILE + ".tmp")
-        torch.save({"tuner": self.tuner.state_dict(), "global_step": state.global_step}, tmp)
+        torch.save({"tuner": tuner_state if sharded else self.tuner.state_dict(), "global_step": state.global_step},
+                   tmp)
         tmp.replace(folder / STATE_FILE)  # atomic: a kill mid-write leaves no half file under the name
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -351,7 +359,7 @@ class DynatuneCallback(TrainerCallback):
             self.tuner = None
         self.method.check_model(model)  # before anything trains, also when prepare() was skipped
         from ..distributed import current
-        sync = current()
+        sync = current(self.strategy)
         if sync is not None and not self.reduces_gradients:
             # a stock Trainer wraps the model in DDP over a fixed parameter set, which plans change
             raise DynatuneError("under several processes a stock Trainer wraps the model in DDP over a fixed "
@@ -385,7 +393,8 @@ class DynatuneCallback(TrainerCallback):
                             margin=self.margin, grad_accum=args.gradient_accumulation_steps,
                             device_type=self.tuner.device.type,
                             gradient_checkpointing=checkpointing_on(args),
-                            **({"world_size": self.tuner.sync.world, "strategy": "ddp"} if self.tuner.sync else {}))
+                            **({"world_size": self.tuner.sync.world, "strategy": self.tuner.sync.strategy}
+                               if self.tuner.sync else {}))
         self.budget_note = (f"budget {self.budget} = {self.tuner.budget_bytes} bytes, priced at batch {batch} x "
                             f"{seq} tokens ({where}), {precision}, gradient accumulation "
                             f"{args.gradient_accumulation_steps}")
@@ -566,14 +575,23 @@ class DynatuneTrainer(Trainer):
     the loss the Trainer logs is the one it logs under DDP. No out-of-memory retry there.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, strategy: str = "ddp", **kwargs):
         super().__init__(*args, **kwargs)
-        from ..distributed import current, destroy_at_exit
+        from ..distributed import STRATEGIES, current, destroy_at_exit
+        if strategy not in STRATEGIES:
+            raise DynatuneError(f"DynatuneTrainer(strategy={strategy!r}): use 'ddp' or 'fsdp'.")
         cb = self._dynatune_callback()
         if cb is not None and getattr(self, "is_fsdp_enabled", False):
-            raise DynatuneError("DynatuneTrainer does not run under the Trainer's FSDP yet (its wrapping fixes "
-                                "which parameters train); drop the fsdp arguments to run DDP, or use "
-                                "`dynatune train strategy=fsdp` (docs/distributed.md).")
+            raise DynatuneError("DynatuneTrainer does not run under the Trainer's own FSDP (its wrapping fixes "
+                                "which parameters train); drop the fsdp arguments and pass strategy='fsdp' to "
+                                "DynatuneTrainer, which shards with FSDP2 itself (docs/distributed.md).")
+        self.strategy = strategy
+        if cb is not None:
+            cb.strategy = strategy
+        if cb is not None and strategy == "fsdp" and self.args.load_best_model_at_end and current() is not None:
+            raise DynatuneError("DynatuneTrainer(strategy='fsdp') does not load the best checkpoint at the end yet "
+                                "(load_best_model_at_end=True); use strategy='ddp', or `dynatune train "
+                                "strategy=fsdp load_best=true`.")
         if cb is not None and current() is not None:
             cb.reduces_gradients = True
             destroy_at_exit()  # accelerate set the group up and leaves it to the interpreter's exit
@@ -604,14 +622,63 @@ class DynatuneTrainer(Trainer):
         optimisation) each unit's parameters get groups of their own, with the Trainer's
         hyperparameters. Made the same way on resume, so the Trainer's saved optimizer loads."""
         fresh = self.optimizer is None
-        optimizer = super().create_optimizer(model)
         cb = self._dynatune_callback()
+        if fresh and cb is not None:
+            self._shard(self.model if model is None else model, cb)
+        optimizer = super().create_optimizer(model)
         if fresh and cb is not None and cb.method.per_unit_lr:
             target = self.model if model is None else model
             params = dict(target.named_parameters())
             units = partition(target, cb.method.granularity, cb.tuner_kwargs.get("layers"))
             split_into_unit_groups(optimizer, {u.name: [params[p] for p in u.param_names] for u in units})
         return optimizer
+
+    def _sharded(self) -> bool:
+        cb = self._dynatune_callback()
+        return cb is not None and cb.tuner is not None and cb.tuner.shards_gradients
+
+    def _shard(self, model, cb) -> None:
+        """strategy='fsdp' under several processes: FSDP2 on every block and the root, before the
+        Trainer's optimizer is made over the parameters (which become DTensor shards), after every
+        rank took rank 0's weights. The engine finds the model sharded and leaves it so."""
+        from ..distributed import current, is_fully_sharded
+        sync = current(self.strategy)
+        if sync is None or sync.strategy != "fsdp" or is_fully_sharded(model):
+            return
+        sync.broadcast_params([*model.parameters(), *model.buffers()])
+        sync.fully_shard(model, partition(model, cb.method.granularity, cb.tuner_kwargs.get("layers")), cb.method)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Under FSDP2 every rank gathers the weights whole (every block, also after an exit) and rank 0
+        saves them as the Trainer saves a model; otherwise the Trainer's own save_model."""
+        if not self._sharded():
+            return super().save_model(output_dir, _internal_call)
+        from ..distributed import full_tensor
+        tuner = self._dynatune_callback().tuner
+        with tuner.all_blocks() as full:
+            whole = {k: full_tensor(v).detach().cpu() for k, v in full.state_dict().items()}
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=whole)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP2 the optimizer state goes whole into the engine's dynatune_state.pt (gathered by
+        every rank); the Trainer writes the scheduler alone."""
+        if not self._sharded():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_FILE)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Under FSDP2 the scheduler alone; the engine restores the optimizer state at train begin,
+        each rank taking its shard of the whole state."""
+        if checkpoint is None or self.strategy != "fsdp" or self._dynatune_callback() is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from ..distributed import current
+        if current() is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = Path(checkpoint) / SCHEDULER_FILE
+        if path.is_file():
+            self.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
 
     def _clip_grad_norm(self, model):
         for cb in self.callback_handler.callbacks:
@@ -685,5 +752,7 @@ class DynatuneTrainer(Trainer):
             cb._losses[first:] = [(l, nz, n_examples(p) / n) for (l, nz, _), p in zip(read, pieces)]
         return total
 
+
+SCHEDULER_FILE = "scheduler.pt"  # the Trainer's name for its scheduler's state in a checkpoint
 
 __all__ = ["DynatuneCallback", "DynatuneTrainer", "prepare"]
