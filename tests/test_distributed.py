@@ -514,7 +514,8 @@ def trainer_fsdp_runs(trainer_runs):
     out = trainer_runs / "fsdp"
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), ",".join(TRAINER_FSDP),
+    methods = ",".join([*TRAINER_FSDP, "lisa+best"])  # lisa+best: evaluated, the best checkpoint loaded at the end
+    proc = subprocess.run([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), methods,
                            "1", "lisa,adagradselect", "fsdp"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -555,6 +556,24 @@ def test_dynatune_trainer_with_fsdp2_equals_one_process_resumes_and_saves_a_mode
         loaded = dict(AutoModelForSequenceClassification.from_pretrained(final).named_parameters())
         assert loaded.keys() == r0["weights"].keys()
         assert all(torch.equal(loaded[n], w) for n, w in r0["weights"].items())
+
+
+def test_dynatune_trainer_with_fsdp2_loads_the_best_checkpoint_at_the_end(trainer_runs, trainer_fsdp_runs):
+    """load_best_model_at_end under DynatuneTrainer(strategy="fsdp"): evaluations every 2 steps leave
+    training as one process trains (the gathered root after an evaluation takes each plan's flags),
+    and at the end every rank holds its shard of the best checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    r0, r1 = [torch.load(trainer_fsdp_runs / f"lisa+best-rank{r}.pt") for r in range(2)]
+    (one,) = _trainer_result(trainer_runs / "one", "lisa", ranks=1)
+    assert plans_of(r0) == plans_of(one)
+    assert [h["loss"] for h in r0["history"]] == pytest.approx([h["loss"] for h in one["history"]], abs=LOSS_TOL)
+    best = Path(r0["best_checkpoint"])
+    assert best.name == "checkpoint-2"  # not the last step: loading it changes the weights
+    kept = load_file(best / "model.safetensors")
+    assert not all(torch.equal(kept[n], w) for n, w in one["weights"].items())
+    for r in (r0, r1):
+        assert all(torch.equal(kept[n], w) for n, w in r["weights"].items())
 
 
 def _no_dropout_copy(tiny_bert_dir, dest):

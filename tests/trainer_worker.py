@@ -30,16 +30,20 @@ def train(out: Path, name: str, grad_accum: int, resume: str | None = None, stra
     from dynatune.integrations.hf import DynatuneCallback, DynatuneTrainer, prepare
     from dynatune.methods import build_method
 
+    base, _, best = name.partition("+")  # "<method>+best": evaluated every 2 steps, the best loaded at the end
+    evaluated = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                     greater_is_better=False) if best else {}
     args = TrainingArguments(output_dir=str(out / name), per_device_train_batch_size=2,
                              gradient_accumulation_steps=grad_accum, max_steps=4, learning_rate=1e-3,
                              lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, save_strategy="steps",
                              save_steps=2, logging_steps=1, report_to="none", use_cpu=True, seed=0,
-                             disable_tqdm=True, dataloader_num_workers=0)
-    method = build_method(name, seed=0, **OPTIONS[name])
+                             disable_tqdm=True, dataloader_num_workers=0, **evaluated)
+    method = build_method(base, seed=0, **OPTIONS[base])
     data = cls_examples(16)
     model = prepare(classifier("bert", **NO_DROPOUT), method, data, collate)
     cb = DynatuneCallback(method)
-    trainer = DynatuneTrainer(model=model, args=args, train_dataset=data, callbacks=[cb], strategy=strategy)
+    trainer = DynatuneTrainer(model=model, args=args, train_dataset=data, callbacks=[cb], strategy=strategy,
+                              eval_dataset=cls_examples(8, seed=2) if best else None)
     trainer.train(resume_from_checkpoint=resume)
     if strategy == "fsdp":
         trainer.save_model(str(out / name / "final"))
@@ -48,7 +52,7 @@ def train(out: Path, name: str, grad_accum: int, resume: str | None = None, stra
     return {"history": [{k: h.get(k) for k in ("step", "loss", "update", "promoted")} for h in t.history],
             "weights": {n: full(p) for n, p in t.params.items()},  # FSDP2's shards gathered whole
             "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-            "sharded": t.shards_gradients}
+            "sharded": t.shards_gradients, "best_checkpoint": trainer.state.best_model_checkpoint}
 
 
 def main(argv):

@@ -325,7 +325,7 @@ class DynatuneCallback(TrainerCallback):
         end_exit = t.plan.exit_depth if t.plan is not None else None
         t.load_state_dict(torch.load(path, weights_only=False)["tuner"])
         t.history, t.peak = history, peak
-        if end_exit is not None or (t.plan is not None and t.plan.exit_depth is not None):
+        if not t.shards_gradients and (end_exit is not None or (t.plan is not None and t.plan.exit_depth is not None)):
             from safetensors.torch import load_file
             files = sorted(folder.glob("model*.safetensors"))
             if not files:
@@ -588,10 +588,12 @@ class DynatuneTrainer(Trainer):
         self.strategy = strategy
         if cb is not None:
             cb.strategy = strategy
-        if cb is not None and strategy == "fsdp" and self.args.load_best_model_at_end and current() is not None:
-            raise DynatuneError("DynatuneTrainer(strategy='fsdp') does not load the best checkpoint at the end yet "
-                                "(load_best_model_at_end=True); use strategy='ddp', or `dynatune train "
-                                "strategy=fsdp load_best=true`.")
+        if (cb is not None and strategy == "fsdp" and self.args.load_best_model_at_end and current() is not None
+                and _is_peft_model(self.model)):
+            raise DynatuneError("DynatuneTrainer(strategy='fsdp') does not load the best checkpoint of a peft model "
+                                "at the end yet (load_best_model_at_end=True: its checkpoints hold the adapter "
+                                "under peft's names); use strategy='ddp', or `dynatune train strategy=fsdp "
+                                "load_best=true`.")
         if cb is not None and current() is not None:
             cb.reduces_gradients = True
             destroy_at_exit()  # accelerate set the group up and leaves it to the interpreter's exit
@@ -659,6 +661,30 @@ class DynatuneTrainer(Trainer):
             whole = {k: full_tensor(v).detach().cpu() for k, v in full.state_dict().items()}
         if self.args.should_save:
             self._save(output_dir or self.args.output_dir, state_dict=whole)
+
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end under FSDP2: each rank takes its shard of the best checkpoint's whole
+        weights (every block, also after an exit); the callback then restores that checkpoint's
+        engine state, as in one process."""
+        if not self._sharded():
+            return super()._load_best_model()
+        from safetensors.torch import load_file
+
+        from ..distributed import shard_like
+        folder = Path(self.state.best_model_checkpoint)
+        files = sorted(folder.glob("model*.safetensors"))
+        if not files:
+            raise DynatuneError(f"the best checkpoint {folder} has no model*.safetensors to load; save with "
+                                "save_safetensors=True.")
+        weights = {}
+        for f in files:
+            weights.update(load_file(f))
+        tuner = self._dynatune_callback().tuner
+        tuner.sync.reshard(tuner.model)  # the sharded parameters, not a gathered copy, are what trains and saves
+        with torch.no_grad(), tuner.all_blocks() as full:
+            for name, t in [*full.named_parameters(), *full.named_buffers()]:
+                if name in weights:
+                    t.copy_(shard_like(weights[name].to(t.dtype), t))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Under FSDP2 the optimizer state goes whole into the engine's dynatune_state.pt (gathered by
@@ -751,6 +777,16 @@ class DynatuneTrainer(Trainer):
             # the callback's step loss averages micro-batches: the pieces count as their micro-batch
             cb._losses[first:] = [(l, nz, n_examples(p) / n) for (l, nz, _), p in zip(read, pieces)]
         return total
+
+
+def _is_peft_model(model) -> bool:
+    """A peft PeftModel (whose checkpoints hold its adapter under peft's names), not adapters injected
+    into a transformers model."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 SCHEDULER_FILE = "scheduler.pt"  # the Trainer's name for its scheduler's state in a checkpoint
