@@ -455,7 +455,9 @@ if __name__ == "__main__":
                 print(table(sorted(swept, key=lambda r: r["label"]), metric, keys=("label",)))
             print()
     elif which == "dynalora":
-        print(dynalora_table(json.loads((RESULTS / "dynalora_table.json").read_text())))
+        for name in ("dynalora_table.json", "dynalora_table_e6.json"):  # 2 epochs, then the 6-epoch protocol
+            if (RESULTS / name).exists():
+                print(f"{name}:\n{dynalora_table(json.loads((RESULTS / name).read_text()))}", end="\n\n")
     elif which == "ist":
         for part, metric in (("minilm", "accuracy"), ("smollm2", "exact_match")):
             path = RESULTS / f"ist_table_{part}.json"
