@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import counted_steps, print_table, run_one, save, summarise, sweep_then_seeds  # noqa: E402
+from harness import (counted_steps, print_table, run_one, save, summarise, sweep_then_seeds,  # noqa: E402
+                     table_arguments)
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 TARGETS = "query,value"
@@ -102,11 +103,7 @@ def memory_rows() -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, the middle rate")
-    ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--labels", default="", help="comma-separated subset of the methods")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
+    table_arguments(ap, TASKS)
     ap.add_argument("--memory", action="store_true", help="counted vs predicted bytes of one full-length step")
     ap.add_argument("--budget", action="store_true", help="at 80%% of LoRA's counted peak, vs the best LoRA that fits")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run; other than 2, runs and JSON get an _e<N> suffix")

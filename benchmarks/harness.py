@@ -232,6 +232,15 @@ def collect(overrides: list[str]) -> dict:
             "largest_step_predicted_peak_bytes": max(predicted) if predicted else None}
 
 
+def table_arguments(ap, tasks, labels: str = "", smoke: str = "2 steps per run on 32 examples, seed 0, the middle rate"):
+    """The options every accuracy-table script shares: --smoke, --tasks, --labels, --seeds, --reuse."""
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+    ap.add_argument("--tasks", default=",".join(tasks), help="comma-separated tasks")
+    ap.add_argument("--labels", default=labels, help="comma-separated subset of the methods")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
+
+
 def mean_spread(values):
     values = [v for v in values if v is not None]
     if not values:

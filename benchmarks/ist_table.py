@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import print_table, run_one, save, summarise  # noqa: E402
+from harness import print_table, run_one, save, summarise, table_arguments  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 RATES = ("1e-3", "3e-3", "1e-2")  # 125 steps: LoRA r=8 at 3e-4 stays near chance on TREC (dynalora_table)
@@ -43,12 +43,8 @@ def methods(targets: str) -> dict[str, list[str]]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["minilm", "smollm2"], default="minilm")
-    ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, one rate and mu")
-    ap.add_argument("--tasks", default=",".join(TASKS), help="MiniLM tasks")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--labels", default="lora,ist,random",
-                    help="which rows (split a long run over processes; a last --reuse pass over all assembles the JSON)")
-    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
+    # --labels splits a long run over processes; a last --reuse pass over all assembles the JSON
+    table_arguments(ap, TASKS, labels="lora,ist,random", smoke="2 steps per run on 32 examples, seed 0, one rate and mu")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.only == "minilm":

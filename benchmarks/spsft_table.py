@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import print_table, save, summarise, sweep_then_seeds  # noqa: E402
+from harness import print_table, save, summarise, sweep_then_seeds, table_arguments  # noqa: E402
 
 TASKS = ("trec", "sms-spam", "movie-sentiment")
 SPSFT_RATES = ("1e-4", "3e-4", "1e-3", "3e-3")
@@ -73,11 +73,7 @@ def methods(task: str) -> dict[str, tuple[list[str], tuple[str, ...]]]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true", help="2 steps per run on 32 examples, seed 0, the middle rate")
-    ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--labels", default="", help="comma-separated subset of the methods")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--reuse", action="store_true", help="read back finished runs of the same config")
+    table_arguments(ap, TASKS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     register_shira()
