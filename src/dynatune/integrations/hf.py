@@ -326,14 +326,7 @@ class DynatuneCallback(TrainerCallback):
         t.load_state_dict(torch.load(path, weights_only=False)["tuner"])
         t.history, t.peak = history, peak
         if not t.shards_gradients and (end_exit is not None or (t.plan is not None and t.plan.exit_depth is not None)):
-            from safetensors.torch import load_file
-            files = sorted(folder.glob("model*.safetensors"))
-            if not files:
-                raise DynatuneError(f"the best checkpoint {folder} has no model*.safetensors to load every block "
-                                    "from after an early exit; save with save_safetensors=True.")
-            weights = {}
-            for f in files:
-                weights.update(load_file(f))
+            weights = checkpoint_weights(folder, "to load every block from after an early exit")
             with t.all_blocks() as full:
                 full.load_state_dict(weights, strict=False)
         logger.warning("dynatune: loaded the engine's state of the best checkpoint %s with its weights.", folder)
@@ -668,17 +661,8 @@ class DynatuneTrainer(Trainer):
         engine state, as in one process."""
         if not self._sharded():
             return super()._load_best_model()
-        from safetensors.torch import load_file
-
         from ..distributed import shard_like
-        folder = Path(self.state.best_model_checkpoint)
-        files = sorted(folder.glob("model*.safetensors"))
-        if not files:
-            raise DynatuneError(f"the best checkpoint {folder} has no model*.safetensors to load; save with "
-                                "save_safetensors=True.")
-        weights = {}
-        for f in files:
-            weights.update(load_file(f))
+        weights = checkpoint_weights(Path(self.state.best_model_checkpoint), "to load")
         tuner = self._dynatune_callback().tuner
         tuner.sync.reshard(tuner.model)  # the sharded parameters, not a gathered copy, are what trains and saves
         with torch.no_grad(), tuner.all_blocks() as full:
@@ -777,6 +761,20 @@ class DynatuneTrainer(Trainer):
             # the callback's step loss averages micro-batches: the pieces count as their micro-batch
             cb._losses[first:] = [(l, nz, n_examples(p) / n) for (l, nz, _), p in zip(read, pieces)]
         return total
+
+
+def checkpoint_weights(folder: Path, purpose: str) -> dict:
+    """Every tensor of a Trainer checkpoint's model*.safetensors, whole, by name; one sentence when there
+    are none."""
+    from safetensors.torch import load_file
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise DynatuneError(f"the best checkpoint {folder} has no model*.safetensors {purpose}; save with "
+                            "save_safetensors=True.")
+    weights = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
 
 
 def _is_peft_model(model) -> bool:
