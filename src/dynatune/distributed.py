@@ -280,6 +280,16 @@ class Replicas:
             offset += g.numel()
         return flat.numel() * flat.element_size()
 
+    def take_model(self, model, units, method) -> None:
+        """Every rank starts from rank 0's weights (as DDP does when it is built) and, under fsdp, the
+        model is sharded (fully_shard); a model already sharded (DynatuneTrainer shards it before the
+        Trainer's optimizer exists) is left as it is."""
+        if is_fully_sharded(model):
+            return
+        self.broadcast_params([*model.parameters(), *model.buffers()])
+        if self.strategy == "fsdp":  # parameters become DTensor shards, under the same names
+            self.fully_shard(model, units, method)
+
     def fully_shard(self, model, units, method) -> None:
         """FSDP2 on every block, then the root: a block's frozen and trainable parameters share one
         FSDP unit (FSDP2 reduce-scatters the gradients that exist and skips the others). Gradients

@@ -33,7 +33,7 @@ from .optim import OptimizerStates, ensure_in_optimizer, unit_groups
 from .plan import Plan
 from .plan_mechanics import (BlockStack, add_plan_hooks, grad_param_names, input_grad_hooks_on,
                              remove_input_grad_hooks, require_grad_only)
-from .distributed import agree_signals, is_fully_sharded, local_part
+from .distributed import agree_signals, local_part
 from .signals import SIGNALS, read_signals
 from .units import Units, partition
 
@@ -131,11 +131,7 @@ class Tuner:
         release_guard(self.model)
         self.units: Units = partition(self.model, method.granularity, layers)
         if sync is not None:
-            if not is_fully_sharded(self.model):  # DynatuneTrainer shards before the Trainer's optimizer exists
-                # every rank starts from rank 0's weights, as DDP does when it is built
-                sync.broadcast_params([*self.model.parameters(), *self.model.buffers()])
-                if sync.strategy == "fsdp":  # parameters become DTensor shards, under the same names
-                    sync.fully_shard(self.model, self.units, method)
+            sync.take_model(self.model, self.units, method)
             if sync.strategy == "fsdp":
                 count_memory = False  # the counter reads whole tensors; fsdp is priced by the memory model only
         # Keep every parameter by name, including those of blocks an exit will cut off.

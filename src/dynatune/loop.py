@@ -215,8 +215,7 @@ def _after_eval(result: dict, model, tuner, state: LoopState, cfg, out_dir: Path
         state.best = {"step": state.step, "metric": metric, "value": value}
         state.bad_evals = 0
         if writes and getattr(cfg, "load_best", False):
-            sharded = tuner.sync is not None and tuner.sync.strategy == "fsdp"
-            weights = checkpoint.whole_weights(tuner) if sharded else None  # a collective: every rank
+            weights = checkpoint.whole_weights(tuner) if tuner.shards_gradients else None  # a collective: every rank
             if out_dir:
                 state.best_path = checkpoint.save_best(out_dir, tuner, state.best, weights)
     else:
@@ -540,7 +539,7 @@ def train(cfg) -> dict:
         raise
     train_s = time.perf_counter() - t0
     model = tuner.model
-    sharded = tuner.sync is not None and tuner.sync.strategy == "fsdp"
+    sharded = tuner.shards_gradients
     if sharded:
         # the trained weights gathered whole (every rank), into an unsharded model that rank 0 evaluates
         # and saves as a single process would

@@ -282,8 +282,9 @@ class DynatuneCallback(TrainerCallback):
         if self.tuner is None:
             return
         sharded = self.tuner.shards_gradients
-        # FSDP2: every rank takes part in gathering the optimizer state whole; rank 0 writes it
-        tuner_state = self.tuner.state_dict() if sharded else None
+        if not (args.should_save or sharded):
+            return
+        tuner_state = self.tuner.state_dict()  # FSDP2: every rank takes part in gathering the optimizer state
         if not args.should_save:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -294,8 +295,7 @@ class DynatuneCallback(TrainerCallback):
             with self.tuner.all_blocks() as full:  # (under FSDP2 DynatuneTrainer.save_model saved every block)
                 full.save_pretrained(folder)
         tmp = folder / (STATE_FILE + ".tmp")
-        torch.save({"tuner": tuner_state if sharded else self.tuner.state_dict(), "global_step": state.global_step},
-                   tmp)
+        torch.save({"tuner": tuner_state, "global_step": state.global_step}, tmp)
         tmp.replace(folder / STATE_FILE)  # atomic: a kill mid-write leaves no half file under the name
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -636,12 +636,10 @@ class DynatuneTrainer(Trainer):
         """strategy='fsdp' under several processes: FSDP2 on every block and the root, before the
         Trainer's optimizer is made over the parameters (which become DTensor shards), after every
         rank took rank 0's weights. The engine finds the model sharded and leaves it so."""
-        from ..distributed import current, is_fully_sharded
+        from ..distributed import current
         sync = current(self.strategy)
-        if sync is None or sync.strategy != "fsdp" or is_fully_sharded(model):
-            return
-        sync.broadcast_params([*model.parameters(), *model.buffers()])
-        sync.fully_shard(model, partition(model, cb.method.granularity, cb.tuner_kwargs.get("layers")), cb.method)
+        if sync is not None and sync.strategy == "fsdp":
+            sync.take_model(model, partition(model, cb.method.granularity, cb.tuner_kwargs.get("layers")), cb.method)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Under FSDP2 every rank gathers the weights whole (every block, also after an exit) and rank 0
