@@ -60,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import device_sync as sync, random_token_batches as batches, release_cuda, save  # noqa: E402
+from trims_budgets import MINILM, SMOLLM2  # noqa: E402  (the TriMS table's protocols: the same runs)
 
 
 # ---- reading any optimizer's state -------------------------------------------------------------
@@ -341,8 +342,6 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
 
 # ---- real data on the CPU --------------------------------------------------------------------
 
-MINILM = ["model=minilm-l6", "data.max_train=1000", "data.max_eval=300", "epochs=2", "batch_size=16",
-          "max_length=48"]
 SMOKE = ["data.max_train=32", "data.max_eval=16", "max_steps=2"]
 # settings per family, largest first; the first that fits a budget is trained
 SWITCH_EVERY = 20  # LISA's and BAdam's period on real data (dynatune's lisa.period in the TriMS table)
@@ -356,11 +355,9 @@ RATES = {"full": ("2e-5", "5e-5", "1e-4"), "block": ("1e-4", "3e-4", "1e-3"), "a
 RATE_OF = {"full": "full", "galore": "full", "top": "block", "lisa_public": "block", "badam": "block",
            "lora": "adapter", "dora": "adapter", "adalora": "adapter", "shira": "adapter", "vera": "vera",
            "trims": "block", "adagradselect": "block", "spsft": "adapter", "dynalora": "adapter", "ist": "adapter"}
-# SmolLM2-135M SFT on trec-sft (`--model smollm2`): the TriMS table's protocol, 60 steps, exact match by
-# greedy decoding; one seed and two rates per family bound the CPU time (30 blocks: top-k and LISA
-# sizes to match)
-SMOLLM2 = ["model=smollm2-135m", "data.max_train=400", "data.max_eval=100", "max_steps=60", "batch_size=8",
-           "max_length=48", "eval_each_epoch=false"]
+# SmolLM2-135M SFT on trec-sft (`--model smollm2`): the TriMS table's protocol (SMOLLM2), 60 steps,
+# exact match by greedy decoding; one seed and two rates per family bound the CPU time (30 blocks:
+# top-k and LISA sizes to match)
 SMOLLM2_FAMILIES = {**PEER_FAMILIES, "top": [16, 12, 8, 6, 4, 2, 1], "lisa_public": [8, 4, 2, 1]}
 SMOLLM2_RATES = {"full": ("1e-4", "5e-4"), "block": ("1e-4", "5e-4"), "adapter": ("5e-4", "2e-3"),
                  "vera": ("2e-3", "1e-2")}
