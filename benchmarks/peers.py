@@ -42,7 +42,8 @@ largest whose probe fits is trained. dynatune's methods get the budget in bytes 
 size under it (`k`, `r`, `fraction` left to the budget). Learning rates are swept on seed 0 from each
 family's candidates and chosen on validation; the other seeds reuse the choice.
 
-Writes benchmarks/results/peers_<what>[_smoke].json with the commit, the command and the machine.
+Writes benchmarks/results/peers_<what>[_smoke].json (`table`: peers_table_<model>_<task>[_smoke].json, one
+per task) with the commit, the command and the machine.
 """
 from __future__ import annotations
 
@@ -697,10 +698,12 @@ def main(argv=None) -> None:
     args.device = args.device or ("cpu" if on_cpu else "cuda")
     args.batch = args.batch or (2 if on_cpu else 16)
     args.seq = args.seq or (64 if on_cpu else 256)
-    if args.what == "table":
-        args.device = "cpu"
-        print(save("peers_table" + ("" if args.model == "minilm" else f"_{args.model}")
-                   + ("_smoke" if args.smoke else ""), cmd_table(args)))
+    if args.what == "table":  # one file per task, written when that task's table is done: a task
+        args.device = "cpu"    # finished is kept even if a later one is interrupted
+        for task in (args.tasks or PROTOCOLS[args.model][1]).split(","):
+            one = argparse.Namespace(**{**vars(args), "tasks": task})
+            print(save(f"peers_table_{args.model}_{task}" + ("_smoke" if args.smoke else ""), cmd_table(one)),
+                  flush=True)
         return
     if args.smoke:
         smoke_settings(args)

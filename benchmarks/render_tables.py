@@ -4,7 +4,7 @@
 
 `trims` also draws benchmarks/results/trims_budgets_<part>.png (the test metric against budget per task);
 `peers` prints docs/results.md's tables and draws peers_gpu.png, peers_lisa_memory.png, and from the CPU table
-peers_table.png (test metric against counted peak) and peers_table_memory_time.png (predicted against
+peers_table_<model>.png (test metric against counted peak) and peers_table_<model>_memory_time.png (predicted against
 counted peak, step time).
 """
 import json
@@ -326,6 +326,16 @@ def peers_budget_table(d: dict, metric: str = "accuracy") -> str:
     return "\n".join(out)
 
 
+def merged_peer_tables(paths) -> dict | None:
+    """peers.py writes one table per task; the rows, budgets and their bytes of several, as one."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    if not parts:
+        return None
+    return {"metric": parts[0].get("metric", "accuracy"), "budgets": parts[0]["budgets"],
+            "rows": [r for d in parts for r in d["rows"]],
+            "budget_bytes": {k: v for d in parts for k, v in d["budget_bytes"].items()}}
+
+
 def peers_pareto_plot(d: dict, path, metric: str = "accuracy") -> Path:
     """Test metric against counted peak, one panel per task, one marker per tool and budget."""
     import matplotlib
@@ -472,15 +482,14 @@ if __name__ == "__main__":
             anchors = RESULTS / "peers_anchors_gpu.json"
             print(peers_gpu_table(d, json.loads(anchors.read_text()) if anchors.exists() else None), end="\n\n")
             print(peers_gpu_plot(d, RESULTS / "peers_gpu.png"), end="\n\n")
-        for part in ("", "_smollm2"):  # MiniLM's classification table, SmolLM2's SFT table
-            table = RESULTS / f"peers_table{part}{'_smoke' if '--smoke' in sys.argv else ''}.json"
-            if table.exists():
-                d = json.loads(table.read_text())
-                metric = d.get("metric", "accuracy")
-                print(peers_budget_table(d, metric), end="\n\n")
-                print(peers_pareto_plot(d, RESULTS / table.name.replace(".json", ".png"), metric), end="\n\n")
-                print(peers_memory_time_plot(d, RESULTS / table.name.replace(".json", "_memory_time.png")),
-                      end="\n\n")
+        smoke = "_smoke" if "--smoke" in sys.argv else ""
+        for model in ("minilm", "smollm2"):  # MiniLM's classification tasks, SmolLM2's SFT task
+            d = merged_peer_tables(sorted(p for p in RESULTS.glob(f"peers_table_{model}_*{smoke}.json")
+                                          if p.stem.endswith("_smoke") == bool(smoke)))
+            if d is not None:
+                print(peers_budget_table(d, d["metric"]), end="\n\n")
+                print(peers_pareto_plot(d, RESULTS / f"peers_table_{model}{smoke}.png", d["metric"]), end="\n\n")
+                print(peers_memory_time_plot(d, RESULTS / f"peers_table_{model}{smoke}_memory_time.png"), end="\n\n")
         runs = {where: json.loads((RESULTS / name).read_text()) for where, name in
                 (("CPU, counted", "peers_lisa_memory.json"), ("GPU, counted and measured", "peers_lisa_memory_cuda.json"))
                 if (RESULTS / name).exists()}
