@@ -38,7 +38,9 @@ seed (every runner sees the same batches). A peer's memory is counted as dynatun
 weights + gradients + optimizer state (`state_bytes`) + tensors saved for backward (dynatune's
 SavedTensorCounter), the largest over the steps. Full fine-tuning's counted peak in a 2-step probe
 sets the budgets; each peer family's settings are probed the same way, largest first, and the
-largest whose probe fits is trained. dynatune's methods get the budget in bytes and choose their own
+largest whose probe fits is trained. The families whose memory changes at their switches (LISA's
+public callbacks accrue Adam state for every block drawn; BAdam's blocks differ in size) are probed
+over the whole run instead, so that "fits" holds for every step. dynatune's methods get the budget in bytes and choose their own
 size under it (`k`, `r`, `fraction` left to the budget). Learning rates are swept on seed 0 from each
 family's candidates and chosen on validation; the other seeds reuse the choice.
 
@@ -346,6 +348,7 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
 SMOKE = ["data.max_train=32", "data.max_eval=16", "max_steps=2"]
 # settings per family, largest first; the first that fits a budget is trained
 SWITCH_EVERY = 20  # LISA's and BAdam's period on real data (dynatune's lisa.period in the TriMS table)
+GROWS_AT_SWITCHES = {"lisa_public", "badam"}  # probed over the whole run, not 2 steps
 PEER_FAMILIES = {
     "full": ["all"], "top": [6, 5, 4, 3, 2, 1], "lisa_public": [4, 3, 2, 1], "badam": ["random"],
     "galore": [256, 128, 64, 32, 16], "lora": [64, 32, 16, 8, 4, 2], "dora": [64, 32, 16, 8, 4, 2],
@@ -372,7 +375,8 @@ DYNATUNE_AT_BUDGET = {"trims": [], "adagradselect": ["adagradselect.k=null"], "s
 
 def train_peer(spec: dict) -> dict:
     """One peer run on real data (a spawned process): spec has task, family, setting, lr, seed, out,
-    overrides and probe_steps (0: the whole run, evaluated; n: n steps, counted only)."""
+    overrides and probe_steps (0: the whole run, evaluated; n: n steps, counted only; -1: the whole
+    run, counted only)."""
     import json
     import math
 
@@ -395,7 +399,7 @@ def train_peer(spec: dict) -> dict:
                           label_names=task.label_names)
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     run_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    total = spec["probe_steps"] or run_steps
+    total = run_steps if spec["probe_steps"] in (0, -1) else spec["probe_steps"]
     model, opt, after = peer(spec["family"], spec["setting"])(model, float(spec["lr"]), SWITCH_EVERY, run_steps)
     sched = linear_schedule(opt, int(cfg.warmup_ratio * run_steps), run_steps)
     device = torch.device("cpu")
@@ -476,13 +480,14 @@ def cmd_table(args) -> dict:
     families = args.families.split(",") if args.families else list(settings)
 
     def spec(task, family, setting, lr, seed, probe=0):
-        tag = f"probe{probe}" if probe else f"lr{lr}-{seed}"
+        tag = ("probe-run" if probe < 0 else f"probe{probe}") if probe else f"lr{lr}-{seed}"
         return {"task": task, "family": family, "setting": setting, "lr": lr, "seed": seed, "probe_steps": probe,
                 "overrides": overrides, "reuse": args.reuse, "threads": args.threads,
                 "out": str(root / f"{task}-{family}-{setting}-{tag}")}
 
-    # 1. probes: every family's every setting, 2 steps, counted
-    probe_specs = [spec(t, f, s, rates[RATE_OF[f]][0], 0, probe=2) for t in tasks for f in families
+    # 1. probes: every family's every setting, 2 steps (the switching ones: the whole run), counted
+    probe_specs = [spec(t, f, s, rates[RATE_OF[f]][0], 0, probe=-1 if f in GROWS_AT_SWITCHES else 2)
+                   for t in tasks for f in families
                    for s in settings[f]]
     probes = pool_map(_train_peer_job, probe_specs, args.jobs)
     counted = {(p["task"], p["family"], p["setting"]): p.get("counted_peak_bytes") for p in probes}
