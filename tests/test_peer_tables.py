@@ -1,0 +1,40 @@
+"""docs/results.md's verdicts come from benchmarks/render_tables.py: who wins a budget must be a tool
+that stayed inside it for every seed, and the margin must be the per-seed paired difference."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import render_tables  # noqa: E402
+
+MIB = 2**20
+
+
+def row(label, seed, acc, peak_mib, kind="peer"):
+    return {"task": "t", "budget": 0.6, "label": label, "kind": kind, "seed": seed, "fits": True,
+            "test": {"accuracy": acc}, "counted_peak_bytes": peak_mib * MIB, "trainable_params": 1_000_000,
+            "median_step_s": 0.1, "lr": 1e-3}
+
+
+def table():
+    return {"metric": "accuracy", "budgets": [0.6], "budget_bytes": {"t@0.6": 100 * MIB}, "rows": [
+        # the most accurate tool passed the budget in one seed: shown, but it wins nothing
+        *[row("lisa_public 2", s, 0.95, 90 + 20 * s) for s in range(3)],
+        *[row("dynatune trims", s, a, 95, "dynatune") for s, a in enumerate((0.90, 0.80, 0.85))],
+        *[row("lora 8", s, a, 60) for s, a in enumerate((0.86, 0.84, 0.82))],
+        {"task": "t", "budget": 0.6, "label": "dora 64", "kind": "peer", "fits": False},
+    ]}
+
+
+def test_a_tool_over_the_budget_is_marked_and_does_not_win():
+    text = render_tables.peers_budget_table(table())
+    assert "| lisa_public 2 (over the budget) | 3 | 0.950 ± 0.000 | 130 |" in text
+    assert "Over the budget in the full run though its probe fit: lisa_public 2." in text
+    assert "Not in the table: dora 64: does not fit." in text
+    # trims 0.850 mean beats lora's 0.840 by 1.0 point; per seed +4, -4, +3 -> mean +1.0, sd 4.4
+    assert "Best: dynatune trims (0.850), +1.0 points over lora 8 (paired +1.0 ± 4.4 pt)." in text
+
+
+def test_the_winners_table_pairs_the_best_of_each_side_within_the_budget():
+    lines = render_tables.peers_winners_table(table()).splitlines()
+    assert lines[2] == ("| t | 60% (100 MiB) | dynatune trims | 0.850 ± 0.050 | lora 8 | 0.840 ± 0.020 "
+                        "| +1.0 ± 4.4 pt |")
