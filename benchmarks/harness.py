@@ -112,13 +112,38 @@ def run_one(overrides: list[str], reuse: bool = False, train_missing: bool = Tru
     from dynatune.loop import train
 
     cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
-    if reuse and finished_same_run(cfg):
-        return collect(overrides)
+    if reuse and (done := read_back(overrides)) is not None:
+        return done
     if not train_missing:
         raise RuntimeError("not finished, and --finished-only trains nothing")
     t0 = time.perf_counter()
     train(cfg)
     return {**collect(overrides), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def read_back(overrides: list[str]) -> dict | None:
+    """The figures of a finished run of this config (output_dir aside), or None."""
+    from dynatune.config import load_config
+
+    cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
+    return collect(overrides) if finished_same_run(cfg) else None
+
+
+def spawned_map(fn, items: list, jobs: int, finished=lambda item: None) -> list:
+    """fn over items, `jobs` spawned processes at a time (one per item; spawned: a forked CUDA context
+    is unusable; fresh: nothing an earlier item left counts in a GPU peak), results in order. An item
+    `finished` reads back (not None) is not run: a spawned process costs seconds of imports."""
+    done = [finished(item) for item in items]
+    todo = [item for item, d in zip(items, done) if d is None]
+    if jobs <= 1:
+        ran = iter([fn(item) for item in todo])
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+            ran = iter(list(pool.map(fn, todo)))
+    return [d if d is not None else next(ran) for d in done]
 
 
 def _run_one_job(args):
@@ -132,16 +157,17 @@ def _run_one_job(args):
 
 def run_many(runs: list[list[str]], jobs: int = 1, reuse: bool = False, threads: int = 1,
              train: bool = True) -> list[dict]:
-    """run_one over every override list, `jobs` at a time, each run in a fresh process (spawned: a
-    forked CUDA context is unusable; fresh: nothing an earlier run left counts in a GPU peak), each
-    with `threads` torch threads; results in the order given."""
+    """run_one over every override list, `jobs` at a time, each run in a fresh process (spawned_map),
+    each with `threads` torch threads; with reuse, finished runs are read back without a process."""
     if jobs <= 1:
         return [_run_one_job((o, reuse, threads, train)) for o in runs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        return list(pool.map(_run_one_job, [(o, reuse, threads, train) for o in runs]))
+    def finished(job):
+        try:
+            return read_back(job[0]) if reuse else None
+        except Exception:  # noqa: BLE001 - unreadable: the job itself says why
+            return None
+    return spawned_map(_run_one_job, [(o, reuse, threads, train) for o in runs], jobs, finished)
 
 
 def sweep_then_seeds(base: list[str], rates, seeds, out: str, reuse: bool, sweep: list, label: str,

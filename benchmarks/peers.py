@@ -62,7 +62,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import device_sync as sync, random_token_batches as batches, release_cuda, save  # noqa: E402
+from harness import device_sync as sync, random_token_batches as batches, release_cuda, save, spawned_map  # noqa: E402
 from trims_budgets import MINILM, SMOLLM2  # noqa: E402  (the TriMS table's protocols: the same runs)
 
 
@@ -389,8 +389,8 @@ def train_peer(spec: dict) -> dict:
     from dynatune.models import load_model
 
     out = Path(spec["out"]) / "result.json"
-    if spec.get("reuse") and out.exists():
-        return json.loads(out.read_text())
+    if (done := finished_peer(spec)) is not None:
+        return done
     torch.set_num_threads(spec.get("threads", 1))
     cfg = load_config(None, [*spec["overrides"], f"task={spec['task']}", f"seed={spec['seed']}"])
     seed_everything(cfg.seed)
@@ -453,15 +453,17 @@ def _train_peer_job(spec):
                 "error": f"{type(err).__name__}: {err}"[:500]}
 
 
-def pool_map(fn, specs, jobs):
-    """fn over specs, `jobs` spawned processes at a time (one per spec), in order."""
-    if jobs <= 1:
-        return [fn(s) for s in specs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+def finished_peer(spec: dict) -> dict | None:
+    """With reuse, the row of a peer run already made, or None."""
+    import json
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
-        return list(pool.map(fn, specs))
+    out = Path(spec["out"]) / "result.json"
+    return json.loads(out.read_text()) if spec.get("reuse") and out.exists() else None
+
+
+def pool_map(fn, specs, jobs):
+    """fn over peer specs, `jobs` spawned processes at a time, in order; finished ones read back here."""
+    return spawned_map(fn, specs, jobs, finished_peer)
 
 
 def cmd_table(args) -> dict:
