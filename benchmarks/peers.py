@@ -45,7 +45,9 @@ size under it (`k`, `r`, `fraction` left to the budget). Learning rates are swep
 family's candidates and chosen on validation; the other seeds reuse the choice.
 
 Writes benchmarks/results/peers_<what>[_smoke].json (`table`: peers_table_<model>_<task>[_smoke].json, one
-per task) with the commit, the command and the machine.
+per task) with the commit, the command and the machine. `table` also archives every run's records
+(result/metrics/config JSON and logs, no plots) in peers_table_<model>[_smoke]_runs.tar.xz; with
+--reuse the runs it holds that runs/ lacks are unpacked and read back, not trained again.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import device_sync as sync, random_token_batches as batches, release_cuda, save, spawned_map  # noqa: E402
+from harness import (RESULTS, device_sync as sync, random_token_batches as batches, release_cuda, save,  # noqa: E402
+                     spawned_map)
 from trims_budgets import MINILM, SMOLLM2  # noqa: E402  (the TriMS table's protocols: the same runs)
 
 
@@ -466,6 +469,40 @@ def pool_map(fn, specs, jobs):
     return spawned_map(fn, specs, jobs, finished_peer)
 
 
+RECORDS = ("result.json", "config.json", "metrics.json", "log.jsonl", "evals.jsonl")  # what --reuse reads back
+
+
+def table_root(args) -> Path:
+    return Path("runs") / ("peers-table" + ("" if args.model == "minilm" else f"-{args.model}")
+                           + ("-smoke" if args.smoke else ""))
+
+
+def records_archive(args) -> Path:
+    return RESULTS / f"peers_table_{args.model}{'_smoke' if args.smoke else ''}_runs.tar.xz"
+
+
+def archive_runs(root: Path, archive: Path) -> None:
+    """Every run's records under root (not its plots) into archive, replaced whole: the table's raw
+    data, and what lets a later --reuse (on another machine) go on where this one stopped."""
+    import tarfile
+
+    tmp = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp, "w:xz") as tar:
+        for path in sorted(root.glob("*/*")):
+            if path.name in RECORDS:
+                tar.add(path, arcname=str(path.relative_to(root)))
+    tmp.replace(archive)
+
+
+def restore_runs(root: Path, archive: Path) -> None:
+    """The archived runs that root lacks, unpacked into it, so that --reuse reads them back."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        missing = [m for m in tar.getmembers() if not (root / Path(m.name).parts[0]).exists()]
+        tar.extractall(root, members=missing, filter="data")
+
+
 def cmd_table(args) -> dict:
     """Budgets of each task from full fine-tuning's counted probe; each peer family's largest setting
     that fits each budget (probed); the learning-rate sweep on seed 0; the other seeds; dynatune's
@@ -474,8 +511,9 @@ def cmd_table(args) -> dict:
 
     protocol, default_tasks, metric, settings, all_rates, default_seeds = PROTOCOLS[args.model]
     overrides = protocol + (SMOKE if args.smoke else [])
-    root = Path("runs") / ("peers-table" + ("" if args.model == "minilm" else f"-{args.model}")
-                           + ("-smoke" if args.smoke else ""))
+    root = table_root(args)
+    if args.reuse and records_archive(args).exists():
+        restore_runs(root, records_archive(args))
     tasks = (args.tasks or default_tasks).split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     seeds = [0] if args.smoke else [int(s) for s in (args.seeds or default_seeds).split(",")]
@@ -712,6 +750,7 @@ def main(argv=None) -> None:
             one = argparse.Namespace(**{**vars(args), "tasks": task})
             print(save(f"peers_table_{args.model}_{task}" + ("_smoke" if args.smoke else ""), cmd_table(one)),
                   flush=True)
+            archive_runs(table_root(args), records_archive(args))
         return
     if args.smoke:
         smoke_settings(args)

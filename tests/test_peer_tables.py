@@ -38,3 +38,21 @@ def test_the_winners_table_pairs_the_best_of_each_side_within_the_budget():
     lines = render_tables.peers_winners_table(table()).splitlines()
     assert lines[2] == ("| t | 60% (100 MiB) | dynatune trims | 0.850 ± 0.050 | lora 8 | 0.840 ± 0.020 "
                         "| +1.0 ± 4.4 pt |")
+
+
+def test_archived_run_records_restore_what_is_missing_and_nothing_else(tmp_path):
+    import peers
+
+    root, archive = tmp_path / "runs", tmp_path / "records.tar.xz"
+    for run in ("a", "b"):
+        (root / run).mkdir(parents=True)
+        (root / run / "metrics.json").write_text(f'{{"run": "{run}"}}')
+        (root / run / "loss.png").write_bytes(b"plot")  # plots are not records
+    peers.archive_runs(root, archive)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "a").mkdir(parents=True)
+    (elsewhere / "a" / "metrics.json").write_text("kept")  # a run already here is not replaced
+    peers.restore_runs(elsewhere, archive)
+    assert (elsewhere / "a" / "metrics.json").read_text() == "kept"
+    assert (elsewhere / "b" / "metrics.json").read_text() == '{"run": "b"}'
+    assert not (elsewhere / "b" / "loss.png").exists()
