@@ -39,9 +39,10 @@ weights + gradients + optimizer state (`state_bytes`) + tensors saved for backwa
 SavedTensorCounter), the largest over the steps. Full fine-tuning's counted peak in a 2-step probe
 sets the budgets; each peer family's settings are probed the same way, largest first, and the
 largest whose probe fits is trained. The families whose memory changes at their switches (LISA's
-public callbacks accrue Adam state for every block drawn; BAdam's blocks differ in size) are probed
-over the whole run instead, so that "fits" holds for every step. dynatune's methods get the budget in bytes and choose their own
-size under it (`k`, `r`, `fraction` left to the budget). Learning rates are swept on seed 0 from each
+public callbacks accrue Adam state for every block drawn; BAdam saves activations from its active
+block up, so a lower block saves more) are probed over the whole run instead, so that "fits" holds
+for every step. dynatune's methods get the budget in bytes and choose their own size under it (`k`,
+`r`, `fraction` left to the budget). Learning rates are swept on seed 0 from each
 family's candidates and chosen on validation; the other seeds reuse the choice.
 
 Writes benchmarks/results/peers_<what>[_smoke].json (`table`: peers_table_<model>_<task>[_smoke].json, one
