@@ -111,9 +111,9 @@ def run_one(overrides: list[str], reuse: bool = False, train_missing: bool = Tru
     from dynatune.config import load_config
     from dynatune.loop import train
 
-    cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
     if reuse and (done := read_back(overrides)) is not None:
         return done
+    cfg = load_config(None, overrides + ["progress=false", "save_model=false"])
     if not train_missing:
         raise RuntimeError("not finished, and --finished-only trains nothing")
     t0 = time.perf_counter()
@@ -159,9 +159,6 @@ def run_many(runs: list[list[str]], jobs: int = 1, reuse: bool = False, threads:
              train: bool = True) -> list[dict]:
     """run_one over every override list, `jobs` at a time, each run in a fresh process (spawned_map),
     each with `threads` torch threads; with reuse, finished runs are read back without a process."""
-    if jobs <= 1:
-        return [_run_one_job((o, reuse, threads, train)) for o in runs]
-
     def finished(job):
         try:
             return read_back(job[0]) if reuse else None

@@ -381,7 +381,7 @@ DYNATUNE_AT_BUDGET = {"trims": [], "adagradselect": ["adagradselect.k=null"], "s
 def train_peer(spec: dict) -> dict:
     """One peer run on real data (a spawned process): spec has task, family, setting, lr, seed, out,
     overrides and probe_steps (0: the whole run, evaluated; n: n steps, counted only; -1: the whole
-    run, counted only)."""
+    run, counted only). Finished runs are read back by pool_map, not here."""
     import json
     import math
 
@@ -392,9 +392,7 @@ def train_peer(spec: dict) -> dict:
     from dynatune.memory.counting import SavedTensorCounter, grad_bytes, weight_bytes
     from dynatune.models import load_model
 
-    out = Path(spec["out"]) / "result.json"
-    if (done := finished_peer(spec)) is not None:
-        return done
+    out = Path(spec["out"]) / "result.json"  # a finished run never gets here: pool_map reads it back
     torch.set_num_threads(spec.get("threads", 1))
     cfg = load_config(None, [*spec["overrides"], f"task={spec['task']}", f"seed={spec['seed']}"])
     seed_everything(cfg.seed)
@@ -513,8 +511,6 @@ def cmd_table(args) -> dict:
     protocol, default_tasks, metric, settings, all_rates, default_seeds = PROTOCOLS[args.model]
     overrides = protocol + (SMOKE if args.smoke else [])
     root = table_root(args)
-    if args.reuse and records_archive(args).exists():
-        restore_runs(root, records_archive(args))
     tasks = (args.tasks or default_tasks).split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     seeds = [0] if args.smoke else [int(s) for s in (args.seeds or default_seeds).split(",")]
@@ -747,6 +743,8 @@ def main(argv=None) -> None:
     args.seq = args.seq or (64 if on_cpu else 256)
     if args.what == "table":  # one file per task, written when that task's table is done: a task
         args.device = "cpu"    # finished is kept even if a later one is interrupted
+        if args.reuse and records_archive(args).exists():
+            restore_runs(table_root(args), records_archive(args))
         for task in (args.tasks or PROTOCOLS[args.model][1]).split(","):
             one = argparse.Namespace(**{**vars(args), "tasks": task})
             print(save(f"peers_table_{args.model}_{task}" + ("_smoke" if args.smoke else ""), cmd_table(one)),

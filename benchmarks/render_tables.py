@@ -301,8 +301,8 @@ def peer_budget_groups(d: dict, metric: str):
             m, sd = mean_sd(r["test"][metric] for r in ok)
             scored.append((m, sd, label, ok))
         scored.sort(key=lambda x: -x[0])
-        # a probe counts 2 steps; a tool whose memory grows later (LISA's public callbacks accrue Adam
-        # state at every switch) can pass its probe and still run over: shown, but it wins nothing
+        # a 2-step probe misses memory that grows later in a run (peers.py probes the switching peers
+        # over the whole run for that reason): a run that still passed the budget is shown, wins nothing
         over = {label for _, _, label, ok in scored if max(r["counted_peak_bytes"] for r in ok) > limit * 2**20}
         paired = paired_differences([{**r, "label": lab} for _, _, lab, ok in scored for r in ok], metric)
         yield task, budget, limit, scored, sorted(missing), over, paired
