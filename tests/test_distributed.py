@@ -661,8 +661,14 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
     resumed = log(stopped)
     assert [e["update"] for e in resumed] == [e["update"] for e in fsdp_log]
     assert [e["loss"] for e in resumed] == [e["loss"] for e in fsdp_log]
+    # the method's own records too: DynaLoRA's eq. 1 sums, which each rank gathers from its share of
+    # the batch, are folded into the checkpoint rank 0 writes
+    assert [e.get("method_log") for e in resumed] == [e.get("method_log") for e in fsdp_log]
     assert all(torch.equal(w, w_fsdp[n]) for n, w in _saved_weights(stopped).items())
     assert [e["update"] for e in log(on_one)] == [e["update"] for e in fsdp_log]
+    for a, b in zip(log(on_one), fsdp_log):
+        assert a.get("method_log", {}).get("importance") == pytest.approx(b.get("method_log", {}).get("importance"),
+                                                                          abs=2e-6)
     for n, w in _saved_weights(on_one).items():
         assert torch.allclose(w, w_fsdp[n], atol=WEIGHT_TOL, rtol=0), n
 

@@ -580,9 +580,26 @@ class Tuner:
                 "history": self.history,
                 "peak": self.peak.to_dict()}
 
+    def fold_rank_statistics(self) -> None:
+        """Before a checkpoint, on every rank of a data-parallel run: each of the method's
+        rank_statistics summed over the ranks into rank 0's copy, the others zeroed. The sums the
+        method reads stay the same, and the state rank 0 writes holds the whole batch's, so a resume
+        on any number of ranks goes on from them."""
+        if self.sync is None:
+            return
+        for t in self.method.rank_statistics():
+            total = self.sync.sum_tensor(t)
+            if self.sync.is_main:
+                t.copy_(total)
+            else:
+                t.zero_()
+
     def load_state_dict(self, sd: dict) -> None:
         self.step = sd["step"]
         self.method.load_state_dict(sd["method"])
+        if self.sync is not None and not self.sync.is_main:  # rank 0 holds the folded statistics
+            for t in self.method.rank_statistics():
+                t.zero_()
         self.history = list(sd["history"])
         self.peak = MemoryRecord(**{k: v for k, v in sd["peak"].items() if k != "counted"})
         if sd["plan"] is not None:

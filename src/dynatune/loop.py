@@ -178,6 +178,7 @@ def _save(out_dir: Path | None, tuner, scheduler, state: LoopState, cfg) -> None
     """A checkpoint, written by rank 0 alone; every rank's RNG state goes into it (each rank's
     dropout stream is its own), so every rank calls this."""
     sync = tuner.sync
+    tuner.fold_rank_statistics()
     rngs = sync.gather_objects(checkpoint.rng_state()) if sync is not None else None
     # FSDP2: every rank takes part in gathering the shards whole; DDP: rank 0 holds them all
     gathered = checkpoint.gather(tuner) if sync is not None and sync.strategy == "fsdp" else None

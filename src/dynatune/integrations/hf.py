@@ -281,6 +281,7 @@ class DynatuneCallback(TrainerCallback):
         exit has cut blocks off (the Trainer saved only the blocks that run)."""
         if self.tuner is None:
             return
+        self.tuner.fold_rank_statistics()  # every rank: the state rank 0 writes holds every rank's share
         sharded = self.tuner.shards_gradients
         if not (args.should_save or sharded):
             return

@@ -225,6 +225,13 @@ class Method:
         return []
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def rank_statistics(self) -> list[torch.Tensor]:
+        """Tensors a rank of a data-parallel run accumulates from its own share of the batch and keeps
+        across steps (DynaLoRA's eq. 1 sums), which the method reads through `sum_over_ranks`. Before
+        each checkpoint every rank folds them into rank 0's copy (Tuner.fold_rank_statistics), since
+        rank 0 alone writes the method's state; on resume the other ranks start them from zero."""
+        return []
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

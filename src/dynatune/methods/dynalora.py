@@ -391,6 +391,10 @@ class DynaLora(Method):
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def rank_statistics(self):
+        # eq. 1 sums over every sample seen: each rank's over its share (backward's are whole already)
+        return [self.acc] if self.config.importance == "forward" else []
+
     def state_dict(self):
         return {**super().state_dict(), "k": self.k, "lowest_depth": self.lowest_depth, "active": list(self.active),
                 "counts": list(self.counts),
