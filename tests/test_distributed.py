@@ -35,14 +35,45 @@ BASE = {"batch_size": 4, "max_steps": STEPS}
 CHANGING = {"lisa", "random", "adagradselect", "dynalora", "dynavera", "ist"}
 
 
+def run_ranks(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`cmd` (a launcher and its ranks) run to its end. One that outlives `timeout` is a hang (ranks
+    waiting on collectives that do not match): every process under it dumps its threads' Python
+    stacks (faulthandler, on SIGABRT) and the test fails with them, so a hang in CI says where."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        for r in ranks:
+            r.send_signal(signal.SIGABRT)
+        psutil.wait_procs(ranks, timeout=30)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... ran past {timeout} s; its processes' stacks:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_a_launch_that_hangs_fails_with_the_stacks_of_its_processes(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text("import time\n\ndef wait_for_peers():\n    time.sleep(120)\n\nwait_for_peers()\n")
+    launcher = [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, {str(script)!r}])"]
+    with pytest.raises(pytest.fail.Exception, match=r"ran past 2 s(.|\n)*line 4 in wait_for_peers"):
+        run_ranks(launcher, dict(os.environ), timeout=2)
+
+
 def spawn(jobs: list[dict], out: Path, world: int = 2, timeout: int = 900) -> dict:
     """Run `jobs` in `world` gloo processes; {tag: [rank 0's result, rank 1's, ...]}."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "dist_worker.py"), str(out / "jobs.json"), str(out), str(world)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_ranks([sys.executable, str(HERE / "dist_worker.py"), str(out / "jobs.json"), str(out), str(world)],
+                     env, timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {j["tag"]: [torch.load(out / f"{j['tag']}-rank{r}.pt") for r in range(world)] for j in jobs}
 
@@ -354,8 +385,8 @@ def test_dynatune_train_under_torchrun_and_accelerate_launch_writes_one_run_equa
     logs = {}
     for name, launcher in LAUNCHERS.items():
         out = tmp_path / name
-        proc = subprocess.run([*launcher(), "-m", "dynatune.cli", "train", f"model={model}", *CLI_ARGS,
-                               f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=900)
+        proc = run_ranks([*launcher(), "-m", "dynatune.cli", "train", f"model={model}", *CLI_ARGS,
+                          f"output_dir={out}"], env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("run written to") == 1  # rank 0 reports, once
         metrics = json.loads((out / "metrics.json").read_text())
@@ -456,7 +487,7 @@ def trainer_runs(tmp_path_factory):
     for cmd in ([*LAUNCHERS["torchrun"](), worker, str(out / "two"), methods, "1", ",".join(TRAINER_RESUMED)],
                 [*LAUNCHERS["accelerate"](), worker, str(out / "accelerate"), "lisa", "1"],
                 [sys.executable, worker, str(out / "one"), methods, "2"]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        proc = run_ranks(cmd, env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -521,8 +552,8 @@ def trainer_fsdp_runs(trainer_runs):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     methods = ",".join([*TRAINER_FSDP, "lisa+best"])  # lisa+best: evaluated, the best checkpoint loaded at the end
-    proc = subprocess.run([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), methods,
-                           "1", "lisa,adagradselect", "fsdp"], env=env, capture_output=True, text=True, timeout=900)
+    proc = run_ranks([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), methods,
+                      "1", "lisa,adagradselect", "fsdp"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -620,8 +651,7 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
             "load_best=true"]
 
     def torchrun(*extra):
-        proc = subprocess.run([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = run_ranks([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
