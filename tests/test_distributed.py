@@ -303,7 +303,8 @@ def test_only_rank_0_writes_the_run_directory(every_method):
 def test_resume_of_a_two_process_run_equals_the_straight_run_and_resumes_on_one_process(tmp_path):
     # dropout on: each rank's dropout stream must resume where it was
     jobs = []
-    for m in ("adagradselect", "lisa"):
+    resumed_methods = ("adagradselect", "lisa", "dynalora")  # dynalora: eq. 1's sums are each rank's own
+    for m in resumed_methods:
         common = {"method": m, "dropout": True, "checkpoint_every": 2, **BASE}
         jobs += [{"tag": f"{m}-straight", "out_dir": str(tmp_path / m / "straight"), **common},
                  {"tag": f"{m}-first", "out_dir": str(tmp_path / m / "cut"), "stop_after": 2, **common},
@@ -318,11 +319,12 @@ def test_resume_of_a_two_process_run_equals_the_straight_run_and_resumes_on_one_
     other_n = run_job({"tag": "x", **nodrop, "grad_accum": 2, "out_dir": str(tmp_path / "nodrop"),
                        "resume": str(tmp_path / "nodrop")})
     assert_close_runs(other_n, results["nodrop-straight"][0])
-    for m in ("adagradselect", "lisa"):
+    for m in resumed_methods:
         for rank in (0, 1):
             straight, resumed = results[f"{m}-straight"][rank], results[f"{m}-resumed"][rank]
             assert "error" not in resumed, resumed.get("error")
             assert plans(resumed) == plans(straight)
+            assert [h["method_log"] for h in resumed["history"]] == [h["method_log"] for h in straight["history"]]
             assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
             for n, w in straight["weights"].items():
                 assert torch.equal(w, resumed["weights"][n]), n
