@@ -49,7 +49,7 @@ def train(out: Path, name: str, grad_accum: int, resume: str | None = None, stra
         trainer.save_model(str(out / name / "final"))
     t = cb.tuner
     t.close_hooks()
-    return {"history": [{k: h.get(k) for k in ("step", "loss", "update", "promoted")} for h in t.history],
+    return {"history": [{k: h.get(k) for k in ("step", "loss", "update", "promoted", "method_log")} for h in t.history],
             "weights": {n: full(p) for n, p in t.params.items()},  # FSDP2's shards gathered whole
             "logged_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
             "sharded": t.shards_gradients, "best_checkpoint": trainer.state.best_model_checkpoint}
