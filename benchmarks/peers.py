@@ -392,7 +392,7 @@ def train_peer(spec: dict) -> dict:
     from dynatune.memory.counting import SavedTensorCounter, grad_bytes, weight_bytes
     from dynatune.models import load_model
 
-    out = Path(spec["out"]) / "result.json"  # a finished run never gets here: pool_map reads it back
+    out = Path(spec["out"]) / "result.json"
     torch.set_num_threads(spec.get("threads", 1))
     cfg = load_config(None, [*spec["overrides"], f"task={spec['task']}", f"seed={spec['seed']}"])
     seed_everything(cfg.seed)

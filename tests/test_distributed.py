@@ -36,9 +36,10 @@ CHANGING = {"lisa", "random", "adagradselect", "dynalora", "dynavera", "ist"}
 
 
 def run_ranks(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`cmd` (a launcher and its ranks) run to its end. One that outlives `timeout` is a hang (ranks
-    waiting on collectives that do not match): every process under it dumps its threads' Python
-    stacks (faulthandler, on SIGABRT) and the test fails with them, so a hang in CI says where."""
+    """`cmd` (a launcher and its ranks) run to a successful end, else the test fails with its stderr.
+    One that outlives `timeout` is a hang (ranks waiting on collectives that do not match): every
+    process under it dumps its threads' Python stacks (faulthandler, on SIGABRT) and the test fails
+    with them, so a hang in CI says where."""
     import signal
 
     import psutil
@@ -55,6 +56,7 @@ def run_ranks(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.Compl
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd[:6])} ... ran past {timeout} s; its processes' stacks:\n{err[-12000:]}")
+    assert proc.returncode == 0, err[-3000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -72,9 +74,8 @@ def spawn(jobs: list[dict], out: Path, world: int = 2, timeout: int = 900) -> di
     (out / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
-    proc = run_ranks([sys.executable, str(HERE / "dist_worker.py"), str(out / "jobs.json"), str(out), str(world)],
-                     env, timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks([sys.executable, str(HERE / "dist_worker.py"), str(out / "jobs.json"), str(out), str(world)], env,
+              timeout)
     return {j["tag"]: [torch.load(out / f"{j['tag']}-rank{r}.pt") for r in range(world)] for j in jobs}
 
 
@@ -389,7 +390,6 @@ def test_dynatune_train_under_torchrun_and_accelerate_launch_writes_one_run_equa
         out = tmp_path / name
         proc = run_ranks([*launcher(), "-m", "dynatune.cli", "train", f"model={model}", *CLI_ARGS,
                           f"output_dir={out}"], env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("run written to") == 1  # rank 0 reports, once
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["steps"] == 2 and metrics["validation"] is not None
@@ -489,8 +489,7 @@ def trainer_runs(tmp_path_factory):
     for cmd in ([*LAUNCHERS["torchrun"](), worker, str(out / "two"), methods, "1", ",".join(TRAINER_RESUMED)],
                 [*LAUNCHERS["accelerate"](), worker, str(out / "accelerate"), "lisa", "1"],
                 [sys.executable, worker, str(out / "one"), methods, "2"]):
-        proc = run_ranks(cmd, env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_ranks(cmd, env)
     return out
 
 
@@ -555,9 +554,8 @@ def trainer_fsdp_runs(trainer_runs):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     methods = ",".join([*TRAINER_FSDP, "lisa+best"])  # lisa+best: evaluated, the best checkpoint loaded at the end
-    proc = run_ranks([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), methods,
-                      "1", "lisa,adagradselect", "fsdp"], env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks([*LAUNCHERS["torchrun"](), str(HERE / "trainer_worker.py"), str(out), methods,
+               "1", "lisa,adagradselect", "fsdp"], env)
     return out
 
 
@@ -654,9 +652,7 @@ def test_dynatune_train_strategy_fsdp_equals_one_process_and_resumes_on_any_numb
             "load_best=true"]
 
     def torchrun(*extra):
-        proc = run_ranks([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+        return run_ranks([*LAUNCHERS["torchrun"](), "-m", "dynatune.cli", "train", *extra], env, timeout=300)
 
     def log(run):
         return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
