@@ -56,3 +56,15 @@ def test_archived_run_records_restore_what_is_missing_and_nothing_else(tmp_path)
     assert (elsewhere / "a" / "metrics.json").read_text() == "kept"
     assert (elsewhere / "b" / "metrics.json").read_text() == '{"run": "b"}'
     assert not (elsewhere / "b" / "loss.png").exists()
+
+
+def test_macro_f1_rides_along_when_every_run_has_it():
+    d = table()
+    for r in d["rows"]:
+        if "test" in r:
+            r["test"]["macro_f1"] = r["test"]["accuracy"] - 0.1 * r["seed"]
+    text = render_tables.peers_budget_table(d)
+    assert "| test accuracy (mean ± sd) | test macro-F1 (mean ± sd) | counted peak" in text
+    # lora 8: macro-F1 0.86, 0.74, 0.62 -> mean 0.740, sd 0.120
+    assert "| lora 8 | 3 | 0.840 ± 0.020 | 0.740 ± 0.120 | 60 |" in text
+    assert "macro-F1" not in render_tables.peers_budget_table(table())  # runs without it: no column
