@@ -410,7 +410,7 @@ def peers_pareto_plot(d: dict, path, metric: str = "accuracy") -> Path:
 def peers_memory_time_plot(d: dict, path) -> Path:
     """Two panels: each dynatune run's predicted peak (the memory model at full-length batches, the
     largest over its plans) against its counted peak, with y = x; and each tool's median step time
-    per budget (mean over seeds; one bar group per task and budget)."""
+    per budget (median over seeds, as in the tables; one bar group per task and budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,9 +440,10 @@ def peers_memory_time_plot(d: dict, path) -> Path:
     width = 0.8 / max(1, len(labels))
     for i, lab in enumerate(labels):
         xs = [j + i * width for j, k in enumerate(keys) if lab in groups[k]]
-        ys = [statistics.mean(groups[k][lab]) for k in keys if lab in groups[k]]
+        ys = [statistics.median(groups[k][lab]) for k in keys if lab in groups[k]]
         right.bar(xs, ys, width, label=lab, color=plt.cm.tab20(i % 20))
-    right.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t} {b:.0%}" for t, b in keys], fontsize=8)
+    right.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{t} {b:.0%}" for t, b in keys], fontsize=8,
+                     rotation=25, ha="right")
     right.set(ylabel="median step (s)", title="step time per tool and budget (CPU)")
     right.legend(fontsize=6, ncol=2)
     return saved(fig, path, 120)
