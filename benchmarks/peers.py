@@ -341,7 +341,7 @@ def run_dynatune(label, name, options, budget, args, device, data) -> dict:
                state_bytes(tuner.optimizer, exclude=tuner.params.values()), float(loss), method=name,
                options=options, budget=budget, budget_bytes=tuner.budget_bytes,
                counted_peak_bytes=tuner.peak.counted,
-               predicted_peak_bytes_max=largest_prediction(tuner.memory_model, tuner.applied_plans).get(
+               predicted_peak_bytes_max=largest_prediction(tuner.memory_model, tuner.applied_plans, tuner.predict_peak).get(
                    "predicted_peak_bytes"))
     tuner.close_hooks()
     del tuner, model, method

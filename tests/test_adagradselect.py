@@ -417,6 +417,13 @@ def test_exploration_priced_by_the_memory_model_holds_m_plus_1_gradients_at_the_
     t.budget_bytes = int(meth.exploration_peak(2) / 0.97) + 1
     step(t, batches(1)[0])
     assert meth.m == 2 and len(t.promoted) == 2
+    # metrics.json reports the price the step was admitted at, not the bare plan's lower model price
+    from dynatune.loop import predicted_memory
+    from dynatune.memory import largest_prediction
+    reported = predicted_memory(t, None, "cpu")
+    assert reported["predicted_peak_bytes"] == meth.exploration_peak(2) == t.history[-1]["predicted_peak_bytes"]
+    assert reported["predicted_peak_phase"] == "the method's own price"
+    assert largest_prediction(mm, t.applied_plans)["predicted_peak_bytes"] < meth.exploration_peak(2)
     # the bare exploration plan (every block probed, nothing updated) misses the m winners' optimizer
     # state and keeps every gradient; the engine admits it by the method's own price (plan_peak)
     raw = mm.predict(Plan.of((), probe_params=meth.pool)).predicted_peak_bytes

@@ -484,14 +484,20 @@ class Tuner:
             return None
         return self.memory_model.predict(plan, kept_state=self.kept_state(plan))
 
-    def predict_peak(self, plan: Plan) -> int | None:
+    def predict_peak(self, plan: Plan, kept_state: frozenset[str] | None = None) -> int | None:
         """The predicted peak bytes the budget is checked against: the method's own price where it
         has one (Method.plan_peak), else the memory model's, and for a method with `extra_forwards`
-        at least the peak of its no-grad forwards (extra_forward_peak); None without a memory model."""
+        at least the peak of its no-grad forwards (extra_forward_peak); None without a memory model.
+        kept_state: the units whose optimizer state stays beside the plan (default: as held now)."""
         if self.memory_model is None:
             return None
         own = self.method.plan_peak(plan)
-        peak = int(own) if own is not None else int(self.predict(plan).predicted_peak_bytes)
+        if own is not None:
+            peak = int(own)
+        elif kept_state is None:
+            peak = int(self.predict(plan).predicted_peak_bytes)
+        else:
+            peak = int(self.memory_model.predict(plan, kept_state=kept_state).predicted_peak_bytes)
         if self.method.extra_forwards:  # priced at every step: a plan never learns late that they do not fit
             peak = max(peak, self.extra_forward_peak(plan) or 0)
         return peak

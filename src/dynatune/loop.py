@@ -464,7 +464,9 @@ def predicted_memory(tuner, cfg, device) -> dict:
     if mm is None:
         mm = MemoryModel.from_tuner(tuner, precision=cfg.precision, batch_shape=(micro_batch(cfg, tuner.sync),
                                     cfg.max_length), **memory_model_options(cfg, device))
-    out = largest_prediction(mm, tuner.applied_plans)
+    # the price each step was admitted at (the method's own where it has one) needs the run's budget model
+    price = tuner.predict_peak if tuner.memory_model is not None else None
+    out = largest_prediction(mm, tuner.applied_plans, price)
     if tuner.budget_bytes is not None:
         out["budget_bytes"] = tuner.budget_bytes
     return out

@@ -93,17 +93,22 @@ def install_budget(tuner, budget, *, batch_shape: tuple[int, int], precision: st
     return mm
 
 
-def largest_prediction(memory_model: MemoryModel, plans) -> dict:
+def largest_prediction(memory_model: MemoryModel, plans, price=None) -> dict:
     """Of the plans a run applied, the one with the largest predicted peak (for metrics.json:
-    memory.predicted_peak_bytes and memory.predicted_counted_bytes)."""
+    memory.predicted_peak_bytes and memory.predicted_counted_bytes). price(plan, kept_state), when
+    given, is the engine's budget price (Tuner.predict_peak): a method's own price for a plan (such
+    as AdaGradSelect's step that explores every block) replaces the memory model's peak, so the
+    figure is the one each step was admitted at; the counted bytes and terms stay the model's."""
     best = None
     for item in set(plans):  # a plan, or (plan, units whose optimizer state it kept) as Tuner records them
         p, kept = item if isinstance(item, tuple) else (item, frozenset())
         pred = memory_model.predict(p, kept_state=kept)
-        if best is None or pred.predicted_peak_bytes > best[1].predicted_peak_bytes:
-            best = (p, pred)
+        peak = pred.predicted_peak_bytes if price is None else price(p, kept)
+        if best is None or peak > best[2]:
+            best = (p, pred, peak)
     if best is None:
         return {}
-    p, pred = best
-    return {"predicted_peak_bytes": pred.predicted_peak_bytes, "predicted_counted_bytes": pred.predicted_counted_bytes,
-            "predicted_peak_phase": pred.peak_phase, "predicted_terms": pred.terms, "predicted_for_plan": p.to_dict()}
+    p, pred, peak = best
+    return {"predicted_peak_bytes": peak, "predicted_counted_bytes": pred.predicted_counted_bytes,
+            "predicted_peak_phase": pred.peak_phase if peak == pred.predicted_peak_bytes else "the method's own price",
+            "predicted_terms": pred.terms, "predicted_for_plan": p.to_dict()}
