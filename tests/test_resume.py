@@ -93,7 +93,9 @@ def test_trims_resumes_after_a_decision_step_and_mid_period(at, decision, tiny_b
     assert {r["method_log"].get("action") for r in log(a)[at:]} - {None, "CON"}  # a later decision moves it
     metrics = stop_and_resume(args, tmp_path / "run", at, monkeypatch)
     assert_same_run(a, tmp_path / "run", TOTAL)
-    assert metrics["test"] == json.loads((a / "metrics.json").read_text())["test"]
+    ma = json.loads((a / "metrics.json").read_text())
+    # the memory figures too: counted peak, and the prediction for the largest plan of the whole run
+    assert metrics["test"] == ma["test"] and metrics["memory"] == ma["memory"]
     # budget=none stays none: train() records it as null, which alone would mean TriMS's default 60%
     assert json.loads((tmp_path / "run" / "config.json").read_text())["budget"] is None
 
@@ -112,7 +114,7 @@ def test_adagradselect_resumes_after_exploration_exploitation_and_the_epoch_boun
     metrics = stop_and_resume(args, tmp_path / "run", at, monkeypatch)
     assert_same_run(a, tmp_path / "run", 2 * TOTAL)
     ma = json.loads((a / "metrics.json").read_text())
-    assert metrics["evals"] == ma["evals"] and metrics["test"] == ma["test"]
+    assert metrics["evals"] == ma["evals"] and metrics["test"] == ma["test"] and metrics["memory"] == ma["memory"]
 
 
 # -- what a resume may not change -----------------------------------------------------------------

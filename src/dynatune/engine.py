@@ -584,7 +584,9 @@ class Tuner:
         return {"step": self.step, "optimizer": self.states.state_dict(), "method": self.method.state_dict(),
                 "plan": self.plan.to_dict() if self.plan else None, "promoted": sorted(self.promoted),
                 "history": self.history,
-                "peak": self.peak.to_dict()}
+                "peak": self.peak.to_dict(),
+                # metrics.json prices the largest plan of the whole run, so a resume must know the earlier ones
+                "applied_plans": [[p.to_dict(), sorted(kept)] for p, kept in self.applied_plans]}
 
     def fold_rank_statistics(self) -> None:
         """Before a checkpoint, on every rank of a data-parallel run: each of the method's
@@ -608,6 +610,7 @@ class Tuner:
                 t.zero_()
         self.history = list(sd["history"])
         self.peak = MemoryRecord(**{k: v for k, v in sd["peak"].items() if k != "counted"})
+        self.applied_plans = {(Plan.from_dict(p), frozenset(kept)) for p, kept in sd.get("applied_plans", ())}
         if sd["plan"] is not None:
             self.apply(Plan.from_dict(sd["plan"]))
             self.promoted = frozenset(sd.get("promoted", ()))

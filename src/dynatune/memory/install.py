@@ -111,4 +111,6 @@ def largest_prediction(memory_model: MemoryModel, plans, price=None) -> dict:
     p, pred, peak = best
     return {"predicted_peak_bytes": peak, "predicted_counted_bytes": pred.predicted_counted_bytes,
             "predicted_peak_phase": pred.peak_phase if peak == pred.predicted_peak_bytes else "the method's own price",
-            "predicted_terms": pred.terms, "predicted_for_plan": p.to_dict()}
+            "predicted_terms": pred.terms,
+            # the plan, less its note: equal plans carry the note of whichever step applied them
+            "predicted_for_plan": {k: v for k, v in p.to_dict().items() if k != "note"}}
