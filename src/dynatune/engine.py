@@ -491,13 +491,11 @@ class Tuner:
         kept_state: the units whose optimizer state stays beside the plan (default: as held now)."""
         if self.memory_model is None:
             return None
-        own = self.method.plan_peak(plan)
-        if own is not None:
-            peak = int(own)
-        elif kept_state is None:
-            peak = int(self.predict(plan).predicted_peak_bytes)
-        else:
-            peak = int(self.memory_model.predict(plan, kept_state=kept_state).predicted_peak_bytes)
+        peak = self.method.plan_peak(plan)
+        if peak is None:
+            kept = self.kept_state(plan) if kept_state is None else kept_state
+            peak = self.memory_model.predict(plan, kept_state=kept).predicted_peak_bytes
+        peak = int(peak)
         if self.method.extra_forwards:  # priced at every step: a plan never learns late that they do not fit
             peak = max(peak, self.extra_forward_peak(plan) or 0)
         return peak
