@@ -44,6 +44,14 @@ def mean_sd(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def spread(values, digits: int = 3, signed: bool = False, unit: str = "") -> str:
+    """"mean ± sd" over seeds; one seed has no spread, so its value alone (a "± 0" would claim one)."""
+    values = list(values)
+    m, sd = mean_sd(values)
+    mean = f"{m:{'+' if signed else ''}.{digits}f}"
+    return f"{mean} ± {sd:.{digits}f}{unit}" if len(values) > 1 else f"{mean}{unit}"
+
+
 STATIC = ("top", "lora", "lisa")  # the static plans the planner fits to a budget
 
 
@@ -198,8 +206,7 @@ def paired_differences(rows, metric, split="test"):
         seeds = sorted(s for t, lab, s in by if t == task and lab == label and (task, other, s) in by)
         if label == other or not seeds:
             return "—"
-        m, sd = mean_sd(scale * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds)
-        return f"{m:+.1f} ± {sd:.1f}{unit}"
+        return spread((scale * (by[(task, label, s)] - by[(task, other, s)]) for s in seeds), 1, True, unit)
     return paired
 
 
@@ -320,13 +327,15 @@ def peers_budget_table(d: dict, metric: str = "accuracy") -> str:
     for task, budget, limit, scored, missing, over, paired in peer_budget_groups(d, metric):
         # on an unbalanced task (SMS spam: 13% spam) accuracy hides what macro-F1 shows, so it rides along
         f1 = all("macro_f1" in r["test"] for *_, ok in scored for r in ok) and metric != "macro_f1"
+        over_seeds = " (mean ± sd)" if any(len(ok) > 1 for *_, ok in scored) else ""
         out += [f"**{task} at {budget:.0%}** of full fine-tuning's counted peak ({limit:.0f} MiB)", "",
-                f"| tool | seeds | test {metric} (mean ± sd) |{' test macro-F1 (mean ± sd) |' if f1 else ''} "
+                f"| tool | seeds | test {metric}{over_seeds} |{f' test macro-F1{over_seeds} |' if f1 else ''} "
                 "counted peak MiB (largest seed) | trainable | median step s | lr |",
                 "|---|---|---|---|---|---|---|" + ("---|" if f1 else "")]
         for m, sd, label, ok in scored:
-            f1_cell = "{:.3f} ± {:.3f} | ".format(*mean_sd(r["test"]["macro_f1"] for r in ok)) if f1 else ""
-            out.append(f"| {label}{' (over the budget)' if label in over else ''} | {len(ok)} | {m:.3f} ± {sd:.3f} | "
+            f1_cell = spread(r["test"]["macro_f1"] for r in ok) + " | " if f1 else ""
+            out.append(f"| {label}{' (over the budget)' if label in over else ''} | {len(ok)} | "
+                       f"{spread(r['test'][metric] for r in ok)} | "
                        f"{f1_cell}{max(r['counted_peak_bytes'] for r in ok) / 2**20:.0f} | "
                        f"{ok[0]['trainable_params'] / 1e6:.2f}M | "
                        f"{statistics.median(r['median_step_s'] for r in ok):.3f} | {ok[0]['lr']:g} |")
@@ -357,7 +366,7 @@ def peers_winners_table(d: dict, metric: str = "accuracy") -> str:
         within = [x for x in scored if x[2] not in over]
         mine = next((x for x in within if ours(x[2])), None)
         peer = next((x for x in within if not ours(x[2])), None)
-        cell = lambda x: (x[2], f"{x[0]:.3f} ± {x[1]:.3f}") if x else ("none fits", "—")  # noqa: E731
+        cell = lambda x: (x[2], spread(r["test"][metric] for r in x[3])) if x else ("none fits", "—")  # noqa: E731
         margin = paired(task, mine[2], peer[2]) if mine and peer else "—"
         out.append(f"| {task} | {budget:.0%} ({limit:.0f} MiB) | {' | '.join(cell(mine))} | {' | '.join(cell(peer))} "
                    f"| {margin} |")

@@ -68,3 +68,15 @@ def test_macro_f1_rides_along_when_every_run_has_it():
     # lora 8: macro-F1 0.86, 0.74, 0.62 -> mean 0.740, sd 0.120
     assert "| lora 8 | 3 | 0.840 ± 0.020 | 0.740 ± 0.120 | 60 |" in text
     assert "macro-F1" not in render_tables.peers_budget_table(table())  # runs without it: no column
+
+
+def test_one_seed_shows_its_value_and_claims_no_spread():
+    d = table()
+    # seed 0 alone: lisa 0.95 (90 MiB, inside the budget this time), trims 0.90, lora 0.86
+    d["rows"] = [r for r in d["rows"] if r.get("seed", 0) == 0]
+    text = render_tables.peers_budget_table(d)
+    assert "| tool | seeds | test accuracy | counted peak" in text
+    assert "| dynatune trims | 1 | 0.900 | 95 |" in text
+    assert "Best: lisa_public 2 (0.950), +5.0 points over dynatune trims (paired +5.0 pt)." in text
+    lines = render_tables.peers_winners_table(d).splitlines()
+    assert lines[2] == "| t | 60% (100 MiB) | dynatune trims | 0.900 | lisa_public 2 | 0.950 | -5.0 pt |"
