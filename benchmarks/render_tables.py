@@ -29,9 +29,7 @@ def table(rows, metric, keys=("task", "label")):
     out = [f"| {' | '.join(keys)} | seeds | {metric} (mean ± sd) | trainable params | counted peak MiB | optimizer MiB | median step s |",
            "|" + "---|" * (len(keys) + 6)]
     for key, rs in groups.items():
-        vals = [r["test"][metric] for r in rs]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.append(f"| {' | '.join(map(str, key))} | {len(rs)} | {statistics.mean(vals):.3f} ± {sd:.3f} | "
+        out.append(f"| {' | '.join(map(str, key))} | {len(rs)} | {spread(r['test'][metric] for r in rs)} | "
                    f"{rs[0]['trainable_params'] / 1e6:.2f}M | "
                    f"{statistics.mean(r['counted_peak_bytes'] for r in rs) / 2**20:.0f} | "
                    f"{statistics.mean(r['optimizer_bytes_at_peak'] for r in rs) / 2**20:.0f} | "
@@ -92,11 +90,10 @@ def trims_table(rows, metric="accuracy"):
             if not rs:
                 cells.append("does not fit")
                 continue
-            m, sd = mean_sd(r["test"][metric] for r in rs)
-            means[f] = m
+            means[f] = statistics.mean(r["test"][metric] for r in rs)
             peak = statistics.mean(r["counted_peak_bytes"] for r in rs) / 2**20
             name = rs[0]["label"].split("@")[0] + " " if f in STATIC else ""
-            cells.append(f"{name}{m:.3f} ± {sd:.3f} ({peak:.0f} MiB)")
+            cells.append(f"{name}{spread(r['test'][metric] for r in rs)} ({peak:.0f} MiB)")
         pick = min if metric in LOWER_IS_BETTER else max
         best = pick((f for f in STATIC if f in means), key=lambda f: means[f], default=None)
         cells += [paired(task, "trims", "full"), paired(task, "trims", best) if best else "—",
@@ -130,8 +127,7 @@ def trims_defaults_table(rows, metric="accuracy"):
             continue
         cells = []
         for f in ("trims", *variants):
-            m, sd = mean_sd(r["validation"][metric] for r in fam.get(f, []))
-            cells.append(f"{m:.3f} ± {sd:.3f}" if fam.get(f) else "—")
+            cells.append(spread(r["validation"][metric] for r in fam[f]) if fam.get(f) else "—")
         paired = paired_differences([{**r, "label": f} for f, rs in fam.items() for r in rs], metric, "validation")
         cells += [paired(task, "trims", v) for v in variants]
         val = {(f, r["seed"]): r["validation"][metric] for f in ("trims", *variants) for r in fam.get(f, [])}
@@ -290,7 +286,7 @@ def peers_gpu_plot(d: dict, path) -> Path:
 
 def peer_budget_groups(d: dict, metric: str):
     """Per task and budget of a peers.py table: (task, budget, limit MiB, scored, missing, over, paired).
-    scored: (mean, sd, label, rows) of every tool that ran, best first; missing: "label: why" of those
+    scored: (mean, label, rows) of every tool that ran, best first; missing: "label: why" of those
     that did not; over: the labels whose counted peak in some seed passed the budget; paired: the
     per-seed difference function of paired_differences."""
     groups: dict = {}
@@ -305,13 +301,12 @@ def peer_budget_groups(d: dict, metric: str):
                 why = rs[0].get("error", "")
                 missing.append(f"{label}: " + ("does not fit" if not why or "BudgetError" in why else "failed: " + why[:120]))
                 continue
-            m, sd = mean_sd(r["test"][metric] for r in ok)
-            scored.append((m, sd, label, ok))
+            scored.append((statistics.mean(r["test"][metric] for r in ok), label, ok))
         scored.sort(key=lambda x: -x[0])
         # a 2-step probe misses memory that grows later in a run (peers.py probes the switching peers
         # over the whole run for that reason): a run that still passed the budget is shown, wins nothing
-        over = {label for _, _, label, ok in scored if max(r["counted_peak_bytes"] for r in ok) > limit * 2**20}
-        paired = paired_differences([{**r, "label": lab} for _, _, lab, ok in scored for r in ok], metric)
+        over = {label for _, label, ok in scored if max(r["counted_peak_bytes"] for r in ok) > limit * 2**20}
+        paired = paired_differences([{**r, "label": lab} for _, lab, ok in scored for r in ok], metric)
         yield task, budget, limit, scored, sorted(missing), over, paired
 
 
@@ -332,7 +327,7 @@ def peers_budget_table(d: dict, metric: str = "accuracy") -> str:
                 f"| tool | seeds | test {metric}{over_seeds} |{f' test macro-F1{over_seeds} |' if f1 else ''} "
                 "counted peak MiB (largest seed) | trainable | median step s | lr |",
                 "|---|---|---|---|---|---|---|" + ("---|" if f1 else "")]
-        for m, sd, label, ok in scored:
+        for _, label, ok in scored:
             f1_cell = spread(r["test"]["macro_f1"] for r in ok) + " | " if f1 else ""
             out.append(f"| {label}{' (over the budget)' if label in over else ''} | {len(ok)} | "
                        f"{spread(r['test'][metric] for r in ok)} | "
@@ -344,15 +339,15 @@ def peers_budget_table(d: dict, metric: str = "accuracy") -> str:
             out += ["Not in the table: " + "; ".join(missing) + ".", ""]
         if over:
             out += [f"Over the budget in the full run though its probe fit: {', '.join(sorted(over))}.", ""]
-        within = [x for x in scored if x[2] not in over]
+        within = [x for x in scored if x[1] not in over]
         if len(within) > 1:
             best = within[0]
-            other = next((x for x in within[1:] if ours(x[2]) != ours(best[2])), None)
-            line = (f"Best: {best[2]} ({best[0]:.3f}), {100 * (best[0] - within[1][0]):+.1f} points over "
-                    f"{within[1][2]} (paired {paired(task, best[2], within[1][2])})")
+            other = next((x for x in within[1:] if ours(x[1]) != ours(best[1])), None)
+            line = (f"Best: {best[1]} ({best[0]:.3f}), {100 * (best[0] - within[1][0]):+.1f} points over "
+                    f"{within[1][1]} (paired {paired(task, best[1], within[1][1])})")
             if other is not None and other is not within[1]:
-                line += f"; over the best {'peer' if ours(best[2]) else 'dynatune method'}, {other[2]}: " \
-                        f"{100 * (best[0] - other[0]):+.1f} (paired {paired(task, best[2], other[2])})"
+                line += f"; over the best {'peer' if ours(best[1]) else 'dynatune method'}, {other[1]}: " \
+                        f"{100 * (best[0] - other[0]):+.1f} (paired {paired(task, best[1], other[1])})"
             out += [line + ".", ""]
     return "\n".join(out)
 
@@ -363,11 +358,11 @@ def peers_winners_table(d: dict, metric: str = "accuracy") -> str:
     out = [f"| task | budget | best dynatune method | test {metric} | best peer | test {metric} | "
            "dynatune − peer (paired, points) |", "|---|---|---|---|---|---|---|"]
     for task, budget, limit, scored, _, over, paired in peer_budget_groups(d, metric):
-        within = [x for x in scored if x[2] not in over]
-        mine = next((x for x in within if ours(x[2])), None)
-        peer = next((x for x in within if not ours(x[2])), None)
-        cell = lambda x: (x[2], spread(r["test"][metric] for r in x[3])) if x else ("none fits", "—")  # noqa: E731
-        margin = paired(task, mine[2], peer[2]) if mine and peer else "—"
+        within = [x for x in scored if x[1] not in over]
+        mine = next((x for x in within if ours(x[1])), None)
+        peer = next((x for x in within if not ours(x[1])), None)
+        cell = lambda x: (x[1], spread(r["test"][metric] for r in x[2])) if x else ("none fits", "—")  # noqa: E731
+        margin = paired(task, mine[1], peer[1]) if mine and peer else "—"
         out.append(f"| {task} | {budget:.0%} ({limit:.0f} MiB) | {' | '.join(cell(mine))} | {' | '.join(cell(peer))} "
                    f"| {margin} |")
     return "\n".join(out)
