@@ -368,8 +368,10 @@ def peers_winners_table(d: dict, metric: str = "accuracy") -> str:
     return "\n".join(out)
 
 
-def merged_peer_tables(paths) -> dict | None:
-    """peers.py writes one table per task; the rows, budgets and their bytes of several, as one."""
+def merged_peer_tables(model: str, smoke: bool = False) -> dict | None:
+    """peers.py writes one table per task (peers_table_<model>_<task>[_smoke].json); the rows,
+    budgets and their bytes of a model's tables, as one."""
+    paths = sorted(p for p in RESULTS.glob(f"peers_table_{model}_*.json") if p.stem.endswith("_smoke") == smoke)
     parts = [json.loads(p.read_text()) for p in paths]
     if not parts:
         return None
@@ -527,8 +529,7 @@ if __name__ == "__main__":
             print(peers_gpu_plot(d, RESULTS / "peers_gpu.png"), end="\n\n")
         smoke = "_smoke" if "--smoke" in sys.argv else ""
         for model in ("minilm", "smollm2"):  # MiniLM's classification tasks, SmolLM2's SFT task
-            d = merged_peer_tables(sorted(p for p in RESULTS.glob(f"peers_table_{model}_*{smoke}.json")
-                                          if p.stem.endswith("_smoke") == bool(smoke)))
+            d = merged_peer_tables(model, bool(smoke))
             if d is not None:
                 print(peers_winners_table(d, d["metric"]), end="\n\n")
                 print(peers_budget_table(d, d["metric"]), end="\n\n")
